@@ -1,0 +1,303 @@
+"""Checkpoint IO in transformers' on-disk format (safetensors, single file or sharded).
+
+Loading is lazy (one tensor in memory at a time, copied straight into a model built without
+initialisation), dequantises block-FP8 weights (``weight`` + ``weight_scale_inv``), skips MTP layers
+with a notice, and names every missing, unexpected, misshapen or unreadable tensor in its error.
+Saving writes per-expert tensors and the pattern into ``config.json``, optionally dropping the indexer
+weights of Shared layers (a GLM-5.2-style checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, DSAConfig
+from .model.dsa import DSAForCausalLM
+from .ops.fp8 import block_dequant
+from .pattern import Pattern, PatternError, _ranges
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_INDEXER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.indexer\.")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
+DEFAULT_SHARD_BYTES = 4 << 30
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint we cannot load as asked; the message names the files/tensors at fault."""
+
+
+def _notice(msg: str) -> None:
+    print(f"indexcache: {msg}", file=sys.stderr)
+
+
+def _list_names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------------------- reading
+class TensorSource:
+    """Name -> file map over a checkpoint directory, reading tensors lazily."""
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise CheckpointError(f"{self.root} is not a model directory")
+        index = self.root / INDEX_FILE
+        single = self.root / SINGLE_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+            self.files = {name: self.root / f for name, f in weight_map.items()}
+            missing = sorted({str(f.name) for f in self.files.values() if not f.exists()})
+            if missing:
+                raise CheckpointError(f"{INDEX_FILE} names shard files that are missing: {_list_names(missing)}")
+        elif single.exists():
+            self.files = {name: single for name in self._keys(single)}
+        else:
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.root}")
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys(f: Path) -> list[str]:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                return list(h.keys())
+        except Exception as e:  # safetensors raises several types for bad headers
+            raise CheckpointError(f"corrupt checkpoint file {f.name}: {e}") from None
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"corrupt checkpoint file {f.name}: {e}") from None
+        return self._handles[f]
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.files[name]
+        try:
+            return self._handle(f).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"corrupt tensor {name} in {f.name}: {e}") from None
+
+    def shape(self, name: str) -> list[int]:
+        f = self.files[name]
+        try:
+            return list(self._handle(f).get_slice(name).get_shape())
+        except Exception as e:
+            raise CheckpointError(f"corrupt tensor {name} in {f.name}: {e}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def checkpoint_indexer_layers(names: list[str], num_layers: int) -> list[int]:
+    """Layers (below ``num_layers``) for which the checkpoint ships indexer weights."""
+    found = {int(m.group(1)) for n in names if (m := _INDEXER_RE.match(n))}
+    return sorted(i for i in found if i < num_layers)
+
+
+def load_model(
+    path: str | Path,
+    pattern: Pattern | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    scoring: str = "exact",
+    verbose: bool = True,
+) -> DSAForCausalLM:
+    """Load a transformers-format DSA checkpoint.
+
+    ``pattern``: None uses the checkpoint's own (``indexer_types`` etc.), or a :class:`Pattern` / ``"FSSF..."``
+    string. Shared layers get no indexer module; their checkpoint indexer weights are skipped.
+    """
+    path = Path(path)
+    try:
+        cfg = DSAConfig.from_file(path)
+    except ConfigError:
+        raise
+    src = TensorSource(path)
+    names = src.names()
+    n = cfg.num_hidden_layers
+    indexer_layers = checkpoint_indexer_layers(names, n)
+    if pattern is None:
+        pat = cfg.pattern
+    else:
+        pat = Pattern.parse(pattern).validate(num_layers=n)
+    try:
+        pat.validate(indexer_layers=indexer_layers)
+    except PatternError as e:
+        raise CheckpointError(str(e)) from None
+
+    with torch.device("meta"):
+        model = DSAForCausalLM(cfg, pat)
+    model.to_empty(device=device)
+    model.to_dtype(dtype)
+    model.set_scoring(scoring)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    tied = cfg.tie_word_embeddings
+
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    mtp: set[int] = set()
+    dropped: set[int] = set()
+    block = cfg.fp8_block_size or (128, 128)
+    for name in names:
+        if name.endswith("_scale_inv") or _IGNORED.search(name):
+            continue
+        m = _LAYER_RE.match(name)
+        if m and int(m.group(1)) >= n:
+            mtp.add(int(m.group(1)))
+            continue
+        if name not in params:
+            mi = _INDEXER_RE.match(name)
+            if mi and not pat.is_full(int(mi.group(1))):
+                dropped.add(int(mi.group(1)))
+                continue
+            if tied and name == "lm_head.weight":
+                continue
+            unexpected.append(name)
+            continue
+        target = params[name]
+        shape = src.shape(name)
+        if list(target.shape) != shape:
+            raise CheckpointError(
+                f"shape mismatch for {name}: checkpoint has {shape}, config implies {list(target.shape)}"
+            )
+        t = src.get(name)
+        scale_name = name[: -len("weight")] + "weight_scale_inv" if name.endswith("weight") else None
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if scale_name is None or scale_name not in src.files:
+                raise CheckpointError(f"corrupt tensor {name}: FP8 weight without its {scale_name or 'scale'}")
+            try:
+                t = block_dequant(t, src.get(scale_name), block)
+            except ValueError as e:
+                raise CheckpointError(f"corrupt tensor {name}: {e}") from None
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"corrupt tensor {name} in {src.files[name].name}: contains NaN or Inf")
+        with torch.no_grad():
+            target.copy_(t.to(target.dtype))
+        loaded.add(name)
+    src.close()
+
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in checkpoint: {_list_names(sorted(unexpected))}")
+    missing = [k for k in params if k not in loaded and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise CheckpointError(f"missing tensors in checkpoint: {_list_names(missing)}")
+    if verbose and mtp:
+        _notice(f"ignoring MTP layer(s) {_ranges(sorted(mtp))} (index >= num_hidden_layers={n})")
+    if verbose and dropped:
+        _notice(f"pattern makes layers {_ranges(sorted(dropped))} Shared: their indexer weights were not loaded")
+
+    model.source_dir = path
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------- writing
+def _state_for_saving(
+    model: DSAForCausalLM, pattern: Pattern, drop_shared_indexers: bool, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    tied = model.config.tie_word_embeddings
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        mi = _INDEXER_RE.match(name)
+        if mi and drop_shared_indexers and not pattern.is_full(int(mi.group(1))):
+            continue
+        keep_fp32 = name.endswith("e_score_correction_bias") or name.endswith("weights_proj.weight")
+        if dtype is not None and t.is_floating_point() and not keep_fp32:
+            t = t.to(dtype)
+        yield name, t.detach().contiguous().cpu()
+
+
+def save_model(
+    model: DSAForCausalLM,
+    out_dir: str | Path,
+    pattern: Pattern | str | None = None,
+    drop_shared_indexers: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    copy_tokenizer_from: str | Path | None = None,
+) -> Path:
+    """Write ``model`` as a transformers checkpoint with ``pattern`` (default: the model's) in config.json.
+
+    The directory is written in a temporary sibling and renamed into place, so a failure never leaves
+    a half-written checkpoint behind.
+    """
+    out_dir = Path(out_dir)
+    cfg = model.config
+    pat = model.pattern if pattern is None else Pattern.parse(pattern)
+    pat.validate(num_layers=cfg.num_hidden_layers, indexer_layers=model.indexer_layers)
+    if cfg.arch == "deepseek_v32" and (drop_shared_indexers or len(model.indexer_layers) < cfg.num_hidden_layers):
+        _notice("transformers' DeepseekV32ForCausalLM builds an indexer on every layer and has no sharing: "
+                "layers saved without indexer weights would be randomly initialised there")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        total = 0
+        for name, t in _state_for_saving(model, pat, drop_shared_indexers, dtype):
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+            total += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            (tmp / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+        conf = cfg.to_dict(pat)
+        if dtype is not None:
+            conf["dtype"] = str(dtype).removeprefix("torch.")
+        else:
+            conf["dtype"] = str(model.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        tok_src = copy_tokenizer_from or getattr(model, "source_dir", None)
+        if tok_src is not None:
+            for f in TOKENIZER_FILES:
+                if (Path(tok_src) / f).exists():
+                    shutil.copy2(Path(tok_src) / f, tmp / f)
+        if out_dir.exists():
+            backup = out_dir.with_name(out_dir.name + ".old")
+            os.replace(out_dir, backup)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

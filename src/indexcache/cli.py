@@ -1,0 +1,213 @@
+"""``indexcache`` command line. Errors are one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .pattern import CONVENTIONS, Pattern, PatternError, parse_spec
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _print_exports(p: Pattern) -> None:
+    print("\nconfig.json patch (transformers):")
+    print("  " + json.dumps(p.config_patch()))
+    flags = p.engine_flags()
+    print("SGLang:")
+    print("  " + flags["sglang"])
+    print("vLLM:")
+    print("  " + flags["vllm"])
+
+
+# ------------------------------------------------------------------------------------------ pattern
+def cmd_pattern(args: argparse.Namespace) -> int:
+    indexer_layers = None
+    n = args.num_layers
+    if args.model:
+        from .checkpoint import TensorSource, checkpoint_indexer_layers
+        from .config import DSAConfig
+
+        cfg = DSAConfig.from_file(args.model)
+        n = cfg.num_hidden_layers
+        indexer_layers = checkpoint_indexer_layers(TensorSource(args.model).names(), n)
+    if args.freq is not None:
+        if n is None:
+            raise PatternError("--freq needs --num-layers or --model")
+        p = Pattern.uniform(n, args.freq, args.convention, args.offset)
+    elif args.pattern:
+        p = parse_spec(args.pattern, n) if n is not None else Pattern.parse(args.pattern)
+    elif args.model:
+        p, source = Pattern.from_config(cfg.raw, n)
+        p.origin = source
+    else:
+        raise PatternError("give a PATTERN, --freq with --num-layers, or --model")
+    stages = [int(x) for x in args.stage_starts.split(",")] if args.stage_starts else None
+    p.validate(num_layers=n, stage_starts=stages, indexer_layers=indexer_layers)
+    if args.json:
+        print(json.dumps(dict(p.describe(), uniform_matches=p.match_uniform(), config_patch=p.config_patch(),
+                              sglang=p.sglang_override(), vllm=p.vllm_override()), indent=2))
+        return 0
+    print(p.describe_text())
+    matches = p.match_uniform()
+    print(f"uniform   {', '.join(matches) if matches else 'no uniform freq/offset reproduces it'}")
+    if indexer_layers is not None and len(indexer_layers) < n:
+        print(f"note      the checkpoint ships indexer weights only on {len(indexer_layers)} layers; "
+              "only those can be Full")
+    _print_exports(p)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import TensorSource, checkpoint_indexer_layers, load_model
+    from .config import DSAConfig
+    from .stats import count_parameters, flops
+
+    cfg = DSAConfig.from_file(args.model)
+    pat = parse_spec(args.pattern, cfg.num_hidden_layers) if args.pattern else cfg.pattern
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    shipped = checkpoint_indexer_layers(TensorSource(args.model).names(), cfg.num_hidden_layers)
+    print(f"model        {args.model}")
+    print(f"architecture {cfg.architecture} ({cfg.arch})")
+    print(f"layers       {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_moe} dense MLP, {n_moe} MoE"
+          + (f", +{cfg.num_mtp_layers} MTP ignored" if cfg.num_mtp_layers else "") + ")")
+    print(f"hidden       {cfg.hidden_size}, {cfg.num_attention_heads} heads, q_lora {cfg.q_lora_rank}, "
+          f"kv_lora {cfg.kv_lora_rank}, qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, v {cfg.v_head_dim}")
+    if n_moe:
+        print(f"moe          {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok} "
+              f"(groups {cfg.n_group}, top groups {cfg.topk_group}) + {cfg.n_shared_experts} shared, "
+              f"inter {cfg.moe_intermediate_size}")
+    rope = "interleaved" if cfg.indexer_rope_interleave else "half-split"
+    print(f"indexer      {cfg.index_n_heads} heads x {cfg.index_head_dim}, top-{cfg.index_topk}, {rope} RoPE; "
+          f"weights on {len(shipped)}/{cfg.num_hidden_layers} layers")
+    print(f"rope         {cfg.rope.rope_type} theta={cfg.rope.theta:g}"
+          + (f" factor={cfg.rope.factor:g}" if cfg.rope.rope_type != "default" else ""))
+    print(f"pattern      {pat}  ({pat.num_full} Full; {'given' if args.pattern else cfg.pattern_source})")
+    model = load_model(args.model, pattern=pat, verbose=False) if not args.no_params else None
+    if model is not None:
+        counts = count_parameters(model)
+        parts = ", ".join(f"{k} {_fmt_count(v)}" for k, v in counts.items()
+                          if k not in ("total", "active_per_token") and v)
+        print(f"parameters   {_fmt_count(counts['total'])} total, {_fmt_count(counts['active_per_token'])} "
+              f"active per token ({parts})")
+    for L in args.context:
+        f_pat, f_full = flops(cfg, L, pat), flops(cfg, L, Pattern.all_full(cfg.num_hidden_layers))
+        print(f"context {L:>7}: prefill {_fmt_count(f_pat['prefill']['total'])}FLOP, indexer "
+              f"{f_pat['prefill']['indexer_share']:.1%} (all-Full {f_full['prefill']['indexer_share']:.1%}); "
+              f"decode step {_fmt_count(f_pat['decode']['total'])}FLOP, indexer "
+              f"{f_pat['decode']['indexer_share']:.1%} (all-Full {f_full['decode']['indexer_share']:.1%})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- loss
+def cmd_loss(args: argparse.Namespace) -> int:
+    import math
+
+    from .checkpoint import load_model
+    from .data import load_tokenizer, token_windows
+    from .lm import lm_loss
+
+    model = load_model(args.model, scoring=args.scoring, verbose=not args.json)
+    tok = None if args.data.endswith(".npy") else load_tokenizer(args.model)
+    windows = token_windows(args.data, args.seq_len, tok, args.max_seqs, model.config.vocab_size)
+    results = []
+    for spec in args.pattern or [None]:
+        pat = model.pattern if spec is None else parse_spec(spec, model.config.num_hidden_layers)
+        model.runnable_pattern(pat)
+        loss = lm_loss(model, windows, pat, args.batch_size, progress=not args.json, desc=str(pat))
+        results.append({"pattern": str(pat), "num_full": pat.num_full, "loss": loss, "ppl": math.exp(loss)})
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len,
+                          "num_seqs": int(windows.shape[0]), "results": results}, indent=2))
+        return 0
+    print(f"{windows.shape[0]} sequences x {args.seq_len} tokens from {args.data} "
+          f"(index_topk {model.config.index_topk}, scoring {args.scoring})")
+    for r in results:
+        print(f"{r['pattern']}  Full {r['num_full']:>3}  loss {r['loss']:.5f}  ppl {r['ppl']:.3f}")
+    if args.seq_len <= model.config.index_topk:
+        print(f"note: --seq-len {args.seq_len} <= index_topk {model.config.index_topk}: every query keeps all "
+              "its tokens, so patterns cannot change the loss")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- random-model
+def cmd_random_model(args: argparse.Namespace) -> int:
+    from .presets import make_random_checkpoint
+
+    out = make_random_checkpoint(args.out, args.arch, args.preset, args.seed, args.pattern)
+    print(f"wrote a random {args.arch} ({args.preset}) checkpoint with a byte-level tokenizer to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="indexcache", description="IndexCache tools for DSA models")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("pattern", help="parse, build, validate and export a layer pattern")
+    p.add_argument("pattern", nargs="?", help="FSSF..., a JSON indexer_types list, all-full, or uniform:FREQ[:CONV]")
+    p.add_argument("--num-layers", type=int, help="number of decoder layers (MTP excluded)")
+    p.add_argument("--model", help="a model directory: its layer count, its own pattern, its indexer weights")
+    p.add_argument("--freq", type=int, help="build a uniform pattern with this frequency")
+    p.add_argument("--convention", default="official", choices=list(CONVENTIONS),
+                   help="how freq/offset map to layers (default: official)")
+    p.add_argument("--offset", type=int, help="offset for --convention transformers (default 2)")
+    p.add_argument("--stage-starts", help="comma-separated first layers of pipeline stages (must be Full)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pattern)
+
+    p = sub.add_parser("info", help="architecture, pattern, parameters and indexer FLOP share")
+    p.add_argument("model")
+    p.add_argument("--pattern", help="pattern to analyse instead of the checkpoint's own")
+    p.add_argument("--context", type=int, nargs="+", default=[10_000, 60_000, 120_000, 200_000])
+    p.add_argument("--no-params", action="store_true", help="skip loading weights (no parameter counts)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("loss", help="mean LM loss on a text/jsonl/.npy file, per pattern")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="text file, directory of .txt, .jsonl, or token-id .npy")
+    p.add_argument("--pattern", action="append", help="pattern(s) to compare (repeatable; default: the model's)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--max-seqs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_loss)
+
+    p = sub.add_parser("random-model", help="write a random DSA checkpoint (demos and tests)")
+    p.add_argument("out")
+    p.add_argument("--arch", default="glm_moe_dsa", choices=["glm_moe_dsa", "deepseek_v32"])
+    p.add_argument("--preset", default="small", choices=["tiny", "small"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pattern", help="pattern to write into config.json")
+    p.set_defaults(func=cmd_random_model)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PatternError, ConfigError, CheckpointError, DataError, ValueError) as e:
+        print(f"indexcache {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,3 @@
+from .dsa import DSAForCausalLM, LayerRecord, Trace
+
+__all__ = ["DSAForCausalLM", "LayerRecord", "Trace"]

@@ -1,0 +1,432 @@
+"""The DSA model with IndexCache, in plain PyTorch: the one source of truth for the math.
+
+    x -> embed -> [ RMSNorm -> MLA(+indexer) -> + -> RMSNorm -> MLP | MoE -> + ] x L -> RMSNorm -> lm_head
+
+MLA (DeepSeek-V2/V3): queries from a q-LoRA latent ``qr = RMSNorm(q_a_proj x)``; keys/values from one
+compressed latent per token ``c = RMSNorm(kv_a)`` plus a shared rope key. Attention runs in the
+absorbed (MQA) form over ``[c | k_rope]`` so sparse attention gathers one latent row per selected token.
+
+Lightning indexer (DSA): ``q_I = wq_b(qr)`` [H_I heads x D_I], ``k_I = LayerNorm(wk x)`` (one key per
+token), RoPE on the first ``qk_rope_head_dim`` dims (half-split for DeepSeek-V3.2, interleaved for GLM),
+head gates ``w = weights_proj(x) / sqrt(H_I)`` in fp32, scores ``sum_h w_h relu(q_h.k / sqrt(D_I))``,
+causal top-k with k = min(index_topk, visible tokens).
+
+IndexCache: a per-layer pattern; Full layers run their indexer, Shared layers own no indexer and
+reuse the indices of the nearest preceding Full layer.
+
+Module names equal transformers' checkpoint names, so a state dict maps one to one onto the files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DSAConfig
+from ..ops.fp8 import fake_quant_fp8, hadamard_transform
+from ..ops.indexer import DEFAULT_BUDGET_BYTES, indexer_topk
+from ..ops.sparse_mla import mla_attention
+from ..pattern import Pattern, PatternError
+from .rope import Rope
+
+SCORING_MODES = ("exact", "fp8")
+
+
+# ------------------------------------------------------------------------------------------- tracing
+@dataclass
+class LayerRecord:
+    """What one layer did. ``indices`` are the ones its attention used; ``source`` produced them."""
+
+    source: int
+    indices: torch.Tensor | None = None  # [B, S, K] int64, -1 = no token
+    index_scores: torch.Tensor | None = None  # [B, S, T] fp32, -inf where not visible (Full layers)
+    attn: torch.Tensor | None = None  # [B, S, T] head-averaged attention probabilities
+
+
+@dataclass
+class Trace:
+    """Pass to ``model(..., trace=Trace(...))`` to capture per-layer internals (detached).
+
+    ``index_scores`` and ``attn`` are dense [B, S, T] per layer: ask for them on sequences you can afford.
+    ``layers`` restricts capture to some layers (default all).
+    """
+
+    indices: bool = True
+    index_scores: bool = False
+    attn: bool = False
+    layers: set[int] | None = None
+    records: dict[int, LayerRecord] = field(default_factory=dict)
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+@dataclass
+class Context:
+    rope: Rope
+    positions: torch.Tensor  # [S] absolute positions of the query tokens
+    dense: bool = False
+    scoring: str = "exact"
+    budget_bytes: int = DEFAULT_BUDGET_BYTES
+    trace: Trace | None = None
+    pattern: Pattern | None = None  # the pattern of the running forward (for trace bookkeeping)
+
+
+# ------------------------------------------------------------------------------------------- modules
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim, self.topk = cfg.qk_rope_head_dim, cfg.index_topk
+        self.interleave = cfg.indexer_rope_interleave
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)  # kept in fp32
+        self.softmax_scale = self.head_dim**-0.5
+
+    def _rope(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        pe, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]  # rope dims come first in the indexer
+        pe = rope.interleaved(pe) if self.interleave else rope.half_split(pe)
+        return torch.cat((pe, rest), dim=-1)
+
+    def project(
+        self, x: torch.Tensor, qr: torch.Tensor, ctx: Context
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,S,H,D], head gates w [B,S,H] fp32, keys k [B,S,D], as the scoring op consumes them."""
+        B, S, _ = x.shape
+        q = self._rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), ctx.rope)
+        k = self._rope(self.k_norm(self.wk(x)), ctx.rope)
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
+        if ctx.scoring == "fp8":
+            # DeepSeek's reference: Hadamard rotation, then e4m3 with a power-of-two scale per 128 dims
+            # (one block per head for q, per token for k). Operands are passed on dequantised.
+            block = min(128, self.head_dim)
+            q = fake_quant_fp8(hadamard_transform(q), block)
+            k = fake_quant_fp8(hadamard_transform(k), block)
+        return q, w, k
+
+    def forward(
+        self, x: torch.Tensor, qr: torch.Tensor, ctx: Context, want_scores: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, w, k = self.project(x, qr, ctx)
+        return indexer_topk(
+            q, w, k, self.topk, self.softmax_scale, ctx.positions, ctx.budget_bytes, return_scores=want_scores
+        )
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: DSAConfig, has_indexer: bool):
+        super().__init__()
+        self.cfg = cfg
+        H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.dn, self.dr, self.dv, self.kv_lora = H, dn, dr, dv, cfg.kv_lora_rank
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6, as in transformers
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dn + dr), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + dr, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (dn + dv), bias=False)
+        self.o_proj = nn.Linear(H * dv, cfg.hidden_size, bias=cfg.attention_bias)
+        self.indexer = Indexer(cfg) if has_indexer else None
+        self.softmax_scale = cfg.softmax_scale
+
+    def latents(self, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qr, absorbed queries [B,S,H,kv_lora+dr], key latents [B,S,kv_lora+dr])."""
+        B, S, _ = x.shape
+        qr = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(qr).view(B, S, self.n_heads, self.dn + self.dr)
+        q_nope, q_pe = q[..., : self.dn], ctx.rope.interleaved(q[..., self.dn :])
+        ckv = self.kv_a_proj_with_mqa(x)
+        c = self.kv_a_layernorm(ckv[..., : self.kv_lora])
+        k_pe = ctx.rope.interleaved(ckv[..., self.kv_lora :])
+        w_uk = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, : self.dn]
+        q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # absorb W_uk into the query
+        return qr, torch.cat((q_abs, q_pe), dim=-1), torch.cat((c, k_pe), dim=-1)
+
+    def forward(
+        self, x: torch.Tensor, ctx: Context, layer: int, full: bool, prev: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, S, _ = x.shape
+        qr, q, kv = self.latents(x, ctx)
+        trace = ctx.trace if ctx.trace is not None and ctx.trace.wants(layer) else None
+        want_scores = trace is not None and trace.index_scores
+        T = kv.shape[1]
+
+        indices = prev
+        if full:
+            if self.indexer is None:
+                raise PatternError(f"layer {layer} is Full but has no indexer weights")
+            need = not ctx.dense or (trace is not None and (trace.indices or want_scores))
+            # With T <= index_topk every query keeps all it sees: selection is a no-op unless traced.
+            if need and (T > self.indexer.topk or trace is not None):
+                indices, scores = self.indexer(x, qr, ctx, want_scores)
+            else:
+                indices, scores = None, None
+        else:
+            if prev is None and not ctx.dense and T > self.cfg.index_topk:
+                raise PatternError(f"layer {layer} is Shared but no Full layer precedes it")
+            scores = None
+
+        use_idx = None if ctx.dense or indices is None else indices
+        out, _, probs = mla_attention(
+            q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.positions,
+            return_probs=trace is not None and trace.attn, budget_bytes=ctx.budget_bytes,
+        )
+        w_uv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, self.dn :]
+        out = torch.einsum("bshc,hvc->bshv", out, w_uv).reshape(B, S, self.n_heads * self.dv)
+        if trace is not None:
+            rec = LayerRecord(source=layer if full else ctx.pattern.source_layer(layer))
+            if trace.indices:
+                rec.indices = indices.detach() if indices is not None else _all_visible(B, ctx.positions, T)
+            rec.index_scores = scores.detach() if scores is not None else None
+            if probs is not None:
+                rec.attn = probs if use_idx is None else _scatter_probs(probs, use_idx, T)
+            trace.records[layer] = rec
+        return self.o_proj(out), indices
+
+
+def _all_visible(B: int, positions: torch.Tensor, T: int) -> torch.Tensor:
+    t = torch.arange(T, device=positions.device)
+    idx = t.view(1, -1).expand(positions.shape[0], T)
+    return idx.masked_fill(t.view(1, -1) > positions.view(-1, 1), -1).unsqueeze(0).expand(B, -1, -1)
+
+
+def _scatter_probs(probs: torch.Tensor, indices: torch.Tensor, T: int) -> torch.Tensor:
+    dense = probs.new_zeros(*indices.shape[:-1], T + 1)  # slot T catches the -1 entries
+    idx = torch.where(indices < 0, torch.full_like(indices, T), indices)
+    return dense.scatter_add_(-1, idx, probs.detach())[..., :T]
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with a selection-only correction bias and group-limited top-k (DeepSeek-V3)."""
+
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        choice = scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1:
+            groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            group_score = groups.topk(2, dim=-1).values.sum(-1)  # [N, G]
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(groups.shape[-1], dim=1), float("-inf"))
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, idx)  # the bias steers selection only, never the weights
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, idx
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: DSAConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(flat)
+        out = torch.zeros_like(flat)
+        for e in idx.unique().tolist():
+            tok, slot = torch.where(idx == e)
+            y = self.experts[e](flat[tok]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return (out + self.shared_experts(flat)).view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DSAConfig, layer: int, has_indexer: bool):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, has_indexer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, h: torch.Tensor, ctx: Context, full: bool, prev: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, indices = self.self_attn(self.input_layernorm(h), ctx, self.layer, full, prev)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), indices
+
+
+class DSABackbone(nn.Module):
+    def __init__(self, cfg: DSAConfig, pattern: Pattern):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, pattern.is_full(i)) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DSAForCausalLM(nn.Module):
+    """``logits = model(input_ids)``; ``model(ids, pattern="FSSF...", trace=Trace(...))`` for analysis."""
+
+    def __init__(self, cfg: DSAConfig, pattern: Pattern | str | None = None):
+        super().__init__()
+        self.config = cfg
+        self.pattern = cfg.pattern if pattern is None else Pattern.parse(pattern)
+        self.pattern.validate(num_layers=cfg.num_hidden_layers)
+        self.model = DSABackbone(cfg, self.pattern)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.scoring = "exact"
+        self.budget_bytes = DEFAULT_BUDGET_BYTES
+
+    # ---------------------------------------------------------------------------- structure
+    @property
+    def indexer_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.model.layers) if layer.self_attn.indexer is not None]
+
+    def runnable_pattern(self, pattern: Pattern | str | None) -> Pattern:
+        """Parse a call-time pattern; its Full layers must be among the layers that own an indexer."""
+        if pattern is None:
+            return self.pattern
+        p = Pattern.parse(pattern)
+        p.validate(num_layers=self.config.num_hidden_layers, indexer_layers=self.indexer_layers)
+        return p
+
+    def set_pattern(self, pattern: Pattern | str) -> None:
+        """Make ``pattern`` the model's own, dropping the indexers of layers it makes Shared."""
+        p = self.runnable_pattern(pattern)
+        for i in p.shared_layers:
+            self.model.layers[i].self_attn.indexer = None
+        self.pattern = p
+
+    def set_scoring(self, mode: str) -> None:
+        """``"exact"`` (fp32 scores, as transformers) or ``"fp8"`` (DeepSeek reference quantisation)."""
+        if mode not in SCORING_MODES:
+            raise ValueError(f"unknown scoring mode {mode!r} (choose from {', '.join(SCORING_MODES)})")
+        self.scoring = mode
+
+    def to_dtype(self, dtype: torch.dtype) -> DSAForCausalLM:
+        """Cast weights to ``dtype``, except those DeepSeek/transformers keep in fp32: the indexer's
+        ``weights_proj`` and the router's correction bias (cast from their current values, never
+        round-tripped through a lower precision)."""
+        for name, module in self.named_modules():
+            keep = name.endswith("weights_proj")
+            for t in list(module._parameters.values()):
+                if t is not None and t.is_floating_point():
+                    t.data = t.data.to(torch.float32 if keep else dtype)
+            for key, t in list(module._buffers.items()):
+                if t is not None and t.is_floating_point():
+                    module._buffers[key] = t.to(torch.float32 if key == "e_score_correction_bias" else dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------------------ forward
+    def make_context(
+        self, seq_len: int, positions: torch.Tensor | None = None, dense: bool = False, trace: Trace | None = None
+    ) -> Context:
+        if positions is None:
+            positions = torch.arange(seq_len, device=self.device)
+        return Context(
+            rope=Rope(self.config, positions, self.dtype), positions=positions, dense=dense,
+            scoring=self.scoring, budget_bytes=self.budget_bytes, trace=trace,
+        )
+
+    def forward_layers(
+        self,
+        h: torch.Tensor,
+        ctx: Context,
+        pattern: Pattern,
+        start: int = 0,
+        end: int | None = None,
+        indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run decoder layers ``start .. end-1`` on hidden states ``h``; ``indices`` are the ones
+        carried in from before ``start`` (needed when layer ``start`` is Shared)."""
+        end = self.config.num_hidden_layers if end is None else end
+        ctx.pattern = pattern
+        for i in range(start, end):
+            h, indices = self.model.layers[i](h, ctx, pattern.is_full(i), indices)
+        return h, indices
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pattern: Pattern | str | None = None,
+        trace: Trace | None = None,
+        positions: torch.Tensor | None = None,
+        dense: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, S, V]. ``dense=True`` attends to every visible token (DSA's dense warm-up mode)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        p = self.runnable_pattern(pattern)
+        ctx = self.make_context(input_ids.shape[1], positions, dense, trace)
+        h = self.model.embed_tokens(input_ids)
+        h, _ = self.forward_layers(h, ctx, p)
+        return self.head(h)
+
+    # ------------------------------------------------------------------------- random init
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float | None = None) -> DSAForCausalLM:
+        """Fill every weight with fresh random values (normal(0, std) linears, unit norms, and a small
+        random router bias so the selection-only path is exercised)."""
+        g = torch.Generator().manual_seed(seed)
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("k_norm.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
+        return self

@@ -1,0 +1,79 @@
+"""Rotary embeddings: frequencies (default / linear / YaRN as transformers computes them) and the two
+layouts DSA models use: interleaved pairs (MLA everywhere, GLM's indexer) and half-split (NeoX;
+DeepSeek-V3.2's indexer since the 2025-11 fix)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import DSAConfig, RopeConfig
+
+
+def inv_freq_and_scaling(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] (fp32) and the factor that multiplies cos/sin."""
+    base = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    pos_freqs = rope.theta**base
+    if rope.rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    if rope.rope_type == "linear":
+        return 1.0 / pos_freqs / rope.factor, 1.0
+    # YaRN
+    factor = rope.factor
+    attn = rope.attention_factor
+    if attn is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attn = _mscale(factor, rope.mscale) / _mscale(factor, rope.mscale_all_dim)
+        else:
+            attn = _mscale(factor)
+    orig = rope.original_max_position_embeddings
+
+    def correction_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, float(attn)
+
+
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class Rope:
+    """cos/sin tables for a set of absolute positions: shape [S, dim/2] each, already scaled."""
+
+    def __init__(self, cfg: DSAConfig, positions: torch.Tensor, dtype: torch.dtype):
+        inv, scaling = inv_freq_and_scaling(cfg.rope, cfg.qk_rope_head_dim)
+        freqs = positions.float().unsqueeze(-1) * inv.to(positions.device)
+        self.cos = (freqs.cos() * scaling).to(dtype)
+        self.sin = (freqs.sin() * scaling).to(dtype)
+        self.positions = positions
+
+    def _bcast(self, x: torch.Tensor, seq_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [..., S, (heads...), d]: put the table's S on seq_dim and broadcast the rest.
+        shape = [1] * x.dim()
+        shape[seq_dim] = self.cos.shape[0]
+        shape[-1] = self.cos.shape[1]
+        return self.cos.view(shape), self.sin.view(shape)
+
+    def interleaved(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+        """Rotate pairs (x0, x1), (x2, x3), ... in place in the layout (GPT-J / complex style)."""
+        cos, sin = self._bcast(x, seq_dim)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+    def half_split(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+        """Rotate (x_i, x_{i+d/2}) pairs (NeoX style)."""
+        cos, sin = self._bcast(x, seq_dim)
+        h = x.shape[-1] // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,81 @@
+"""MLA attention in the absorbed (MQA) form over the compressed latent, sparse or dense.
+
+One latent row per key token, shared by every head: ``kv[t] = [c_t (d_v dims) | k_rope_t]``, and
+queries already absorbed into that space: ``q[s, h] = [W_uk^T q_nope | q_rope]``. Then
+
+    out[s, h] = sum_{t in I(s)} softmax_t(scale * q[s, h] . kv[t]) * kv[t, :d_v]
+
+with I(s) the selected indices (``-1`` entries ignored) or, when ``indices`` is None, every t <= pos[s].
+Computed in fp32 in query chunks; returns the output, the log-sum-exp, and optionally the
+head-averaged probabilities (the distillation target p of the DSA papers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_BUDGET_BYTES = 256 << 20
+
+
+def mla_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    scale: float,
+    d_v: int,
+    indices: torch.Tensor | None = None,
+    q_pos: torch.Tensor | None = None,
+    return_probs: bool = False,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q [B,S,H,Dk], kv [B,T,Dk], indices [B,S,K] (int, -1 = none) or None (dense causal on ``q_pos``).
+
+    Returns ``out`` [B,S,H,d_v] (q's dtype), ``lse`` [B,S,H] fp32 and, if asked, head-mean probabilities:
+    [B,S,K] aligned with ``indices`` (sparse) or [B,S,T] (dense).
+    """
+    B, S, H, Dk = q.shape
+    T = kv.shape[1]
+    out = q.new_empty(B, S, H, d_v)
+    lse = q.new_empty(B, S, H, dtype=torch.float32)
+    probs_out = None
+    kvf = kv.float()
+    if indices is None:
+        if q_pos is None:
+            q_pos = torch.arange(T - S, T, device=q.device)
+        if return_probs:
+            probs_out = q.new_zeros(B, S, T, dtype=torch.float32)
+        step = max(1, budget_bytes // max(B * H * T * 4 * 2, 1))
+        t_idx = torch.arange(T, device=q.device)
+        for s0 in range(0, S, step):
+            s1 = min(S, s0 + step)
+            pos = q_pos[s0:s1]
+            t_end = min(T, int(pos.max()) + 1)
+            logits = torch.einsum("bshd,btd->bsht", q[:, s0:s1].float(), kvf[:, :t_end]) * scale
+            visible = (t_idx[:t_end].view(1, 1, 1, -1) <= pos.view(1, -1, 1, 1))
+            logits = logits.masked_fill(~visible, float("-inf"))
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            p = torch.exp(logits - chunk_lse.unsqueeze(-1))
+            out[:, s0:s1] = torch.einsum("bsht,btc->bshc", p, kvf[:, :t_end, :d_v]).to(out.dtype)
+            lse[:, s0:s1] = chunk_lse
+            if probs_out is not None:
+                probs_out[:, s0:s1, :t_end] = p.mean(dim=2)
+        return out, lse, probs_out
+
+    K = indices.shape[-1]
+    if return_probs:
+        probs_out = q.new_zeros(B, S, K, dtype=torch.float32)
+    step = max(1, budget_bytes // max(B * K * (Dk * 4 + H * 8), 1))
+    batch = torch.arange(B, device=q.device).view(B, 1, 1)
+    for s0 in range(0, S, step):
+        s1 = min(S, s0 + step)
+        idx = indices[:, s0:s1].long()
+        valid = idx >= 0
+        sel = kvf[batch, idx.clamp_min(0)]  # [B,s,K,Dk]: one latent per selected token
+        logits = torch.einsum("bshd,bskd->bshk", q[:, s0:s1].float(), sel) * scale
+        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        chunk_lse = torch.logsumexp(logits, dim=-1)
+        p = torch.exp(logits - chunk_lse.unsqueeze(-1))
+        out[:, s0:s1] = torch.einsum("bshk,bskc->bshc", p, sel[..., :d_v]).to(out.dtype)
+        lse[:, s0:s1] = chunk_lse
+        if probs_out is not None:
+            probs_out[:, s0:s1] = p.mean(dim=2)
+    return out, lse, probs_out

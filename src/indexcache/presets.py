@@ -1,0 +1,73 @@
+"""Random DSA checkpoints of a few sizes, for demos, tests and benchmarks (never for quality claims)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import save_model
+from .config import DSAConfig
+from .model.dsa import DSAForCausalLM
+from .pattern import Pattern
+
+PRESETS: dict[str, dict] = {
+    # 6 layers, index_topk 8: parity tests and quick demos.
+    "tiny": dict(
+        vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=6,
+        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+        index_topk=8, index_head_dim=16, index_n_heads=4, first_k_dense_replace=2, max_position_embeddings=4096,
+    ),
+    # 16 layers, index_topk 64: deep enough for a pattern to matter, fast on a laptop CPU.
+    "small": dict(
+        vocab_size=320, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=16,
+        num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+        index_topk=64, index_head_dim=32, index_n_heads=4, first_k_dense_replace=1,
+        max_position_embeddings=16384,
+    ),
+}
+ARCH_NAMES = {"glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
+
+
+def byte_tokenizer_files(out_dir: Path) -> None:
+    """A byte-level BPE with no merges (256 byte tokens + 2 specials), readable by tokenizers and transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+        "bos_token": None, "model_max_length": 1 << 20,
+    }, indent=2))
+
+
+def make_random_checkpoint(
+    out_dir: str | Path,
+    arch: str = "glm_moe_dsa",
+    preset: str = "tiny",
+    seed: int = 0,
+    pattern: Pattern | str | None = None,
+    **overrides,
+) -> Path:
+    if arch not in ARCH_NAMES:
+        raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCH_NAMES)})")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    d = dict(PRESETS[preset], **overrides)
+    d.update(architectures=[ARCH_NAMES[arch]], model_type=arch, eos_token_id=0, bos_token_id=None, pad_token_id=1)
+    d["indexer_rope_interleave"] = arch == "glm_moe_dsa"
+    if pattern is not None:
+        d.update(Pattern.parse(pattern).config_patch())
+    cfg = DSAConfig.from_dict(d)
+    model = DSAForCausalLM(cfg).init_random(seed)
+    out = save_model(model, out_dir)
+    byte_tokenizer_files(out)
+    return out
