@@ -1,0 +1,122 @@
+"""The command line: pattern tooling, info, loss, random-model, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from indexcache import load_model
+from indexcache.cli import main
+from indexcache.stats import flops
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from indexcache.presets import make_random_checkpoint
+
+    return make_random_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "glm_moe_dsa", "tiny", seed=3)
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_pattern_command(capsys):
+    rc, out, _ = run(capsys, "pattern", "--num-layers", 12, "--freq", 4, "--convention", "glm52")
+    assert rc == 0 and "FFFSSSFSSSFS" in out and "glm52 freq=4" in out
+    assert "--json-model-override-args '{\"index_topk_pattern\": \"FFFSSSFSSSFS\"}'" in out
+    assert "--hf-overrides '{\"use_index_cache\": true, \"index_topk_pattern\": \"FFFSSSFSSSFS\"}'" in out
+    rc, out, _ = run(capsys, "pattern", "FSSFSS", "--json")
+    d = json.loads(out)
+    assert d["num_full"] == 2 and d["blocks"] == ["[0-2]", "[3-5]"] and d["config_patch"]["index_topk_pattern"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pattern", "FSSQ"], "bad character 'Q' at layer 3"),
+        (["pattern", "SFFF"], "layer 0 is Shared"),
+        (["pattern", "FSF", "--num-layers", "4"], "wrong length"),
+        (["pattern", "FSFS", "--stage-starts", "0,3"], "layer 3 starts a pipeline stage but is Shared"),
+        (["pattern", "--freq", "4"], "--freq needs --num-layers"),
+    ],
+)
+def test_pattern_errors(capsys, argv, message):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and message in err and err.count("\n") == 1 and out == ""
+
+
+def test_pattern_against_model(capsys, tiny_dir):
+    rc, out, _ = run(capsys, "pattern", "--model", tiny_dir)
+    assert rc == 0 and "FFFFFF" in out
+    rc, out, _ = run(capsys, "pattern", "uniform:2", "--model", tiny_dir)
+    assert rc == 0 and "FFSFSF" in out
+
+
+def test_info(capsys, tiny_dir):
+    rc, out, _ = run(capsys, "info", tiny_dir, "--context", 1000, "--pattern", "uniform:2")
+    assert rc == 0 and "GlmMoeDsaForCausalLM" in out and "FFSFSF" in out and "parameters" in out
+    assert "context    1000" in out
+    rc, _, err = run(capsys, "info", tiny_dir.parent / "missing")
+    assert rc == 2 and "no config.json" in err
+
+
+def test_flop_model_shares():
+    from indexcache import DSAConfig, Pattern
+
+    cfg = DSAConfig.from_dict({"architectures": ["GlmMoeDsaForCausalLM"]})
+    full = flops(cfg, 200_000)
+    quarter = flops(cfg, 200_000, Pattern.uniform(78, 4))
+    L, HI, DI = 200_000, cfg.index_n_heads, cfg.index_head_dim
+    per_layer = L * 2 * (cfg.q_lora_rank * HI * DI + cfg.hidden_size * (DI + HI)) + L * (L + 1) / 2 * 2 * HI * (DI + 1)
+    assert full["prefill"]["indexer"] == pytest.approx(78 * per_layer)
+    assert quarter["prefill"]["indexer"] == pytest.approx(full["prefill"]["indexer"] * 21 / 78)
+    assert flops(cfg, 10_000)["prefill"]["indexer_share"] < full["prefill"]["indexer_share"]
+
+
+def test_loss_on_npy_and_text(capsys, tiny_dir, tmp_path):
+    ids = np.random.default_rng(0).integers(0, 300, size=(3, 40))
+    np.save(tmp_path / "ids.npy", ids)
+    rc, out, _ = run(capsys, "loss", tiny_dir, "--data", tmp_path / "ids.npy", "--seq-len", 40, "--json",
+                     "--pattern", "all-full", "--pattern", "FSSSSS")
+    res = json.loads(out)
+    assert rc == 0 and res["num_seqs"] == 3 and [r["pattern"] for r in res["results"]] == ["FFFFFF", "FSSSSS"]
+    assert res["results"][0]["loss"] != res["results"][1]["loss"]  # 40 > index_topk 8: the pattern matters
+    # the CLI number is the model's own mean next-token cross-entropy
+    import torch
+    import torch.nn.functional as F
+
+    model = load_model(tiny_dir, verbose=False)
+    t = torch.from_numpy(ids)
+    with torch.no_grad():
+        logits = model(t)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1)).item()
+    assert res["results"][0]["loss"] == pytest.approx(want, rel=1e-5)
+
+    (tmp_path / "doc.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    rc, out, _ = run(capsys, "loss", tiny_dir, "--data", tmp_path / "doc.txt", "--seq-len", 64)
+    assert rc == 0 and "sequences x 64 tokens" in out and "FFFFFF" in out
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "abc " * 50}) + "\n" + json.dumps({"txt": 1}) + "\n")
+    rc, _, err = run(capsys, "loss", tiny_dir, "--data", tmp_path / "d.jsonl", "--seq-len", 16)
+    assert rc == 2 and "d.jsonl:2 has no string 'text' field" in err
+    rc, _, err = run(capsys, "loss", tiny_dir, "--data", tmp_path / "ids.npy", "--seq-len", 80)
+    assert rc == 2 and "fewer than --seq-len 80" in err
+    np.save(tmp_path / "big.npy", np.full((1, 20), 5000))
+    rc, _, err = run(capsys, "loss", tiny_dir, "--data", tmp_path / "big.npy", "--seq-len", 20)
+    assert rc == 2 and "outside the model's vocabulary" in err
+
+
+def test_random_model_tokenizer_round_trips(tmp_path, capsys):
+    import transformers
+
+    rc, out, _ = run(capsys, "random-model", tmp_path / "r", "--preset", "tiny", "--arch", "deepseek_v32",
+                     "--pattern", "FSFSFS")
+    assert rc == 0
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "r"))
+    text = "IndexCache: naïve café ✓"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    model = load_model(tmp_path / "r", verbose=False)
+    assert str(model.pattern) == "FSFSFS" and not model.config.indexer_rope_interleave
