@@ -120,3 +120,20 @@ def test_random_model_tokenizer_round_trips(tmp_path, capsys):
     assert tok.decode(tok(text)["input_ids"]) == text
     model = load_model(tmp_path / "r", verbose=False)
     assert str(model.pattern) == "FSFSFS" and not model.config.indexer_rope_interleave
+
+
+def test_parameter_counts_from_headers_equal_model(tiny_dir):
+    from indexcache.checkpoint import TensorSource
+    from indexcache.pattern import Pattern
+    from indexcache.stats import count_parameters
+
+    src = TensorSource(tiny_dir)
+    headers = {n: src.shape(n) for n in src.names()}
+    model = load_model(tiny_dir, pattern="FSFSSS", verbose=False)
+    from_model = {n: list(p.shape) for n, p in model.named_parameters()}
+    from_model.update({n: list(b.shape) for n, b in model.named_buffers()})
+    a = count_parameters(model.config, headers, Pattern.parse("FSFSSS"))
+    b = count_parameters(model.config, from_model)
+    assert a == b and a["total"] == sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers())
+    assert a["indexer"] * 3 == count_parameters(model.config, headers)["indexer"]

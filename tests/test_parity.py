@@ -107,3 +107,24 @@ def test_parity_with_transformers_default_init(tmp_path, arch):
     with torch.no_grad():
         out = load_model(tmp_path, verbose=False)(ids)
     assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["glm_moe_dsa", "deepseek_v32"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"tie_word_embeddings": True},
+        {"attention_bias": True},
+        {"n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+        {"mlp_layer_types": ["sparse", "dense", "sparse", "dense", "sparse", "sparse"]},
+    ],
+)
+def test_parity_config_variants(tmp_path, arch, variant):
+    hf = tiny.hf_model(arch, seed=2, **variant)
+    tiny.save_hf(hf, tmp_path)
+    ids = _ids(7)
+    model = load_model(tmp_path, verbose=False)
+    if variant.get("tie_word_embeddings"):
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert (model(ids) - tiny.hf_logits(hf, ids)).abs().max().item() < 1e-4

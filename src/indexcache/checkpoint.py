@@ -151,6 +151,7 @@ def load_model(
     with torch.device("meta"):
         model = DSAForCausalLM(cfg, pat)
     model.to_empty(device=device)
+    model.tie_weights()
     model.to_dtype(dtype)
     model.set_scoring(scoring)
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -66,14 +66,16 @@ def cmd_pattern(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import TensorSource, checkpoint_indexer_layers, load_model
+    from .checkpoint import TensorSource, checkpoint_indexer_layers
     from .config import DSAConfig
     from .stats import count_parameters, flops
 
     cfg = DSAConfig.from_file(args.model)
     pat = parse_spec(args.pattern, cfg.num_hidden_layers) if args.pattern else cfg.pattern
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    shipped = checkpoint_indexer_layers(TensorSource(args.model).names(), cfg.num_hidden_layers)
+    src = TensorSource(args.model)
+    shipped = checkpoint_indexer_layers(src.names(), cfg.num_hidden_layers)
+    pat.validate(indexer_layers=shipped)
     print(f"model        {args.model}")
     print(f"architecture {cfg.architecture} ({cfg.arch})")
     print(f"layers       {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_moe} dense MLP, {n_moe} MoE"
@@ -90,13 +92,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"rope         {cfg.rope.rope_type} theta={cfg.rope.theta:g}"
           + (f" factor={cfg.rope.factor:g}" if cfg.rope.rope_type != "default" else ""))
     print(f"pattern      {pat}  ({pat.num_full} Full; {'given' if args.pattern else cfg.pattern_source})")
-    model = load_model(args.model, pattern=pat, verbose=False) if not args.no_params else None
-    if model is not None:
-        counts = count_parameters(model)
-        parts = ", ".join(f"{k} {_fmt_count(v)}" for k, v in counts.items()
-                          if k not in ("total", "active_per_token") and v)
-        print(f"parameters   {_fmt_count(counts['total'])} total, {_fmt_count(counts['active_per_token'])} "
-              f"active per token ({parts})")
+    counts = count_parameters(cfg, {n: src.shape(n) for n in src.names()}, pat)
+    parts = ", ".join(f"{k} {_fmt_count(v)}" for k, v in counts.items() if k not in ("total", "active_per_token") and v)
+    print(f"parameters   {_fmt_count(counts['total'])} total, {_fmt_count(counts['active_per_token'])} "
+          f"active per token ({parts}; read from the checkpoint headers)")
     for L in args.context:
         f_pat, f_full = flops(cfg, L, pat), flops(cfg, L, Pattern.all_full(cfg.num_hidden_layers))
         print(f"context {L:>7}: prefill {_fmt_count(f_pat['prefill']['total'])}FLOP, indexer "
@@ -167,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--pattern", help="pattern to analyse instead of the checkpoint's own")
     p.add_argument("--context", type=int, nargs="+", default=[10_000, 60_000, 120_000, 200_000])
-    p.add_argument("--no-params", action="store_true", help="skip loading weights (no parameter counts)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("loss", help="mean LM loss on a text/jsonl/.npy file, per pattern")

@@ -7,26 +7,33 @@ is cheaper per FLOP than bf16 MLA) but they show how the indexer's O(L^2) term t
 
 from __future__ import annotations
 
+import math
+import re
+
 from .config import DSAConfig
 from .pattern import Pattern
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
-def count_parameters(model) -> dict[str, int]:
-    """Parameters by component (tied embeddings counted once)."""
+
+def count_parameters(cfg: DSAConfig, shapes: dict[str, list[int]], pattern: Pattern | None = None) -> dict[str, int]:
+    """Parameters by component from tensor names and shapes (a model's, or a checkpoint's headers, so a
+    685B checkpoint is counted without reading a weight). Indexers of layers ``pattern`` makes Shared
+    are left out; MTP layers and FP8 scales are not parameters of the model."""
     out = {"embedding": 0, "lm_head": 0, "attention": 0, "indexer": 0, "dense_mlp": 0, "router": 0,
            "routed_experts": 0, "shared_experts": 0, "norms": 0}
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
+    for name, shape in shapes.items():
+        m = _LAYER.match(name)
+        if name.endswith("_scale_inv") or (m and int(m.group(1)) >= cfg.num_hidden_layers):
             continue
-        seen.add(id(p))
-        n = p.numel()
+        n = math.prod(shape)
         if "embed_tokens" in name:
             out["embedding"] += n
         elif name.startswith("lm_head"):
             out["lm_head"] += n
         elif ".indexer." in name:
-            out["indexer"] += n
+            if pattern is None or pattern.is_full(int(m.group(1))):
+                out["indexer"] += n
         elif "self_attn" in name:
             out["attention"] += n
         elif ".mlp.gate." in name:
@@ -40,10 +47,10 @@ def count_parameters(model) -> dict[str, int]:
         else:
             out["norms"] += n
     out["total"] = sum(out.values())
-    cfg = model.config
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    out["active_per_token"] = out["total"] - n_moe * per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+    idle = cfg.n_routed_experts - cfg.num_experts_per_tok
+    out["active_per_token"] = out["total"] - n_moe * per_expert * idle
     return out
 
 

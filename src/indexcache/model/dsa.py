@@ -308,12 +308,17 @@ class DSAForCausalLM(nn.Module):
         self.pattern.validate(num_layers=cfg.num_hidden_layers)
         self.model = DSABackbone(cfg, self.pattern)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.scoring = "exact"
         self.budget_bytes = DEFAULT_BUDGET_BYTES
 
     # ---------------------------------------------------------------------------- structure
+    def tie_weights(self) -> None:
+        """Share lm_head with the embedding when the config says so (again after ``to_empty``,
+        which replaces meta parameters one by one and so unties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     @property
     def indexer_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.model.layers) if layer.self_attn.indexer is not None]
