@@ -117,6 +117,10 @@ def test_parity_with_transformers_default_init(tmp_path, arch):
         {"attention_bias": True},
         {"n_group": 1, "topk_group": 1, "norm_topk_prob": False},
         {"mlp_layer_types": ["sparse", "dense", "sparse", "dense", "sparse", "sparse"]},
+        # odd sizes: v != qk_nope, indexer dim not a power of two, 3 expert groups of which 2 are kept
+        {"v_head_dim": 12, "qk_nope_head_dim": 20, "index_head_dim": 24, "qk_rope_head_dim": 6,
+         "num_attention_heads": 5, "index_n_heads": 3, "index_topk": 5, "n_routed_experts": 6, "n_group": 3,
+         "topk_group": 2, "num_experts_per_tok": 3},
     ],
 )
 def test_parity_config_variants(tmp_path, arch, variant):
