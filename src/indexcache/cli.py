@@ -136,6 +136,61 @@ def cmd_loss(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- search
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search.run import SearchOptions, run_search
+
+    opt = SearchOptions(
+        model=args.model, out=args.out, data=args.data, num_samples=args.num_samples, seq_len=args.seq_len,
+        seed=args.seed, batch_size=args.batch_size, keep=args.keep, num_full=args.num_full, to_end=args.to_end,
+        stages=args.stages, force_full=_int_list(args.force_full), resume=args.resume, device=args.device,
+        dtype=args.dtype, scoring=args.scoring, cache_gb=args.cache_gb,
+        baselines=[] if args.baselines == "none" else args.baselines.split(","),
+    )
+    report = run_search(opt)
+    if not report:  # not the main rank of a torchrun job
+        return 0
+    sel, c = report["selected"], report["counters"]
+    print(f"\nall-Full loss {report['all_full_loss']:.5f} on {report['calibration']['num_samples']} x "
+          f"{report['calibration']['seq_len']} tokens ({report['calibration']['source']})")
+    print(f"selected {sel['num_full']}/{report['num_layers']} Full: {sel['pattern']}  loss {sel['loss']:.5f}")
+    print(f"work: {c['layer_forwards']} layer-forwards = {c['ratio_vs_naive']:.3f}x a search without prefix reuse; "
+          f"{report['seconds']:.1f} s")
+    _print_exports(Pattern.parse(sel["pattern"]))
+    print(f"\nwrote {args.out}/report.json, loss_curve.png, summary.md, config_patch.json, engine_flags.txt")
+    return 0
+
+
+def cmd_overlap(args: argparse.Namespace) -> int:
+    from .search.run import run_overlap
+
+    mat = run_overlap(args.model, args.out, args.data, args.num_samples, args.seq_len, args.seed, args.pattern,
+                      args.device)
+    n = mat.shape[0]
+    adj = sum(float(mat[i + 1, i]) for i in range(n - 1)) / max(n - 1, 1)
+    print(f"{n}x{n} overlap: mean adjacent-layer overlap {adj:.3f}, minimum {float(mat.min()):.3f}")
+    print(f"wrote {args.out}/overlap.csv, overlap.png, overlap.json")
+    return 0
+
+
+def _int_list(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PatternError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="text file, directory of .txt(.xz), .jsonl, or token-id .npy "
+                   "(default: the built-in synthetic corpus, tokenized with the model's tokenizer)")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: max(2*index_topk, 1024))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
 # ------------------------------------------------------------------------------------- random-model
 def cmd_random_model(args: argparse.Namespace) -> int:
     from .presets import make_random_checkpoint
@@ -179,6 +234,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loss)
 
+    p = sub.add_parser("search", help="greedy IndexCache layer search (training-free) with baselines")
+    p.add_argument("model")
+    p.add_argument("--out", default="runs/search")
+    _add_calibration_args(p)
+    p.add_argument("--keep", type=float, help="fraction of indexers to keep (default 0.25)")
+    p.add_argument("--num-full", type=int, help="number of Full layers to keep")
+    p.add_argument("--to-end", action="store_true", help="continue the trajectory to the end (still selects --keep)")
+    p.add_argument("--stages", type=int, default=1, help="pipeline blocks: their first layers stay Full, "
+                   "one flip per block per step")
+    p.add_argument("--force-full", help="comma-separated layers that must stay Full")
+    p.add_argument("--baselines", default="uniform,similarity", help="uniform,similarity or none")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/search_state.json")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
+    p.add_argument("--cache-gb", type=float, default=2.0, help="memory for cached prefix states")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("overlap", help="cross-layer top-k overlap of the all-Full model (csv + heatmap)")
+    p.add_argument("model")
+    p.add_argument("--out", default="runs/overlap")
+    _add_calibration_args(p)
+    p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
+    p.set_defaults(func=cmd_overlap)
+
     p = sub.add_parser("random-model", help="write a random DSA checkpoint (demos and tests)")
     p.add_argument("out")
     p.add_argument("--arch", default="glm_moe_dsa", choices=["glm_moe_dsa", "deepseek_v32"])
@@ -193,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .search.greedy import SearchError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PatternError, ConfigError, CheckpointError, DataError, ValueError) as e:
+    except (PatternError, ConfigError, CheckpointError, DataError, SearchError, ValueError) as e:
         print(f"indexcache {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,10 @@
-"""Token data for LM-loss evaluation: text files, directories of .txt, .jsonl, or token-id .npy."""
+"""Token data: text files (plain or .xz/.gz), directories of them, .jsonl with a "text" field, or token-id .npy."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +25,39 @@ def load_tokenizer(model_dir: str | Path):
     return Tokenizer.from_file(str(f))
 
 
+TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz")
+
+
+def _read(path: Path) -> str:
+    """A text file, decompressing .xz / .gz."""
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix)
+    try:
+        if opener is not None:
+            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+                return f.read()
+        return path.read_text(encoding="utf-8", errors="replace")
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def list_text_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+
+
 def read_texts(path: str | Path) -> list[str]:
-    """Documents from a .txt file, a directory of .txt files (sorted), or a .jsonl with a "text" field."""
+    """Documents from a text file, a directory of text files (sorted; .txt, .txt.xz, .txt.gz), or a .jsonl
+    with a "text" field."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"no such data file or directory: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = list_text_files(path)
         if not files:
-            raise DataError(f"directory {path} holds no .txt files")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    if path.suffix == ".jsonl":
+            raise DataError(f"directory {path} holds no .txt, .txt.xz or .txt.gz files")
+        return [_read(f) for f in files]
+    if path.name.endswith((".jsonl", ".jsonl.xz", ".jsonl.gz")):
         texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_read(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -46,7 +68,7 @@ def read_texts(path: str | Path) -> list[str]:
                 raise DataError(f"{path}:{i} has no string 'text' field")
             texts.append(obj["text"])
         return texts
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [_read(path)]
 
 
 def token_windows(

@@ -1,0 +1,1 @@
+"""Analyses of a DSA model's indexers."""

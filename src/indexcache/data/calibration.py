@@ -1,0 +1,98 @@
+"""Calibration sets: fixed, seeded token windows on which every candidate pattern is scored."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .synthetic import corpus
+from .text import DataError, load_tokenizer, read_texts
+
+
+@dataclass
+class Calibration:
+    windows: torch.Tensor  # [num_samples, seq_len] int64
+    source: str
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()[:16]
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return [self.windows[i : i + batch_size] for i in range(0, self.windows.shape[0], batch_size)]
+
+
+def load_calibration(
+    model_dir: str | Path | None,
+    data: str | Path | None,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    index_topk: int | None = None,
+    vocab_size: int | None = None,
+) -> Calibration:
+    """``num_samples`` windows of ``seq_len`` tokens, drawn with ``seed`` from ``data`` (text file, directory,
+    .jsonl, or a token-id .npy) or, with no data, from the built-in synthetic corpus (tokenized with the
+    model directory's tokenizer). Refuses windows not longer than ``index_topk``: there every query keeps
+    all its tokens and every pattern gives the same loss."""
+    if num_samples < 1:
+        raise DataError(f"--num-samples must be positive, got {num_samples}")
+    if index_topk is not None and seq_len <= index_topk:
+        raise DataError(
+            f"calibration sequences of {seq_len} tokens are not longer than index_topk={index_topk}: every "
+            "query would keep all its tokens and every pattern would give the same loss (use a larger --seq-len)"
+        )
+    rng = np.random.default_rng(seed)
+    if data is not None and str(data).endswith(".npy"):
+        arr = _load_npy(Path(data))
+        if arr.ndim == 2:
+            if arr.shape[1] < seq_len:
+                raise DataError(f"{data} rows have {arr.shape[1]} tokens, fewer than --seq-len {seq_len}")
+            rows = rng.permutation(arr.shape[0])[:num_samples]
+            windows = torch.from_numpy(arr[np.sort(rows), :seq_len].astype(np.int64))
+            return _check(Calibration(windows, f"{data} (rows)"), num_samples, vocab_size)
+        stream, source = arr.astype(np.int64), str(data)
+    else:
+        if model_dir is None:
+            raise DataError("text calibration needs the model directory's tokenizer")
+        tok = load_tokenizer(model_dir)
+        if data is None:
+            docs, source = corpus(num_samples * seq_len * 6, seed), f"built-in synthetic corpus (seed {seed})"
+        else:
+            docs, source = read_texts(data), str(data)
+        ids: list[int] = []
+        for d in docs:
+            ids.extend(tok.encode(d).ids)
+        stream = np.asarray(ids, dtype=np.int64)
+    n_windows = stream.shape[0] // seq_len
+    if n_windows == 0:
+        raise DataError(f"{source} has {stream.shape[0]} tokens, fewer than one window of --seq-len {seq_len}")
+    picked = np.sort(rng.permutation(n_windows)[:num_samples])
+    windows = torch.from_numpy(np.stack([stream[i * seq_len : (i + 1) * seq_len] for i in picked]))
+    return _check(Calibration(windows, source), num_samples, vocab_size)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"no such data file: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot read {path} as a .npy array ({e})") from None
+    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim not in (1, 2):
+        raise DataError(f"{path} must hold integer token ids as [tokens] or [samples, seq_len]")
+    return arr
+
+
+def _check(cal: Calibration, wanted: int, vocab_size: int | None) -> Calibration:
+    w = cal.windows
+    if vocab_size is not None and (int(w.max()) >= vocab_size or int(w.min()) < 0):
+        raise DataError(f"{cal.source} has token ids outside the model's vocabulary [0, {vocab_size})")
+    if w.shape[0] < wanted:
+        print(f"indexcache: {cal.source} holds only {w.shape[0]} windows; using all of them", file=sys.stderr)
+    return cal

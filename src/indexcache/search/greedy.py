@@ -1,0 +1,209 @@
+"""Training-free IndexCache: the paper's greedy layer search (Algorithm 1).
+
+Start from all Full. At each step, tentatively flip every remaining Full layer (all but layer 0 and
+forced-Full layers) to Shared, score each resulting pattern by mean LM loss on the same calibration
+batches, and commit the lowest (ties: the lowest layer index). Continue to the requested number of
+Full layers, or to the end, recording the nested trajectory.
+
+- ``stages=P`` splits the layers into P contiguous blocks whose first layers stay Full; each step
+  searches the blocks one after another and commits one flip per block (the paper's pipeline trick).
+- State is written atomically after every step; ``resume=True`` continues a killed run to the identical
+  result.
+- Under ``torchrun`` the candidates of each step are split across ranks and the losses all-gathered;
+  every rank then makes the same choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..pattern import FULL, SHARED, Pattern
+from .evaluator import LossEvaluator
+
+
+class SearchError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------ distribution
+@dataclass
+class Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device: str = "cpu") -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
+        return cls(rank=dist.get_rank(), world=dist.get_world_size())
+
+    def split(self, items: Sequence) -> list:
+        return list(items[self.rank :: self.world])
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ------------------------------------------------------------------------------------------ search
+@dataclass
+class GreedyResult:
+    num_layers: int
+    start_pattern: str
+    all_full_loss: float
+    trajectory: list[dict] = field(default_factory=list)
+    forced_full: list[int] = field(default_factory=list)
+    stages: int = 1
+    counters: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    done: bool = False
+
+    def at(self, num_full: int) -> dict | None:
+        """The trajectory entry with ``num_full`` Full layers (the start if it has that many)."""
+        if Pattern.parse(self.start_pattern).num_full == num_full:
+            return {"pattern": self.start_pattern, "num_full": num_full, "flipped": None,
+                    "loss": self.all_full_loss}
+        for e in self.trajectory:
+            if e["num_full"] == num_full:
+                return e
+        return None
+
+
+def stage_starts(num_layers: int, stages: int) -> list[int]:
+    """First layer of each of ``stages`` near-equal contiguous blocks."""
+    if not 1 <= stages <= num_layers:
+        raise SearchError(f"--stages must be between 1 and the {num_layers} layers, got {stages}")
+    return sorted({round(b * num_layers / stages) for b in range(stages)})
+
+
+def _write_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def greedy_search(
+    evaluator: LossEvaluator,
+    start: Pattern | str | None = None,
+    target_full: int | None = None,
+    stages: int = 1,
+    forced_full: Sequence[int] = (),
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    fingerprint: dict | None = None,
+    dist: Dist | None = None,
+    progress: bool = True,
+) -> GreedyResult:
+    """Run Algorithm 1. ``start`` defaults to all Full (a checkpoint that ships indexers only on some
+    layers starts from those). ``target_full=None`` runs to the end."""
+    dist = dist or Dist()
+    n = evaluator.n_layers
+    start_p = Pattern.all_full(n) if start is None else Pattern.parse(start)
+    start_p.validate(num_layers=n)
+    blocks = stage_starts(n, stages)
+    forced = sorted({0, *forced_full, *blocks})
+    for f in forced:
+        if not 0 <= f < n:
+            raise SearchError(f"forced-Full layer {f} is outside the {n} layers")
+        if not start_p.is_full(f):
+            raise SearchError(f"layer {f} must stay Full but has no indexer in the starting pattern")
+    min_full = len(forced)
+    if target_full is not None and not min_full <= target_full <= start_p.num_full:
+        raise SearchError(f"cannot reach {target_full} Full layers: between {min_full} (forced Full) and "
+                          f"{start_p.num_full} (start) are possible")
+    fp = dict(fingerprint or {}, start=str(start_p), stages=stages, forced=forced, target_full=target_full)
+    state_path = Path(state_path) if state_path is not None else None
+
+    t0 = time.time()
+    result, prior = None, []
+    if resume and state_path is not None and state_path.exists():
+        saved = json.loads(state_path.read_text())
+        if saved.get("fingerprint") != fp:
+            raise SearchError(f"{state_path} was written by a search with other settings; "
+                              "run without --resume (or with the same model, data and options)")
+        result = GreedyResult(**saved["result"])
+        prior = [result.counters]  # work done before the interruption still counts
+        t0 -= result.seconds
+    if result is None:
+        first = evaluator.loss(start_p) if dist.is_main else None  # evaluated (and counted) once
+        result = GreedyResult(num_layers=n, start_pattern=str(start_p), all_full_loss=dist.gather(first)[0],
+                              forced_full=forced, stages=stages)
+
+    chars = list(result.trajectory[-1]["pattern"] if result.trajectory else result.start_pattern)
+    goal = min_full if target_full is None else target_full
+    remaining = chars.count(FULL) - goal
+    bar = tqdm(total=chars.count(FULL) - goal + len(result.trajectory), initial=len(result.trajectory),
+               desc="greedy flips", unit="flip", disable=not (progress and dist.is_main))
+
+    def save() -> None:
+        result.seconds = time.time() - t0
+        result.counters = _sum_counters(prior + dist.gather(evaluator.counters.as_dict()))
+        if state_path is not None and dist.is_main:
+            _write_atomic(state_path, {"fingerprint": fp, "result": result.__dict__})
+
+    while remaining > 0:
+        bounds = list(zip(blocks, blocks[1:] + [n], strict=True))
+        for lo, hi in bounds:
+            if remaining == 0:
+                break
+            cands = [i for i in range(lo, hi) if chars[i] == FULL and i not in forced]
+            if not cands:
+                continue
+            base = "".join(chars)
+            mine = dist.split(cands)
+            inner = tqdm(mine, desc=f"  candidates ({len(cands)} total)", unit="cand", leave=False,
+                         disable=not (progress and dist.is_main))
+            scores = [(i, evaluator.loss(base[:i] + SHARED + base[i + 1 :])) for i in inner]
+            scores = [s for part in dist.gather(scores) for s in part]
+            best_layer, best_loss = min(scores, key=lambda t: (t[1], t[0]))
+            chars[best_layer] = SHARED
+            remaining -= 1
+            pat = "".join(chars)
+            result.trajectory.append({"pattern": pat, "num_full": pat.count(FULL), "flipped": best_layer,
+                                      "loss": best_loss})
+            bar.update(1)
+            bar.set_postfix(full=pat.count(FULL), loss=f"{best_loss:.4f}", flipped=best_layer)
+            evaluator.prune(lambda key, p=pat: _reachable(key, p, forced))
+        save()
+    bar.close()
+    result.done = True
+    save()
+    return result
+
+
+def _reachable(key: str, pattern: str, forced: Sequence[int]) -> bool:
+    """Can a prefix ``key`` still be needed: it differs from ``pattern`` by at most one further flip."""
+    diff = [i for i, (a, b) in enumerate(zip(key, pattern, strict=False)) if a != b]
+    return len(diff) == 0 or (len(diff) == 1 and key[diff[0]] == SHARED and diff[0] not in forced)
+
+
+def _sum_counters(parts: list[dict]) -> dict:
+    out = {k: sum(p[k] for p in parts) for k in ("evaluations", "layer_forwards", "naive_layer_forwards")}
+    out["ratio_vs_naive"] = out["layer_forwards"] / out["naive_layer_forwards"] if out["naive_layer_forwards"] else None
+    return out

@@ -1,0 +1,257 @@
+"""The ``indexcache search`` job: calibration, greedy trajectory, baselines, report and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..data import load_calibration
+from ..pattern import CONVENTIONS, Pattern, PatternError
+from .evaluator import LossEvaluator
+from .greedy import Dist, GreedyResult, SearchError, greedy_search, stage_starts
+from .similarity import similarity_dp, similarity_matrix
+
+
+@dataclass
+class SearchOptions:
+    model: str
+    out: str
+    data: str | None = None
+    num_samples: int = 8
+    seq_len: int | None = None
+    seed: int = 0
+    batch_size: int = 1
+    keep: float | None = None
+    num_full: int | None = None
+    to_end: bool = False
+    stages: int = 1
+    force_full: list[int] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=lambda: ["uniform", "similarity"])
+    resume: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    scoring: str = "exact"
+    cache_gb: float = 2.0
+    progress: bool = True
+
+
+def target_full(n: int, keep: float | None, num_full: int | None) -> int:
+    if keep is not None and num_full is not None:
+        raise SearchError("give --keep or --num-full, not both")
+    if num_full is not None:
+        return num_full
+    keep = 0.25 if keep is None else keep
+    if not 0 < keep <= 1:
+        raise SearchError(f"--keep must be in (0, 1], got {keep}")
+    return max(1, round(n * keep))
+
+
+def run_search(opt: SearchOptions) -> dict:
+    dist = Dist.from_env(opt.device)
+    if opt.device.startswith("cuda") and dist.world > 1:
+        opt.device = f"cuda:{dist.rank}"
+        torch.cuda.set_device(opt.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opt.dtype]
+    model = load_model(opt.model, dtype=dtype, device=opt.device, scoring=opt.scoring, verbose=dist.is_main)
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    seq_len = opt.seq_len or max(2 * cfg.index_topk, 1024)
+    cal = load_calibration(opt.model, opt.data, opt.num_samples, seq_len, opt.seed, cfg.index_topk, cfg.vocab_size)
+    start = model.pattern  # all Full, or a native-shared checkpoint's own Full layers
+    target = target_full(n, opt.keep, opt.num_full)
+    forced = sorted({0, *opt.force_full, *stage_starts(n, opt.stages)})
+    if target < len(forced):
+        raise SearchError(f"--keep/--num-full asks for {target} Full layers but {len(forced)} are forced Full")
+    if target > start.num_full:
+        raise SearchError(f"the checkpoint has indexers on only {start.num_full} layers; cannot keep {target}")
+    out = Path(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluator = LossEvaluator(model, cal.batches(opt.batch_size), cache_bytes=int(opt.cache_gb * (1 << 30)))
+    fingerprint = {"model": str(Path(opt.model).resolve()), "calibration": cal.fingerprint, "seq_len": seq_len,
+                   "dtype": opt.dtype, "scoring": opt.scoring, "batch_size": opt.batch_size}
+    result = greedy_search(evaluator, start=start, target_full=None if opt.to_end else target, stages=opt.stages,
+                           forced_full=forced, state_path=out / "search_state.json", resume=opt.resume,
+                           fingerprint=fingerprint, dist=dist, progress=opt.progress)
+    baselines: dict = {}
+    if not dist.is_main:
+        return {}
+    if "uniform" in opt.baselines:
+        baselines["uniform"] = uniform_baselines(evaluator, n, start, opt.progress)
+    if "similarity" in opt.baselines:
+        if start.num_full != n:
+            baselines["similarity"] = {"skipped": "needs an indexer on every layer"}
+        else:
+            sims = similarity_matrix(model, cal.batches(opt.batch_size), progress=opt.progress)
+            counts = sorted({target, *(u["num_full"] for u in baselines.get("uniform", []))})
+            rows = []
+            for m in counts:
+                if len(forced) <= m <= n:
+                    p, score = similarity_dp(sims, m, forced)
+                    rows.append({"pattern": str(p), "num_full": m, "similarity": score, "loss": evaluator.loss(p)})
+            baselines["similarity"] = rows
+            baselines["similarity_matrix"] = [[round(float(v), 5) for v in row] for row in sims]
+    report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
+    write_outputs(report, out)
+    return report
+
+
+def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress: bool) -> list[dict]:
+    rows, seen = [], set()
+    for conv in ("official", "glm52", "paper"):
+        for freq in (2, 4, 8):
+            try:
+                p = Pattern.uniform(n, freq, conv)
+                p.validate(indexer_layers=start.full_layers)
+            except PatternError:
+                continue
+            if str(p) in seen:
+                rows.append({"convention": conv, "freq": freq, "pattern": str(p), "num_full": p.num_full,
+                             "loss": next(r["loss"] for r in rows if r["pattern"] == str(p))})
+                continue
+            seen.add(str(p))
+            rows.append({"convention": conv, "freq": freq, "pattern": str(p), "num_full": p.num_full,
+                         "loss": evaluator.loss(p)})
+    return rows
+
+
+def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResult, target: int,
+                 baselines: dict) -> dict:
+    sel = result.at(target)
+    sel_p = Pattern.parse(sel["pattern"])
+    return {
+        "num_layers": result.num_layers,
+        "method": "greedy" + (f" (stages={result.stages})" if result.stages > 1 else ""),
+        "model": opt.model,
+        "architecture": cfg.architecture,
+        "index_topk": cfg.index_topk,
+        "calibration": {"source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len,
+                        "seed": opt.seed, "fingerprint": cal.fingerprint},
+        "all_full_loss": result.all_full_loss,
+        "start_pattern": result.start_pattern,
+        "forced_full": result.forced_full,
+        "trajectory": result.trajectory,
+        "selected": {"pattern": sel["pattern"], "num_full": sel["num_full"], "loss": sel["loss"],
+                     "retention": round(sel_p.retention, 4), "config_patch": sel_p.config_patch(),
+                     "sglang": sel_p.sglang_override(), "vllm": sel_p.vllm_override()},
+        "baselines": baselines,
+        "counters": result.counters,
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    sel = Pattern.parse(report["selected"]["pattern"])
+    (out / "config_patch.json").write_text(json.dumps(sel.config_patch(), indent=2) + "\n")
+    flags = sel.engine_flags()
+    (out / "engine_flags.txt").write_text(f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
+    plot_loss_curve(report, out / "loss_curve.png")
+    (out / "summary.md").write_text(summary_markdown(report))
+
+
+def summary_markdown(r: dict) -> str:
+    sel = r["selected"]
+    cal = r["calibration"]
+    c = r["counters"]
+    lines = [
+        f"# IndexCache greedy search: {Path(r['model']).name}",
+        "",
+        f"- model: `{r['model']}` ({r['architecture']}, {r['num_layers']} layers, index_topk {r['index_topk']})",
+        f"- calibration: {cal['num_samples']} x {cal['seq_len']} tokens from {cal['source']} (seed {cal['seed']})",
+        f"- all-Full loss: {r['all_full_loss']:.5f}",
+        f"- **selected ({sel['num_full']} Full, retention {sel['retention']:.3f})**: `{sel['pattern']}`, "
+        f"loss {sel['loss']:.5f} ({sel['loss'] - r['all_full_loss']:+.5f})",
+        f"- work: {c['evaluations']} pattern evaluations, {c['layer_forwards']} layer-forwards "
+        f"({c['ratio_vs_naive']:.3f}x of the {c['naive_layer_forwards']} a search without prefix reuse runs), "
+        f"{r['seconds']:.1f} s",
+        "",
+        "SGLang: `--json-model-override-args '" + sel["sglang"] + "'`",
+        "",
+        "vLLM: `--hf-overrides '" + sel["vllm"] + "'`",
+        "",
+        "| #Full | greedy loss | flipped |",
+        "|---:|---:|---:|",
+    ]
+    for e in r["trajectory"]:
+        lines.append(f"| {e['num_full']} | {e['loss']:.5f} | {e['flipped']} |")
+    uni = r["baselines"].get("uniform") or []
+    if uni:
+        greedy = {e["num_full"]: e["loss"] for e in r["trajectory"]}
+        lines += ["", "| baseline | pattern | #Full | loss | greedy at same #Full |", "|---|---|---:|---:|---:|"]
+        for u in uni:
+            g = greedy.get(u["num_full"])
+            lines.append(f"| uniform {u['convention']} freq {u['freq']} | `{u['pattern']}` | {u['num_full']} | "
+                         f"{u['loss']:.5f} | {'' if g is None else f'{g:.5f}'} |")
+        for s in r["baselines"].get("similarity") or []:
+            if isinstance(s, dict) and "pattern" in s:
+                g = greedy.get(s["num_full"])
+                lines.append(f"| similarity DP | `{s['pattern']}` | {s['num_full']} | {s['loss']:.5f} | "
+                             f"{'' if g is None else f'{g:.5f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_loss_curve(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    xs = [Pattern.parse(r["start_pattern"]).num_full] + [e["num_full"] for e in r["trajectory"]]
+    ys = [r["all_full_loss"]] + [e["loss"] for e in r["trajectory"]]
+    ax.plot(xs, ys, "-o", ms=3, label="greedy (trajectory)", color="C0")
+    markers = {"official": "s", "glm52": "^", "paper": "v"}
+    colours = {"official": "C1", "glm52": "C2", "paper": "C4"}
+    for conv in CONVENTIONS:
+        pts = [u for u in r["baselines"].get("uniform") or [] if u["convention"] == conv]
+        if pts:
+            ax.scatter([u["num_full"] for u in pts], [u["loss"] for u in pts], marker=markers.get(conv, "x"),
+                       s=36, color=colours.get(conv, "C5"), label=f"uniform ({conv})", zorder=3)
+    sim = [s for s in r["baselines"].get("similarity") or [] if isinstance(s, dict) and "loss" in s]
+    if sim:
+        ax.scatter([s["num_full"] for s in sim], [s["loss"] for s in sim], marker="D", s=30, color="C3",
+                   label="similarity DP", zorder=3)
+    ax.axhline(r["all_full_loss"], color="grey", ls="--", lw=0.8, label="all Full")
+    sel = r["selected"]
+    ax.axvline(sel["num_full"], color="C0", ls=":", lw=0.8)
+    ax.set_xlabel("number of Full layers (indexers kept)")
+    ax.set_ylabel("calibration LM loss (nats/token)")
+    ax.set_title(f"IndexCache search, {r['num_layers']} layers")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, seq_len: int | None, seed: int,
+                pattern: str | None, device: str = "cpu", progress: bool = True) -> torch.Tensor:
+    from ..analysis.overlap import overlap_matrix, plot_heatmap, write_csv
+    from ..pattern import parse_spec
+
+    model = load_model(model_dir, device=device)
+    cfg = model.config
+    seq_len = seq_len or max(2 * cfg.index_topk, 1024)
+    cal = load_calibration(model_dir, data, num_samples, seq_len, seed, cfg.index_topk, cfg.vocab_size)
+    mat = overlap_matrix(model, cal.batches(1), progress=progress)
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    write_csv(mat, o / "overlap.csv")
+    pat = parse_spec(pattern, cfg.num_hidden_layers) if pattern else None
+    plot_heatmap(mat, o / "overlap.png", pat)
+    n = cfg.num_hidden_layers
+    adjacent = [float(mat[i + 1, i]) for i in range(n - 1)]
+    summary = {"num_layers": n, "index_topk": cfg.index_topk, "calibration": {
+        "source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len, "seed": seed},
+        "mean_adjacent_overlap": sum(adjacent) / max(len(adjacent), 1),
+        "min_overlap": float(mat.min()), "pattern": pattern and str(pat)}
+    if pat is not None:
+        shared = [float(mat[i, pat.source_layer(i)]) for i in pat.shared_layers]
+        summary["mean_shared_to_source_overlap"] = sum(shared) / len(shared) if shared else math.nan
+    (o / "overlap.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return mat

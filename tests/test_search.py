@@ -1,0 +1,234 @@
+"""Greedy search (Algorithm 1) against a brute-force naive search, resume after kill -9, two gloo
+processes, the similarity DP against brute force, and the overlap matrix against set arithmetic."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from indexcache import Pattern, Trace, load_model
+from indexcache.data import DataError, load_calibration
+from indexcache.presets import make_random_checkpoint
+from indexcache.search import LossEvaluator, SearchError, greedy_search, similarity_dp, similarity_score
+
+N_LAYERS = 12
+
+
+def _model_dir(tmp_path, seed, layers=N_LAYERS):
+    return make_random_checkpoint(tmp_path / f"m{seed}", "glm_moe_dsa", "tiny", seed=seed,
+                                  num_hidden_layers=layers, first_k_dense_replace=2)
+
+
+def _batches(seed, n=2, seq=24):
+    g = torch.Generator().manual_seed(100 + seed)
+    return [torch.randint(0, 300, (1, seq), generator=g) for _ in range(n)]
+
+
+def _naive_loss(model, batches, pattern):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            logits = model(ids, pattern=pattern)
+            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+def _naive_greedy(model, batches, n, target, blocks=(0,)):
+    """Algorithm 1 written plainly: full forward passes, min loss, ties to the lowest layer."""
+    pat = ["F"] * n
+    traj = []
+    forced = set(blocks) | {0}
+    bounds = list(zip(blocks, list(blocks[1:]) + [n], strict=True))
+    while pat.count("F") > target:
+        for lo, hi in bounds:
+            if pat.count("F") == target:
+                break
+            cands = [i for i in range(lo, hi) if pat[i] == "F" and i not in forced]
+            if not cands:
+                continue
+            scored = [(_naive_loss(model, batches, "".join(pat[:i] + ["S"] + pat[i + 1:])), i) for i in cands]
+            loss, best = min(scored)
+            pat[best] = "S"
+            traj.append(("".join(pat), best, loss))
+    return traj
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_with_prefix_reuse_equals_naive(tmp_path, seed):
+    model = load_model(_model_dir(tmp_path, seed), verbose=False)
+    batches = _batches(seed)
+    ev = LossEvaluator(model, batches)
+    res = greedy_search(ev, progress=False)  # to the end: a full trajectory
+    naive = _naive_greedy(model, batches, N_LAYERS, target=1)
+    assert [(e["pattern"], e["flipped"]) for e in res.trajectory] == [(p, f) for p, f, _ in naive]
+    for e, (_, _, loss) in zip(res.trajectory, naive, strict=True):
+        assert e["loss"] == pytest.approx(loss, rel=1e-6)
+    assert res.all_full_loss == pytest.approx(_naive_loss(model, batches, "F" * N_LAYERS), rel=1e-6)
+    c = res.counters
+    assert c["evaluations"] == 1 + sum(range(1, N_LAYERS))
+    assert c["naive_layer_forwards"] == c["evaluations"] * N_LAYERS * len(batches)
+    assert c["ratio_vs_naive"] <= 0.5, c
+
+
+def test_staged_greedy_equals_naive_staged(tmp_path):
+    model = load_model(_model_dir(tmp_path, 5), verbose=False)
+    batches = _batches(5)
+    res = greedy_search(LossEvaluator(model, batches), target_full=4, stages=3, progress=False)
+    assert res.forced_full == [0, 4, 8]
+    naive = _naive_greedy(model, batches, N_LAYERS, target=4, blocks=(0, 4, 8))
+    assert [e["pattern"] for e in res.trajectory] == [p for p, _, _ in naive]
+    final = Pattern.parse(res.trajectory[-1]["pattern"])
+    assert final.num_full == 4 and all(final.is_full(i) for i in (0, 4, 8))
+
+
+def test_no_reuse_gives_the_same_trajectory(tmp_path):
+    model = load_model(_model_dir(tmp_path, 3), verbose=False)
+    batches = _batches(3)
+    a = greedy_search(LossEvaluator(model, batches), target_full=3, progress=False)
+    b = greedy_search(LossEvaluator(model, batches, reuse=False), target_full=3, progress=False)
+    assert a.trajectory == b.trajectory
+    assert b.counters["ratio_vs_naive"] == 1.0 and a.counters["ratio_vs_naive"] < 0.5
+
+
+def test_target_and_forced_validation(tmp_path):
+    model = load_model(_model_dir(tmp_path, 4, layers=6), verbose=False)
+    ev = LossEvaluator(model, _batches(4))
+    with pytest.raises(SearchError, match="cannot reach 1 Full layers"):
+        greedy_search(ev, target_full=1, forced_full=[3], progress=False)
+    with pytest.raises(SearchError, match="--stages must be between 1"):
+        greedy_search(ev, stages=9, progress=False)
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "indexcache.cli", *map(str, args)]
+
+
+def _env(threads=1):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_resume_after_kill_9_gives_identical_trajectory(tmp_path):
+    mdir = _model_dir(tmp_path, 7)
+    common = ["search", mdir, "--num-samples", 3, "--seq-len", 48, "--to-end", "--baselines", "none", "--keep", "0.25"]
+    ref = subprocess.run(_cli(*common, "--out", tmp_path / "ref"), env=_env(), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--out", out), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = out / "search_state.json"
+    killed_at = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                steps = len(json.loads(state.read_text())["result"]["trajectory"])
+            except (json.JSONDecodeError, KeyError):
+                steps = 0
+            if 2 <= steps < N_LAYERS - 2:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed_at = steps
+                break
+        time.sleep(0.005)
+    assert killed_at is not None, "the search finished before it could be killed"
+    assert not (out / "report.json").exists()
+    res = subprocess.run(_cli(*common, "--out", out, "--resume"), env=_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    a = json.loads((tmp_path / "ref" / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    assert a["trajectory"] == b["trajectory"] and a["selected"] == b["selected"]
+    assert len(b["trajectory"]) == N_LAYERS - 1 > killed_at
+    # a resume with other settings is refused rather than mixing two searches
+    bad = subprocess.run(_cli(*common, "--out", out, "--resume", "--seed", 9), env=_env(), capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "other settings" in bad.stderr
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    mdir = _model_dir(tmp_path, 8)
+    common = ["search", mdir, "--num-samples", 2, "--seq-len", 32, "--num-full", 3, "--baselines", "none"]
+    one = subprocess.run(_cli(*common, "--out", tmp_path / "one"), env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "indexcache.cli", *map(str, common),
+                          "--out", tmp_path / "two"], env=_env(), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert a["trajectory"] == b["trajectory"] and a["all_full_loss"] == b["all_full_loss"]
+    assert a["counters"]["evaluations"] == b["counters"]["evaluations"]
+
+
+def test_similarity_dp_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    n = 7
+    sims = torch.rand(n, n, generator=g, dtype=torch.float64).tril(-1) + torch.eye(n, dtype=torch.float64)
+    for forced in ([], [3]):
+        for m in range(1 + len(forced), n + 1):
+            best = None
+            for full in itertools.combinations(range(1, n), m - 1):
+                if not set(forced) <= set(full):
+                    continue
+                p = "".join("F" if i == 0 or i in full else "S" for i in range(n))
+                score = similarity_score(sims, p)
+                if best is None or score > best[0] + 1e-12:
+                    best = (score, p)
+            pat, score = similarity_dp(sims, m, forced)
+            assert score == pytest.approx(best[0]) and similarity_score(sims, pat) == pytest.approx(best[0])
+            assert pat.num_full == m and all(pat.is_full(f) for f in forced)
+
+
+def test_overlap_matrix_against_sets(tmp_path):
+    from indexcache.analysis.overlap import overlap_matrix
+
+    model = load_model(_model_dir(tmp_path, 9, layers=5), verbose=False)
+    batches = _batches(9, n=2, seq=30)
+    mat = overlap_matrix(model, batches, progress=False, budget_bytes=2000)
+    k = model.config.index_topk
+    sums = torch.zeros(5, 5, dtype=torch.float64)
+    count = 0
+    for ids in batches:
+        tr = Trace()
+        with torch.no_grad():
+            model(ids, trace=tr)
+        for s in range(k, ids.shape[1]):
+            sets = [set(tr.records[i].indices[0, s].tolist()) for i in range(5)]
+            for i in range(5):
+                for j in range(5):
+                    sums[i, j] += len(sets[i] & sets[j]) / k
+            count += 1
+    torch.testing.assert_close(mat, sums / count)
+    assert torch.allclose(mat.diag(), torch.ones(5, dtype=torch.float64)) and (mat < 1).any()
+
+
+def test_calibration_sources(tmp_path):
+    import lzma
+
+    import numpy as np
+
+    mdir = _model_dir(tmp_path, 10, layers=4)
+    with pytest.raises(DataError, match="not longer than index_topk=8"):
+        load_calibration(mdir, None, 2, 8, index_topk=8)
+    a = load_calibration(mdir, None, 3, 40, seed=1, index_topk=8)
+    b = load_calibration(mdir, None, 3, 40, seed=1, index_topk=8)
+    c = load_calibration(mdir, None, 3, 40, seed=2, index_topk=8)
+    assert a.windows.shape == (3, 40) and torch.equal(a.windows, b.windows) and not torch.equal(a.windows, c.windows)
+    assert "synthetic" in a.source
+    rows = np.arange(10 * 50).reshape(10, 50) % 300
+    np.save(tmp_path / "rows.npy", rows)
+    cal = load_calibration(None, tmp_path / "rows.npy", 4, 40, seed=0, index_topk=8)
+    assert cal.windows.shape == (4, 40) and all((w.numpy() == rows[:, :40]).all(1).any() for w in cal.windows)
+    with lzma.open(tmp_path / "book.txt.xz", "wt") as f:
+        f.write("It was the best of times, it was the worst of times. " * 40)
+    cal = load_calibration(mdir, tmp_path, 2, 64, index_topk=8)  # a directory with a .txt.xz
+    assert cal.windows.shape == (2, 64)
