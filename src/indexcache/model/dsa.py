@@ -263,12 +263,13 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat)
-        out = torch.zeros_like(flat)
+        # each (token, slot) pair is written exactly once, then slots are summed in a fixed order: the
+        # result is deterministic on every device (an index_add_ would use atomics on GPUs)
+        routed = flat.new_zeros(*idx.shape, shape[-1])
         for e in idx.unique().tolist():
             tok, slot = torch.where(idx == e)
-            y = self.experts[e](flat[tok]) * weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return (out + self.shared_experts(flat)).view(shape)
+            routed[tok, slot] = (self.experts[e](flat[tok]) * weights[tok, slot, None]).to(flat.dtype)
+        return (routed.sum(1) + self.shared_experts(flat)).view(shape)
 
 
 class DecoderLayer(nn.Module):
