@@ -67,6 +67,14 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
 
 # ------------------------------------------------------------------------------------------ search
 @dataclass

@@ -79,6 +79,7 @@ def run_search(opt: SearchOptions) -> dict:
                            fingerprint=fingerprint, dist=dist, progress=opt.progress)
     baselines: dict = {}
     if not dist.is_main:
+        dist.close()
         return {}
     if "uniform" in opt.baselines:
         baselines["uniform"] = uniform_baselines(evaluator, n, start, opt.progress)
@@ -97,6 +98,7 @@ def run_search(opt: SearchOptions) -> dict:
             baselines["similarity_matrix"] = [[round(float(v), 5) for v in row] for row in sims]
     report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
     write_outputs(report, out)
+    dist.close()
     return report
 
 
