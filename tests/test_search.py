@@ -232,3 +232,32 @@ def test_calibration_sources(tmp_path):
         f.write("It was the best of times, it was the worst of times. " * 40)
     cal = load_calibration(mdir, tmp_path, 2, 64, index_topk=8)  # a directory with a .txt.xz
     assert cal.windows.shape == (2, 64)
+
+
+def test_search_and_overlap_commands_write_their_outputs(tmp_path, capsys):
+    from indexcache.cli import main
+
+    mdir = _model_dir(tmp_path, 11, layers=6)
+    rc = main(["search", str(mdir), "--num-samples", "2", "--seq-len", "32", "--keep", "0.5",
+               "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "selected 3/6 Full" in out and "--json-model-override-args" in out
+    r = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert {"num_layers", "method", "all_full_loss", "trajectory", "selected"} <= set(r)
+    assert r["num_layers"] == 6 and r["method"] == "greedy" and len(r["trajectory"]) == 3
+    assert set(r["trajectory"][0]) == {"pattern", "num_full", "flipped", "loss"}
+    assert r["selected"]["num_full"] == 3 and r["selected"]["pattern"] == r["trajectory"][-1]["pattern"]
+    assert {u["convention"] for u in r["baselines"]["uniform"]} == {"official", "glm52", "paper"}
+    assert all("pattern" in s for s in r["baselines"]["similarity"])
+    for f in ("loss_curve.png", "summary.md", "config_patch.json", "engine_flags.txt"):
+        assert (tmp_path / "s" / f).stat().st_size > 0
+    rc = main(["overlap", str(mdir), "--num-samples", "2", "--seq-len", "32", "--out", str(tmp_path / "o"),
+               "--pattern", r["selected"]["pattern"]])
+    assert rc == 0
+    rows = (tmp_path / "o" / "overlap.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[1].split(",")[1] == "1.0000"
+    assert (tmp_path / "o" / "overlap.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "o" / "overlap.json").read_text())
+    assert 0 < summary["mean_shared_to_source_overlap"] <= 1
+    rc = main(["search", str(mdir), "--seq-len", "8", "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "not longer than index_topk=8" in capsys.readouterr().err
