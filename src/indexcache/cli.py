@@ -191,6 +191,34 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+# -------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        out=args.out, stage=args.stage, data=args.data, init=args.init, preset=args.preset, heldout=args.heldout,
+        vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+        indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        indexer_loss_weight=args.indexer_loss_weight, pattern=args.pattern, cross_layer=not args.no_cross_layer,
+        seed=args.seed, device=args.device, eval_every=args.eval_every, save_every=args.save_every,
+        resume=args.resume, stop_after=args.stop_after, time_limit_s=args.time_limit_min and args.time_limit_min * 60,
+    )
+    summary = train(cfg)
+    if "stopped_at" in summary:
+        print(f"stopped at step {summary['stopped_at']}/{summary['steps']}; continue with --resume")
+        return 0
+    e = summary["final_eval"]
+    print(f"{cfg.stage}: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['seconds']:.0f} s; "
+          f"held-out LM loss {e['heldout_lm_loss']:.4f}" + (f", indexer KL {e['heldout_indexer_kl']:.4f}"
+                                                            if "heldout_indexer_kl" in e else ""))
+    if "indexer_recall" in summary:
+        r = summary["indexer_recall"]
+        print(f"indexer recall (attention mass inside the top-{r['index_topk']}): mean {r['mean_recall']:.3f} "
+              f"vs {r['random_baseline']:.3f} for random selection")
+    print(f"wrote {cfg.out}/model, losses.json, losses.png, summary.json")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- random-model
 def cmd_random_model(args: argparse.Namespace) -> int:
     from .presets import make_random_checkpoint
@@ -258,6 +286,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(p)
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
     p.set_defaults(func=cmd_overlap)
+
+    p = sub.add_parser("train", help="train a small DSA model: dense pretraining, indexer warm-up, sparse stage")
+    p.add_argument("out")
+    p.add_argument("--stage", required=True, choices=["dense", "warmup", "sparse"])
+    p.add_argument("--data", required=True, help="directory of .txt/.txt.xz books, a text file, or a .jsonl")
+    p.add_argument("--init", help="model directory to start from (required for warmup and sparse)")
+    p.add_argument("--preset", default="mini", help="architecture preset for --stage dense (default mini)")
+    p.add_argument("--heldout", type=int, default=3, help="whole files (books) held out for evaluation")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary trained for --stage dense")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--indexer-lr", type=float, help="learning rate of the indexers in the sparse stage")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--indexer-loss-weight", type=float, default=1.0)
+    p.add_argument("--pattern", help="training-aware IndexCache: the pattern to train for (e.g. uniform:4)")
+    p.add_argument("--no-cross-layer", action="store_true", help="ablation: distil each indexer on its own layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--stop-after", type=int, help="save and stop at this step (continue with --resume)")
+    p.add_argument("--time-limit-min", type=float, help="save and stop after this many minutes")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("random-model", help="write a random DSA checkpoint (demos and tests)")
     p.add_argument("out")

@@ -26,6 +26,17 @@ PRESETS: dict[str, dict] = {
         index_topk=64, index_head_dim=32, index_n_heads=4, first_k_dense_replace=1,
         max_position_embeddings=16384,
     ),
+    # The trained default: 16 layers (mostly dense MLP, 4 small MoE layers), 4K context with top-256
+    # selection; about 14M parameters, under 30 MB in bf16. vocab_size is set by the tokenizer.
+    "mini": dict(
+        vocab_size=8192, hidden_size=256, intermediate_size=640, moe_intermediate_size=160, num_hidden_layers=16,
+        num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+        index_topk=256, index_head_dim=64, index_n_heads=4, first_k_dense_replace=1,
+        mlp_layer_types=["dense"] * 3 + ["sparse"] + ["dense"] * 3 + ["sparse"] + ["dense"] * 3 + ["sparse"]
+        + ["dense"] * 3 + ["sparse"],
+        max_position_embeddings=16384, rope_theta=10000.0,
+    ),
 }
 ARCH_NAMES = {"glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
 

@@ -19,6 +19,7 @@ Module names equal transformers' checkpoint names, so a state dict maps one to o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +73,10 @@ class Context:
     scoring: str = "exact"
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     trace: Trace | None = None
-    pattern: Pattern | None = None  # the pattern of the running forward (for trace bookkeeping)
+    pattern: Pattern | None = None  # the pattern of the running forward
+    # Called once per layer with what the indexer distillation needs (see indexcache.train.losses):
+    # collect(layer=, full=, attn=, x=, qr=, indices=, probs=, ctx=)
+    collect: Callable | None = None
 
 
 # ------------------------------------------------------------------------------------------- modules
@@ -175,7 +179,8 @@ class MLA(nn.Module):
             need = not ctx.dense or (trace is not None and (trace.indices or want_scores))
             # With T <= index_topk every query keeps all it sees: selection is a no-op unless traced.
             if need and (T > self.indexer.topk or trace is not None):
-                indices, scores = self.indexer(x, qr, ctx, want_scores)
+                with torch.no_grad():  # selection is discrete: no gradient ever flows through it
+                    indices, scores = self.indexer(x, qr, ctx, want_scores)
             else:
                 indices, scores = None, None
         else:
@@ -186,8 +191,11 @@ class MLA(nn.Module):
         use_idx = None if ctx.dense or indices is None else indices
         out, _, probs = mla_attention(
             q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.positions,
-            return_probs=trace is not None and trace.attn, budget_bytes=ctx.budget_bytes,
+            return_probs=(trace is not None and trace.attn) or ctx.collect is not None,
+            budget_bytes=ctx.budget_bytes,
         )
+        if ctx.collect is not None:
+            ctx.collect(layer=layer, full=full, attn=self, x=x, qr=qr, indices=use_idx, probs=probs, ctx=ctx)
         w_uv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, self.dn :]
         out = torch.einsum("bshc,hvc->bshv", out, w_uv).reshape(B, S, self.n_heads * self.dv)
         if trace is not None:
@@ -195,8 +203,8 @@ class MLA(nn.Module):
             if trace.indices:
                 rec.indices = indices.detach() if indices is not None else _all_visible(B, ctx.positions, T)
             rec.index_scores = scores.detach() if scores is not None else None
-            if probs is not None:
-                rec.attn = probs if use_idx is None else _scatter_probs(probs, use_idx, T)
+            if probs is not None and trace.attn:
+                rec.attn = probs.detach() if use_idx is None else _scatter_probs(probs, use_idx, T)
             trace.records[layer] = rec
         return self.o_proj(out), indices
 
@@ -232,6 +240,7 @@ class Gate(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.last_load: torch.Tensor | None = None  # tokens per expert of the last training forward
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -244,6 +253,8 @@ class Gate(nn.Module):
             keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
             choice = choice.masked_fill(~keep.repeat_interleave(groups.shape[-1], dim=1), float("-inf"))
         idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        if self.training:
+            self.last_load = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).detach()
         weights = scores.gather(1, idx)  # the bias steers selection only, never the weights
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -369,13 +380,18 @@ class DSAForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def make_context(
-        self, seq_len: int, positions: torch.Tensor | None = None, dense: bool = False, trace: Trace | None = None
+        self,
+        seq_len: int,
+        positions: torch.Tensor | None = None,
+        dense: bool = False,
+        trace: Trace | None = None,
+        collect: Callable | None = None,
     ) -> Context:
         if positions is None:
             positions = torch.arange(seq_len, device=self.device)
         return Context(
             rope=Rope(self.config, positions, self.dtype), positions=positions, dense=dense,
-            scoring=self.scoring, budget_bytes=self.budget_bytes, trace=trace,
+            scoring=self.scoring, budget_bytes=self.budget_bytes, trace=trace, collect=collect,
         )
 
     def forward_layers(
@@ -405,15 +421,17 @@ class DSAForCausalLM(nn.Module):
         trace: Trace | None = None,
         positions: torch.Tensor | None = None,
         dense: bool = False,
+        collect: Callable | None = None,
     ) -> torch.Tensor:
-        """Logits [B, S, V]. ``dense=True`` attends to every visible token (DSA's dense warm-up mode)."""
+        """Logits [B, S, V]. ``dense=True`` attends to every visible token (DSA's dense warm-up mode);
+        ``collect`` receives each layer's attention inputs and probabilities (indexer training)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         p = self.runnable_pattern(pattern)
-        ctx = self.make_context(input_ids.shape[1], positions, dense, trace)
+        ctx = self.make_context(input_ids.shape[1], positions, dense, trace, collect)
         h = self.model.embed_tokens(input_ids)
         h, _ = self.forward_layers(h, ctx, p)
         return self.head(h)

@@ -85,3 +85,16 @@ def indexer_topk(
         if scores_out is not None:
             scores_out[:, s0:s1] = row
     return indices, scores_out
+
+
+def indexer_scores_at(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float, indices: torch.Tensor
+) -> torch.Tensor:
+    """Index scores at given key indices: [B, S, K] fp32, -inf at ``-1`` slots. Differentiable, for the
+    indexer's distillation loss over its selected set (DSA's sparse stage)."""
+    B = q.shape[0]
+    batch = torch.arange(B, device=q.device).view(B, 1, 1)
+    sel = k.float()[batch, indices.clamp_min(0)]  # [B, S, K, D]
+    logits = torch.relu(torch.einsum("bshd,bskd->bshk", q.float(), sel) * scale)
+    scores = torch.einsum("bsh,bshk->bsk", w.float(), logits)
+    return scores.masked_fill(indices < 0, float("-inf"))

@@ -1,0 +1,78 @@
+"""Indexer distillation losses of DSA, and IndexCache's multi-layer version.
+
+DSA (DeepSeek-V3.2): the indexer of layer l is trained with KL(p_t || q_t), where p_t is the main
+attention of layer l summed over heads and L1-normalised (= the head average of the softmaxes) and
+q_t = softmax(I_t). Dense warm-up: over every visible token. Sparse stage: over the selected set
+S_t only, both distributions renormalised there. The indexer's inputs are detached, so this loss
+trains the indexer alone, and the LM loss (which cannot reach the indexer through a discrete top-k)
+trains everything else.
+
+IndexCache, training-aware (paper Eq. 1): a Full layer l serving Shared layers l+1..l+m is trained with
+
+    L_multi = sum_{j=0..m} 1/(m+1) * KL(p^(l+j) || q^(l))
+
+computed the cheap way the paper describes: each served layer adds its own term against the Full
+layer's q. ``cross_layer=False`` keeps only j = 0 (the "w/o cross-layer loss" ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.indexer import indexer_scores, indexer_scores_at
+from ..pattern import Pattern
+
+
+def kl_rows(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q) = sum_s p (log p - log q). ``p`` is renormalised over its row
+    (a restricted target sums to one over its support); zero-probability entries contribute nothing,
+    wherever ``log_q`` is -inf."""
+    p = p.float()
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    pos = p > 0
+    plogp = torch.where(pos, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
+    plogq = torch.where(pos, p * log_q.float(), torch.zeros_like(p))
+    return (plogp - plogq).sum(-1).mean()
+
+
+def index_log_probs(attn, x: torch.Tensor, qr: torch.Tensor, ctx, indices: torch.Tensor | None) -> torch.Tensor:
+    """log softmax of the layer's index scores, from detached inputs: over every visible token
+    (``indices`` None, [B,S,T]) or over the selected slots ([B,S,K], -inf at -1 slots)."""
+    ind = attn.indexer
+    q, w, k = ind.project(x.detach(), qr.detach(), ctx)
+    if indices is None:
+        scores = indexer_scores(q, w, k, ind.softmax_scale, ctx.positions, ctx.budget_bytes)
+    else:
+        scores = indexer_scores_at(q, w, k, ind.softmax_scale, indices)
+    return torch.log_softmax(scores, dim=-1)
+
+
+class IndexerDistillation:
+    """Per-layer collector (``Context.collect``) that accumulates the indexer loss of one forward.
+
+    Pass it as ``model.make_context(...).collect`` or through ``forward_with_collector``. After the
+    forward, ``loss`` holds the summed multi-layer KL over Full layers (average over query rows),
+    and ``terms`` the value of each (full layer, served layer) term.
+    """
+
+    def __init__(self, pattern: Pattern, cross_layer: bool = True):
+        self.pattern = pattern
+        self.cross_layer = cross_layer
+        self.block = {b.start: b.size for b in pattern.blocks}
+        self.loss: torch.Tensor | None = None
+        self.terms: dict[tuple[int, int], float] = {}
+        self._log_q: torch.Tensor | None = None
+        self._src = -1
+
+    def __call__(self, *, layer, full, attn, x, qr, indices, probs, ctx) -> None:
+        if full:
+            if attn.indexer is None:
+                raise ValueError(f"layer {layer} is Full but has no indexer to train")
+            self._log_q = index_log_probs(attn, x, qr, ctx, indices)
+            self._src = layer
+        elif not self.cross_layer or self._log_q is None:
+            return
+        weight = 1.0 / self.block[self._src] if self.cross_layer else 1.0
+        term = kl_rows(probs.detach(), self._log_q)
+        self.terms[(self._src, layer)] = float(term.detach())
+        self.loss = weight * term if self.loss is None else self.loss + weight * term

@@ -1,0 +1,361 @@
+"""``indexcache train``: the three DSA training stages, with IndexCache's training-aware distillation.
+
+    dense   pretrain the backbone with dense attention (the indexers are not used and not trained)
+    warmup  freeze the backbone; train the Full layers' indexers with KL(p || softmax(I)) on dense attention
+    sparse  sparse attention over the indexer's top-k; the LM loss trains the backbone, the top-k-restricted
+            KL (on detached inputs) trains the indexers
+
+With ``pattern`` (e.g. uniform 1/4) warm-up and sparse training are training-aware: Shared layers own no
+indexer and attend with their source's indices, and each Full indexer is distilled against the attention
+of every layer it serves (``cross_layer=False``: its own layer only, the paper's ablation).
+
+Seeded and resumable: batch ``step`` is drawn from ``(seed, step)``, the state (weights, optimiser, log) is
+written atomically every ``save_every`` steps, and ``resume`` continues to the result an uninterrupted run
+gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_model, save_model
+from ..config import DSAConfig
+from ..data.text import DataError
+from ..model.dsa import DSAForCausalLM, MoE
+from ..pattern import Pattern, parse_spec
+from ..presets import ARCH_NAMES, PRESETS
+from .data import EOS, PAD, fixed_windows, sample_windows, split_documents, tokenize, train_tokenizer
+from .losses import IndexerDistillation
+
+STAGES = ("dense", "warmup", "sparse")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    stage: str
+    data: str
+    init: str | None = None
+    preset: str = "mini"
+    heldout: int = 3
+    vocab_size: int = 8192
+    seq_len: int = 4096
+    batch_size: int = 8
+    steps: int = 1000
+    lr: float = 3e-3
+    indexer_lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    indexer_loss_weight: float = 1.0
+    bias_update_rate: float = 1e-3
+    pattern: str | None = None
+    cross_layer: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 10
+    eval_every: int = 200
+    eval_windows: int = 8
+    save_every: int = 200
+    resume: bool = False
+    progress: bool = True
+    stop_after: int | None = None  # save and stop at this step (continue later with resume)
+    time_limit_s: float | None = None  # save and stop once this invocation has run this long
+
+    def fingerprint(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("resume", "progress", "device", "log_every", "eval_every", "save_every", "stop_after",
+                  "time_limit_s"):
+            d.pop(k)
+        return d
+
+
+# ------------------------------------------------------------------------------------- model setup
+@torch.no_grad()
+def init_weights(model: DSAForCausalLM, seed: int, std: float = 0.02) -> None:
+    """GPT-style initialisation: normal(0, std) weights, residual output projections scaled by
+    1/sqrt(2 L), unit norm gains, zero LayerNorm biases and router biases."""
+    g = torch.Generator().manual_seed(seed)
+    resid = std / math.sqrt(2 * model.config.num_hidden_layers)
+    for name, p in model.named_parameters():
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            p.fill_(1.0)
+        elif name.endswith("k_norm.bias"):
+            p.zero_()
+        else:
+            s = resid if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            p.copy_(torch.randn(p.shape, generator=g) * s)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+
+
+def build_config(preset: str, vocab_size: int, pattern: str | None) -> DSAConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    d = dict(PRESETS[preset], vocab_size=vocab_size, architectures=[ARCH_NAMES["glm_moe_dsa"]],
+             model_type="glm_moe_dsa", indexer_rope_interleave=True, eos_token_id=0, pad_token_id=1,
+             bos_token_id=None)
+    if pattern is not None:
+        d.update(Pattern.parse(pattern).config_patch())
+    return DSAConfig.from_dict(d)
+
+
+def _trainable(model: DSAForCausalLM, stage: str) -> tuple[list, list]:
+    """(backbone params, indexer params) that this stage trains; the rest is frozen."""
+    backbone, indexer = [], []
+    for name, p in model.named_parameters():
+        is_idx = ".indexer." in name
+        train = (stage == "dense" and not is_idx) or (stage == "warmup" and is_idx) or stage == "sparse"
+        p.requires_grad_(train)
+        if train:
+            (indexer if is_idx else backbone).append(p)
+    return backbone, indexer
+
+
+def _param_groups(params: list, lr: float, wd: float) -> list[dict]:
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    return [g for g in ({"params": decay, "lr": lr, "weight_decay": wd, "base_lr": lr},
+                        {"params": other, "lr": lr, "weight_decay": 0.0, "base_lr": lr}) if g["params"]]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+@torch.no_grad()
+def update_router_biases(model: DSAForCausalLM, rate: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: raise the selection bias of under-loaded experts and
+    lower it for over-loaded ones, by ``rate`` per step."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, MoE) and layer.mlp.gate.last_load is not None:
+            load = layer.mlp.gate.last_load.float()
+            layer.mlp.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+
+
+# ------------------------------------------------------------------------------------------ losses
+def step_losses(model: DSAForCausalLM, ids: torch.Tensor, stage: str, pattern: Pattern, cross_layer: bool,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    """(LM loss, indexer loss, per-term KL values) of one batch in ``stage``."""
+    distill = IndexerDistillation(pattern, cross_layer) if stage != "dense" else None
+    logits = model(ids, dense=stage != "sparse", collect=distill)
+    lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    return lm, (distill.loss if distill else None), (distill.terms if distill else {})
+
+
+# ------------------------------------------------------------------------------------------- train
+def _write_atomic(path: Path, save) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from tokenizers import Tokenizer
+
+    train_txt, test_txt, held_names = split_documents(cfg.data, cfg.heldout, cfg.seed)
+    tok_file = model_dir / "tokenizer.json"
+    if not tok_file.exists():
+        if cfg.init is not None and (Path(cfg.init) / "tokenizer.json").exists():
+            model_dir.mkdir(parents=True, exist_ok=True)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                if (Path(cfg.init) / f).exists():
+                    shutil.copy2(Path(cfg.init) / f, model_dir / f)
+        else:
+            train_tokenizer(train_txt, cfg.vocab_size, model_dir)
+    tok = Tokenizer.from_file(str(tok_file))
+    cache = out / "tokens.npz"
+    tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest()
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if str(z["tok_hash"]) == tok_hash and list(z["held"]) == held_names:
+            return z["train"], z["test"], held_names
+    train_ids, test_ids = tokenize(train_txt, tok), tokenize(test_txt, tok)
+    if tok.get_vocab_size() <= np.iinfo(np.uint16).max:  # half the bytes on disk and in memory
+        train_ids, test_ids = train_ids.astype(np.uint16), test_ids.astype(np.uint16)
+    _write_atomic(cache, lambda p: np.savez(open(p, "wb"), train=train_ids, test=test_ids, tok_hash=tok_hash,
+                                            held=np.array(held_names)))
+    return train_ids, test_ids, held_names
+
+
+def train(cfg: TrainConfig) -> dict:
+    if cfg.stage not in STAGES:
+        raise ValueError(f"unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
+    if cfg.stage != "dense" and cfg.init is None:
+        raise ValueError(f"stage {cfg.stage!r} starts from a trained model: pass --init MODEL_DIR")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "model"
+    state_file = out / "state.pt"
+    torch.manual_seed(cfg.seed)
+
+    train_ids, test_ids, held_names = _prepare_data(cfg, out, model_dir)
+    if cfg.init is not None:
+        pat = None
+        if cfg.pattern is not None:
+            pat = parse_spec(cfg.pattern, DSAConfig.from_file(cfg.init).num_hidden_layers)
+        model = load_model(cfg.init, pattern=pat, device=cfg.device, verbose=False)
+    else:  # dense pretraining builds every indexer; a pattern only matters from the warm-up on
+        vocab = len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
+        model = DSAForCausalLM(build_config(cfg.preset, max(vocab, cfg.vocab_size), None))
+        init_weights(model, cfg.seed)
+        model.to(cfg.device)
+    if int(train_ids.max()) >= model.config.vocab_size:
+        raise DataError("the tokenizer has more tokens than the model's vocabulary")
+    if cfg.seq_len <= model.config.index_topk and cfg.stage != "dense":
+        raise DataError(f"--seq-len {cfg.seq_len} must exceed index_topk={model.config.index_topk}")
+    pattern = model.pattern
+    backbone, indexer = _trainable(model, cfg.stage)
+    groups = _param_groups(backbone, cfg.lr, cfg.weight_decay)
+    groups += _param_groups(indexer, cfg.indexer_lr or cfg.lr, 0.0)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+
+    log: list[dict] = []
+    evals: list[dict] = []
+    start = 0
+    if cfg.resume and state_file.exists():
+        st = torch.load(state_file, map_location=cfg.device, weights_only=False)
+        if st["fingerprint"] != cfg.fingerprint():
+            raise ValueError(f"{state_file} was written with other settings; run without --resume")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start, log, evals = st["step"], st["log"], st["evals"]
+    elif cfg.resume:
+        raise ValueError(f"--resume: no {state_file} to resume from")
+
+    held_batches = fixed_windows(test_ids, cfg.eval_windows, cfg.seq_len)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if str(cfg.device).startswith("cuda")
+                else torch.autocast("cpu", enabled=False))
+    t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
+
+    def save_state(step: int) -> None:
+        state = {"fingerprint": cfg.fingerprint(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "step": step, "log": log, "evals": evals}
+        _write_atomic(state_file, lambda p: torch.save(state, p))
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        lm_sum, idx_sum = 0.0, 0.0
+        with torch.no_grad(), autocast:
+            for ids in held_batches:
+                lm, il, _ = step_losses(model, ids[None].to(cfg.device), cfg.stage, pattern, cfg.cross_layer)
+                lm_sum += float(lm)
+                idx_sum += float(il) if il is not None else 0.0
+        model.train()
+        e = {"step": step, "heldout_lm_loss": lm_sum / len(held_batches)}
+        if cfg.stage != "dense":
+            e["heldout_indexer_kl"] = idx_sum / len(held_batches)
+        evals.append(e)
+        return e
+
+    model.train()
+    began = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
+               disable=not cfg.progress)
+    for step in bar:
+        f = lr_factor(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        ids = sample_windows(train_ids, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
+        with autocast:
+            lm, il, terms = step_losses(model, ids, cfg.stage, pattern, cfg.cross_layer)
+        if cfg.stage == "dense":
+            loss = lm
+        elif cfg.stage == "warmup":
+            loss = il
+        else:
+            loss = lm + cfg.indexer_loss_weight * il
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        if cfg.stage != "warmup" and cfg.bias_update_rate > 0:
+            update_router_biases(model, cfg.bias_update_rate)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            rec = {"step": step, "lr": cfg.lr * f, "lm_loss": float(lm.detach()), "grad_norm": float(gnorm),
+                   "tokens": (step + 1) * cfg.batch_size * cfg.seq_len, "seconds": round(time.time() - t0, 2)}
+            if il is not None:
+                rec["indexer_kl"] = float(il.detach())
+            log.append(rec)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k in ("lm_loss", "indexer_kl")})
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
+            evaluate(step + 1)
+        stop = (cfg.stop_after is not None and step + 1 >= cfg.stop_after) or (
+            cfg.time_limit_s is not None and time.time() - began > cfg.time_limit_s)
+        if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1 or stop:
+            save_state(step + 1)
+        if stop and step + 1 < cfg.steps:
+            bar.close()
+            return {"stage": cfg.stage, "stopped_at": step + 1, "steps": cfg.steps, "resumable": str(state_file)}
+    bar.close()
+    if not evals:
+        evaluate(cfg.steps)
+    return finish(cfg, model, log, evals, held_names, held_batches)
+
+
+def finish(cfg: TrainConfig, model: DSAForCausalLM, log: list[dict], evals: list[dict], held_names: list[str],
+           held_batches: torch.Tensor) -> dict:
+    from ..analysis.recall import indexer_recall
+
+    out = Path(cfg.out)
+    model.eval()
+    save_model(model, out / "model", dtype=torch.bfloat16, copy_tokenizer_from=out / "model")
+    summary = {"stage": cfg.stage, "steps": cfg.steps, "pattern": str(model.pattern), "cross_layer": cfg.cross_layer,
+               "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+               "heldout_files": held_names, "final_train": log[-1] if log else None, "final_eval": evals[-1],
+               "seconds": log[-1]["seconds"] if log else None, "config": dataclasses.asdict(cfg)}
+    if cfg.stage != "dense" and cfg.seq_len > model.config.index_topk:
+        with torch.no_grad():
+            summary["indexer_recall"] = indexer_recall(model, [b[None] for b in held_batches[:2]])
+    (out / "losses.json").write_text(json.dumps({"train": log, "eval": evals}, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_losses(log, evals, out / "losses.png", f"{cfg.stage} stage")
+    return summary
+
+
+def plot_losses(log: list[dict], evals: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    steps = [r["step"] for r in log]
+    if any("lm_loss" in r for r in log):
+        ax.plot(steps, [r["lm_loss"] for r in log], label="train LM loss", color="C0", lw=1)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["heldout_lm_loss"] for e in evals], "o-", ms=3,
+                label="held-out LM loss", color="C1")
+    ax.set_xlabel("step")
+    ax.set_ylabel("LM loss (nats/token)")
+    if any("indexer_kl" in r for r in log):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r.get("indexer_kl", float("nan")) for r in log], color="C2", lw=1, label="indexer KL")
+        ax2.set_ylabel("indexer KL", color="C2")
+        ax2.legend(loc="center right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["TrainConfig", "train", "init_weights", "lr_factor", "step_losses", "EOS", "PAD"]

@@ -1,0 +1,147 @@
+"""Indexer distillation losses and the trainer (CPU, tiny models)."""
+
+import json
+
+import pytest
+import torch
+
+from indexcache import load_model
+from indexcache.data.synthetic import corpus
+from indexcache.presets import make_random_checkpoint
+from indexcache.train import IndexerDistillation, TrainConfig, kl_rows, train
+from indexcache.train.trainer import step_losses
+
+
+def test_kl_is_zero_at_p_equal_q_and_positive_otherwise():
+    logits = torch.randn(3, 5, 11)
+    p = torch.softmax(logits, -1)
+    assert kl_rows(p, torch.log_softmax(logits, -1)).abs() < 1e-6
+    assert kl_rows(p, torch.log_softmax(logits + torch.randn(3, 5, 11), -1)) > 1e-3
+
+
+def test_proposition_1_multi_layer_gradient_equals_averaged_target():
+    """grad of sum_j 1/(m+1) KL(p_j || q) == grad of KL(mean_j p_j || q) (the values differ by a constant)."""
+    m1 = 4
+    ps = [torch.softmax(torch.randn(6, 9), -1) for _ in range(m1)]
+    theta = torch.randn(6, 9, requires_grad=True)
+    multi = sum(kl_rows(p, torch.log_softmax(theta, -1)) for p in ps) / m1
+    (g_multi,) = torch.autograd.grad(multi, theta)
+    avg = kl_rows(sum(ps) / m1, torch.log_softmax(theta, -1))
+    (g_avg,) = torch.autograd.grad(avg, theta)
+    torch.testing.assert_close(g_multi, g_avg, rtol=1e-5, atol=1e-7)
+    assert multi.item() >= avg.item() - 1e-7  # H(mean p) >= mean H(p): L_multi - L_avg >= 0
+
+
+def test_restricted_kl_renormalises_over_the_selected_set():
+    g = torch.Generator().manual_seed(0)
+    p_full = torch.softmax(torch.randn(2, 4, 10, generator=g), -1)
+    scores = torch.randn(2, 4, 10, generator=g)
+    sel = torch.randn(2, 4, 10, generator=g) > 0
+    sel[..., 0] = True
+    p_sel = p_full.masked_fill(~sel, 0)  # mass outside the set is dropped, not renormalised yet
+    log_q = torch.log_softmax(scores.masked_fill(~sel, float("-inf")), -1)
+    got = kl_rows(p_sel, log_q)
+    want = 0.0
+    for b in range(2):
+        for s in range(4):
+            idx = sel[b, s].nonzero().flatten()
+            pr = p_full[b, s, idx] / p_full[b, s, idx].sum()
+            qr = torch.softmax(scores[b, s, idx], -1)
+            want += float((pr * (pr.log() - qr.log())).sum())
+    assert got.item() == pytest.approx(want / 8, rel=1e-5)
+    assert torch.isfinite(got)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("t") / "m", "glm_moe_dsa", "tiny", seed=1)
+
+
+def test_sparse_stage_gradients_are_isolated(tiny):
+    model = load_model(tiny, pattern="FSSFSS", verbose=False)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    lm, il, terms = step_losses(model, ids, "sparse", model.pattern, cross_layer=True)
+    idx_params = {n: p for n, p in model.named_parameters() if ".indexer." in n}
+    backbone = {n: p for n, p in model.named_parameters() if ".indexer." not in n}
+    g_idx = torch.autograd.grad(il, list(model.parameters()), allow_unused=True, retain_graph=True)
+    named = dict(zip([n for n, _ in model.named_parameters()], g_idx, strict=True))
+    assert all(named[n] is None or named[n].abs().max() == 0 for n in backbone)  # KL never reaches the backbone
+    assert all(named[n] is not None and named[n].abs().max() > 0 for n in idx_params if "k_norm.bias" not in n)
+    g_lm = torch.autograd.grad(lm, list(model.parameters()), allow_unused=True)
+    named = dict(zip([n for n, _ in model.named_parameters()], g_lm, strict=True))
+    assert all(named[n] is None or named[n].abs().max() == 0 for n in idx_params)  # LM never reaches indexers
+    assert named["model.layers.3.self_attn.kv_b_proj.weight"].abs().max() > 0
+    # the multi-layer terms: each Full layer against itself and every layer it serves
+    assert set(terms) == {(0, 0), (0, 1), (0, 2), (3, 3), (3, 4), (3, 5)}
+
+
+def test_multi_layer_weights_and_ablation(tiny):
+    model = load_model(tiny, pattern="FSSFSS", verbose=False)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    multi = IndexerDistillation(model.pattern, cross_layer=True)
+    own = IndexerDistillation(model.pattern, cross_layer=False)
+    with torch.no_grad():
+        model(ids, collect=multi)
+        model(ids, collect=own)
+    assert multi.loss.item() == pytest.approx(sum(v / 3 for v in multi.terms.values()), rel=1e-5)
+    assert set(own.terms) == {(0, 0), (3, 3)}
+    assert own.terms[(0, 0)] == pytest.approx(multi.terms[(0, 0)], rel=1e-5)
+    assert own.loss.item() == pytest.approx(own.terms[(0, 0)] + own.terms[(3, 3)], rel=1e-5)
+
+
+def _data(tmp_path):
+    d = tmp_path / "books"
+    d.mkdir()
+    for i, doc in enumerate(corpus(200_000, seed=5)):
+        (d / f"book{i:02d}.txt").write_text(doc)
+    return d
+
+
+def _cfg(tmp_path, out, stage, **kw):
+    base = dict(out=str(tmp_path / out), stage=stage, data=str(tmp_path / "books"), preset="tiny", heldout=2,
+                vocab_size=300, seq_len=48, batch_size=2, steps=12, lr=3e-3, warmup_steps=2, log_every=1,
+                eval_every=6, save_every=4, eval_windows=2, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_three_stages_train_and_resume(tmp_path):
+    _data(tmp_path)
+    dense = train(_cfg(tmp_path, "dense", "dense", steps=30, lr=1e-2))
+    log = json.loads((tmp_path / "dense" / "losses.json").read_text())["train"]
+    first, last = log[0]["lm_loss"], sum(r["lm_loss"] for r in log[-5:]) / 5
+    assert last < first - 0.5, (first, last)  # the loss falls
+    assert (tmp_path / "dense" / "losses.png").exists() and len(dense["heldout_files"]) == 2
+    tok = json.loads((tmp_path / "dense" / "model" / "tokenizer.json").read_text())
+    assert tok["model"]["type"] == "BPE" and len(tok["model"]["vocab"]) <= 300
+
+    warm = train(_cfg(tmp_path, "warm", "warmup", init=str(tmp_path / "dense" / "model"), steps=15, lr=1e-2,
+                      pattern="FSFSFS"))
+    klog = json.loads((tmp_path / "warm" / "losses.json").read_text())["train"]
+    assert sum(r["indexer_kl"] for r in klog[-3:]) < sum(r["indexer_kl"] for r in klog[:3])  # the KL falls
+    dense_model = load_model(tmp_path / "dense" / "model", verbose=False)
+    warm_model = load_model(tmp_path / "warm" / "model", verbose=False)
+    assert str(warm_model.pattern) == "FSFSFS" and warm_model.indexer_layers == [0, 2, 4]
+    # warm-up trains the indexers only: the backbone is bit-identical (saved as bf16 both times)
+    wp = dict(warm_model.named_parameters())
+    for n, p in dense_model.named_parameters():
+        if ".indexer." not in n:
+            assert torch.equal(p, wp[n]), n
+        elif n in wp:
+            assert not torch.equal(p, wp[n]), n
+    assert "indexer_recall" in warm and len(warm["indexer_recall"]["recall"]) == 3
+
+    # sparse stage, interrupted after 4 steps and resumed, equals an uninterrupted run
+    kw = dict(init=str(tmp_path / "warm" / "model"), steps=8, pattern="FSFSFS")
+    full = train(_cfg(tmp_path, "sparse_a", "sparse", **kw))
+    stopped = train(_cfg(tmp_path, "sparse_b", "sparse", **dict(kw, stop_after=5)))
+    assert stopped["stopped_at"] == 5 and not (tmp_path / "sparse_b" / "model" / "model.safetensors").exists()
+    resumed = train(_cfg(tmp_path, "sparse_b", "sparse", **dict(kw, resume=True)))
+    a = load_model(tmp_path / "sparse_a" / "model", verbose=False)
+    b = load_model(tmp_path / "sparse_b" / "model", verbose=False)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), n
+    assert resumed["final_eval"] == full["final_eval"]
