@@ -9,10 +9,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.t
 run() { python3 -m indexcache.cli train "$@" --data .data/gutenberg --device cuda --eval-every 1000000; }
 s=runs/smoke
 rm -rf $s && mkdir -p $s/dense && cp -r runs/mini-dense/. $s/dense/
-run $s/dense --stage dense --steps 40 --batch-size 8 --seq-len 4096 --warmup-steps 5 2>&1 | tail -3
-run $s/warm --stage warmup --init $s/dense/model --steps 20 --batch-size 8 --seq-len 4096 --lr 1e-3 2>&1 | tail -3
-run $s/sparse --stage sparse --init $s/warm/model --steps 20 --batch-size 8 --seq-len 4096 --lr 3e-4 2>&1 | tail -3
-run $s/aware --stage warmup --init $s/dense/model --steps 20 --batch-size 8 --seq-len 4096 --lr 1e-3 \
+run $s/dense --stage dense --steps 40 --batch-size 8 --micro-batch 4 --seq-len 4096 --warmup-steps 5 2>&1 | tail -3
+run $s/warm --stage warmup --init $s/dense/model --steps 20 --batch-size 8 --micro-batch 4 --seq-len 4096 --lr 1e-3 2>&1 | tail -3
+run $s/sparse --stage sparse --init $s/warm/model --steps 20 --batch-size 8 --micro-batch 4 --seq-len 4096 --lr 3e-4 2>&1 | tail -3
+run $s/aware --stage warmup --init $s/dense/model --steps 20 --batch-size 8 --micro-batch 4 --seq-len 4096 --lr 1e-3 \
   --pattern uniform:4 2>&1 | tail -3
 python3 - "$out" <<'PY'
 import json, sys

@@ -86,6 +86,8 @@ def test_multi_layer_weights_and_ablation(tiny):
     with torch.no_grad():
         model(ids, collect=multi)
         model(ids, collect=own)
+    multi.finish()
+    own.finish()
     assert multi.loss.item() == pytest.approx(sum(v / 3 for v in multi.terms.values()), rel=1e-5)
     assert set(own.terms) == {(0, 0), (3, 3)}
     assert own.terms[(0, 0)] == pytest.approx(multi.terms[(0, 0)], rel=1e-5)
@@ -135,7 +137,7 @@ def test_three_stages_train_and_resume(tmp_path):
     assert "indexer_recall" in warm and len(warm["indexer_recall"]["recall"]) == 3
 
     # sparse stage, interrupted after 4 steps and resumed, equals an uninterrupted run
-    kw = dict(init=str(tmp_path / "warm" / "model"), steps=8, pattern="FSFSFS")
+    kw = dict(init=str(tmp_path / "warm" / "model"), steps=8, pattern="FSFSFS", micro_batch=1)
     full = train(_cfg(tmp_path, "sparse_a", "sparse", **kw))
     stopped = train(_cfg(tmp_path, "sparse_b", "sparse", **dict(kw, stop_after=5)))
     assert stopped["stopped_at"] == 5 and not (tmp_path / "sparse_b" / "model" / "model.safetensors").exists()
@@ -145,3 +147,20 @@ def test_three_stages_train_and_resume(tmp_path):
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), n
     assert resumed["final_eval"] == full["final_eval"]
+
+
+def test_blockwise_backward_equals_one_backward(tiny):
+    """Back-propagating each sharing block as it closes gives the gradients of one backward of the sum."""
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for scale in (None, 0.5):
+        model = load_model(tiny, pattern="FSSFSS", verbose=False)
+        for n, p in model.named_parameters():
+            p.requires_grad_(".indexer." in n)
+        _, il, _ = step_losses(model, ids, "warmup", model.pattern, True, indexer_backward_scale=scale)
+        if scale is None:
+            (0.5 * il).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)

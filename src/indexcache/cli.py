@@ -197,7 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         out=args.out, stage=args.stage, data=args.data, init=args.init, preset=args.preset, heldout=args.heldout,
-        vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+        vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size, micro_batch=args.micro_batch,
+        steps=args.steps, lr=args.lr,
         indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         indexer_loss_weight=args.indexer_loss_weight, pattern=args.pattern, cross_layer=not args.no_cross_layer,
         seed=args.seed, device=args.device, eval_every=args.eval_every, save_every=args.save_every,
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary trained for --stage dense")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, help="micro-batch size (gradient accumulation) to bound memory")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--indexer-lr", type=float, help="learning rate of the indexers in the sparse stage")

@@ -50,24 +50,48 @@ def index_log_probs(attn, x: torch.Tensor, qr: torch.Tensor, ctx, indices: torch
 class IndexerDistillation:
     """Per-layer collector (``Context.collect``) that accumulates the indexer loss of one forward.
 
-    Pass it as ``model.make_context(...).collect`` or through ``forward_with_collector``. After the
-    forward, ``loss`` holds the summed multi-layer KL over Full layers (average over query rows),
-    and ``terms`` the value of each (full layer, served layer) term.
+    Pass it to ``model(ids, collect=...)`` and call :meth:`finish` after the forward: it returns the
+    summed multi-layer KL over Full layers (each term averaged over query rows); ``terms`` holds the
+    value of each (Full layer, served layer) term.
+
+    With ``backward_scale`` set, each sharing block's loss is back-propagated (times the scale) as soon
+    as the block closes. This is exact, because a block's loss reaches only its own Full layer's indexer
+    (inputs and targets are detached), and it keeps one block's dense [B, S, T] graph alive at a time
+    instead of all of them. The returned loss is then detached.
     """
 
-    def __init__(self, pattern: Pattern, cross_layer: bool = True):
+    def __init__(self, pattern: Pattern, cross_layer: bool = True, backward_scale: float | None = None):
         self.pattern = pattern
         self.cross_layer = cross_layer
+        self.backward_scale = backward_scale
         self.block = {b.start: b.size for b in pattern.blocks}
         self.loss: torch.Tensor | None = None
         self.terms: dict[tuple[int, int], float] = {}
+        self._block_loss: torch.Tensor | None = None
         self._log_q: torch.Tensor | None = None
         self._src = -1
+
+    def _close_block(self) -> None:
+        bl = self._block_loss
+        if bl is None:
+            return
+        if self.backward_scale is not None:
+            if bl.requires_grad:
+                (self.backward_scale * bl).backward()
+            bl = bl.detach()
+        self.loss = bl if self.loss is None else self.loss + bl
+        self._block_loss = None
+        self._log_q = None
+
+    def finish(self) -> torch.Tensor | None:
+        self._close_block()
+        return self.loss
 
     def __call__(self, *, layer, full, attn, x, qr, indices, probs, ctx) -> None:
         if full:
             if attn.indexer is None:
                 raise ValueError(f"layer {layer} is Full but has no indexer to train")
+            self._close_block()
             self._log_q = index_log_probs(attn, x, qr, ctx, indices)
             self._src = layer
         elif not self.cross_layer or self._log_q is None:
@@ -75,4 +99,4 @@ class IndexerDistillation:
         weight = 1.0 / self.block[self._src] if self.cross_layer else 1.0
         term = kl_rows(probs.detach(), self._log_q)
         self.terms[(self._src, layer)] = float(term.detach())
-        self.loss = weight * term if self.loss is None else self.loss + weight * term
+        self._block_loss = weight * term if self._block_loss is None else self._block_loss + weight * term

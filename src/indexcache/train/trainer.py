@@ -54,6 +54,7 @@ class TrainConfig:
     vocab_size: int = 8192
     seq_len: int = 4096
     batch_size: int = 8
+    micro_batch: int | None = None  # split each batch into micro-batches of this size (gradient accumulation)
     steps: int = 1000
     lr: float = 3e-3
     indexer_lr: float | None = None
@@ -79,7 +80,7 @@ class TrainConfig:
     def fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
         for k in ("resume", "progress", "device", "log_every", "eval_every", "save_every", "stop_after",
-                  "time_limit_s"):
+                  "time_limit_s", "micro_batch"):
             d.pop(k)
         return d
 
@@ -153,12 +154,13 @@ def update_router_biases(model: DSAForCausalLM, rate: float) -> None:
 
 # ------------------------------------------------------------------------------------------ losses
 def step_losses(model: DSAForCausalLM, ids: torch.Tensor, stage: str, pattern: Pattern, cross_layer: bool,
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
-    """(LM loss, indexer loss, per-term KL values) of one batch in ``stage``."""
-    distill = IndexerDistillation(pattern, cross_layer) if stage != "dense" else None
+                indexer_backward_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(LM loss, indexer loss, per-term KL values) of one batch in ``stage``. With
+    ``indexer_backward_scale`` the indexer loss is back-propagated block by block during the forward."""
+    distill = IndexerDistillation(pattern, cross_layer, indexer_backward_scale) if stage != "dense" else None
     logits = model(ids, dense=stage != "sparse", collect=distill)
     lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-    return lm, (distill.loss if distill else None), (distill.terms if distill else {})
+    return lm, (distill.finish() if distill else None), (distill.terms if distill else {})
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -275,25 +277,29 @@ def train(cfg: TrainConfig) -> dict:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
         ids = sample_windows(train_ids, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
-        with autocast:
-            lm, il, terms = step_losses(model, ids, cfg.stage, pattern, cfg.cross_layer)
-        if cfg.stage == "dense":
-            loss = lm
-        elif cfg.stage == "warmup":
-            loss = il
-        else:
-            loss = lm + cfg.indexer_loss_weight * il
+        micro = ids.split(cfg.micro_batch or cfg.batch_size)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        lm_sum, il_sum = 0.0, None
+        for part in micro:
+            share = part.shape[0] / ids.shape[0]
+            idx_scale = None if cfg.stage == "dense" else share * (1.0 if cfg.stage == "warmup"
+                                                                   else cfg.indexer_loss_weight)
+            with autocast:
+                lm, il, _ = step_losses(model, part, cfg.stage, pattern, cfg.cross_layer, idx_scale)
+            if cfg.stage != "warmup":
+                (share * lm).backward()  # the indexer loss was back-propagated block by block already
+            lm_sum += share * float(lm.detach())
+            if il is not None:
+                il_sum = (il_sum or 0.0) + share * float(il)
         gnorm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         if cfg.stage != "warmup" and cfg.bias_update_rate > 0:
             update_router_biases(model, cfg.bias_update_rate)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "lr": cfg.lr * f, "lm_loss": float(lm.detach()), "grad_norm": float(gnorm),
+            rec = {"step": step, "lr": cfg.lr * f, "lm_loss": lm_sum, "grad_norm": float(gnorm),
                    "tokens": (step + 1) * cfg.batch_size * cfg.seq_len, "seconds": round(time.time() - t0, 2)}
-            if il is not None:
-                rec["indexer_kl"] = float(il.detach())
+            if il_sum is not None:
+                rec["indexer_kl"] = il_sum
             log.append(rec)
             bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k in ("lm_loss", "indexer_kl")})
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
