@@ -203,6 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         indexer_loss_weight=args.indexer_loss_weight, pattern=args.pattern, cross_layer=not args.no_cross_layer,
         seed=args.seed, device=args.device, eval_every=args.eval_every, save_every=args.save_every,
         resume=args.resume, stop_after=args.stop_after, time_limit_s=args.time_limit_min and args.time_limit_min * 60,
+        shard_mb=args.shard_mb,
     )
     summary = train(cfg)
     if "stopped_at" in summary:
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int, help="save and stop at this step (continue with --resume)")
     p.add_argument("--time-limit-min", type=float, help="save and stop after this many minutes")
+    p.add_argument("--shard-mb", type=int, default=4096, help="safetensors shard size of the saved model")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("random-model", help="write a random DSA checkpoint (demos and tests)")

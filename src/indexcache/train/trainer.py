@@ -76,11 +76,12 @@ class TrainConfig:
     progress: bool = True
     stop_after: int | None = None  # save and stop at this step (continue later with resume)
     time_limit_s: float | None = None  # save and stop once this invocation has run this long
+    shard_mb: int = 4096  # safetensors shard size of the saved model
 
     def fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
         for k in ("resume", "progress", "device", "log_every", "eval_every", "save_every", "stop_after",
-                  "time_limit_s", "micro_batch"):
+                  "time_limit_s", "micro_batch", "shard_mb"):
             d.pop(k)
         return d
 
@@ -323,7 +324,8 @@ def finish(cfg: TrainConfig, model: DSAForCausalLM, log: list[dict], evals: list
 
     out = Path(cfg.out)
     model.eval()
-    save_model(model, out / "model", dtype=torch.bfloat16, copy_tokenizer_from=out / "model")
+    save_model(model, out / "model", dtype=torch.bfloat16, copy_tokenizer_from=out / "model",
+               max_shard_bytes=cfg.shard_mb << 20)
     summary = {"stage": cfg.stage, "steps": cfg.steps, "pattern": str(model.pattern), "cross_layer": cfg.cross_layer,
                "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
                "heldout_files": held_names, "final_train": log[-1] if log else None, "final_eval": evals[-1],

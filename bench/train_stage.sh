@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run training stages on a GPU machine and pack each run directory (model, losses, summary; not the
+# optimiser state or token cache) into <=15 MB pieces under OUT, so they can travel back.
+# Usage: bash bench/train_stage.sh OUT NAME[:TOKENS_FROM] "TRAIN ARGS" [NAME "ARGS" ...]
+#   e.g. bash bench/train_stage.sh $OUT mini-dense "--stage dense --steps 640 ..."
+# Unpack here with: cat OUT/NAME.tgz.part-* | tar xzf - -C runs
+set -euo pipefail
+out=${1:?usage}; shift
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader > "$out/gpu.txt"
+while [ $# -ge 2 ]; do
+  name=${1%%:*}; from=${1#*:}; args=$2; shift 2
+  mkdir -p "runs/$name"
+  if [ "$from" != "$1" ] && [ "$from" != "$name" ] && [ -f "runs/$from/tokens.npz" ]; then
+    cp "runs/$from/tokens.npz" "runs/$name/"  # same books and tokenizer: reuse the token cache
+  fi
+  echo "== indexcache train runs/$name $args"
+  # shellcheck disable=SC2086
+  python3 -m indexcache.cli train "runs/$name" $args --data .data/gutenberg --device cuda --shard-mb 15 2>&1 \
+    | tr '\r' '\n' | grep -v -E "it/s\]|s/it\]" | tail -6
+  tar czf - -C runs --exclude state.pt --exclude tokens.npz "$name" | split -b 15M - "$out/$name.tgz.part-"
+done
+ls -la "$out"
