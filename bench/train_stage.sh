@@ -9,9 +9,11 @@ out=${1:?usage}; shift
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader > "$out/gpu.txt"
 while [ $# -ge 2 ]; do
-  name=${1%%:*}; from=${1#*:}; args=$2; shift 2
+  spec=$1; args=$2; shift 2
+  name=${spec%%:*}; from=""
+  [[ $spec == *:* ]] && from=${spec#*:}
   mkdir -p "runs/$name"
-  if [ "$from" != "$1" ] && [ "$from" != "$name" ] && [ -f "runs/$from/tokens.npz" ]; then
+  if [ -n "$from" ] && [ -f "runs/$from/tokens.npz" ]; then
     cp "runs/$from/tokens.npz" "runs/$name/"  # same books and tokenizer: reuse the token cache
   fi
   echo "== indexcache train runs/$name $args"
