@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pattern)
 
     p = sub.add_parser("info", help="architecture, pattern, parameters and indexer FLOP share")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
     p.add_argument("--pattern", help="pattern to analyse instead of the checkpoint's own")
     p.add_argument("--context", type=int, nargs="+", default=[10_000, 60_000, 120_000, 200_000])
     p.set_defaults(func=cmd_info)
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_loss)
 
     p = sub.add_parser("search", help="greedy IndexCache layer search (training-free) with baselines")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
     p.add_argument("--out", default="runs/search")
     _add_calibration_args(p)
     p.add_argument("--keep", type=float, help="fraction of indexers to keep (default 0.25)")
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("overlap", help="cross-layer top-k overlap of the all-Full model (csv + heatmap)")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
     p.add_argument("--out", default="runs/overlap")
     _add_calibration_args(p)
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
@@ -328,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def default_model() -> str | None:
+    """The bundled trained model, when running from a checkout of the repository."""
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parents[2] / "models" / "dsa-mini"
+    return str(p) if (p / "config.json").exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
@@ -335,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     from .search.greedy import SearchError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", "") is None:
+        args.model = default_model()
+        if args.model is None:
+            print(f"indexcache {args.cmd}: error: give a MODEL directory (no bundled model here)", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except (PatternError, ConfigError, CheckpointError, DataError, SearchError, ValueError) as e:

@@ -64,12 +64,14 @@ def mla_attention(
     if return_probs:
         probs_out = q.new_zeros(B, S, K, dtype=torch.float32)
     step = max(1, budget_bytes // max(B * K * (Dk * 4 + H * 8), 1))
-    batch = torch.arange(B, device=q.device).view(B, 1, 1)
+    base = (torch.arange(B, device=q.device) * T).view(B, 1, 1)
+    flat = kvf.reshape(B * T, Dk)
     for s0 in range(0, S, step):
         s1 = min(S, s0 + step)
         idx = indices[:, s0:s1].long()
         valid = idx >= 0
-        sel = kvf[batch, idx.clamp_min(0)]  # [B,s,K,Dk]: one latent per selected token
+        # one latent row per selected token; index_select on the flattened rows is the fast gather
+        sel = flat.index_select(0, (base + idx.clamp_min(0)).flatten()).view(B, s1 - s0, K, Dk)
         logits = torch.einsum("bshd,bskd->bshk", q[:, s0:s1].float(), sel) * scale
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         chunk_lse = torch.logsumexp(logits, dim=-1)
