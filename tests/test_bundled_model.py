@@ -111,3 +111,15 @@ def test_recall_matches_hand_computation():
     assert r["recall"][5] == pytest.approx(sum(mass) / len(mass), rel=1e-5)
     assert r["random_baseline"] == pytest.approx(sum(256 / (t + 1) for t in range(256, 300)) / 44, rel=1e-6)
     assert r["mean_recall"] > r["random_baseline"]
+
+
+def test_bundled_tokenizer_loads_in_transformers_and_round_trips():
+    import transformers
+    from tokenizers import Tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(MINI))
+    text = "Reader, I married him. — naïve café, 1847."
+    assert tok.decode(tok(text)["input_ids"]) == text
+    ours = Tokenizer.from_file(str(MINI / "tokenizer.json"))
+    assert ours.get_vocab_size() == 8192 and ours.encode(text).ids == tok(text)["input_ids"]
+    assert len(ours.encode("the question of the day").ids) < len("the question of the day") / 2  # real merges

@@ -185,8 +185,9 @@ def _int_list(text: str | None) -> list[int]:
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="text file, directory of .txt(.xz), .jsonl, or token-id .npy "
                    "(default: the built-in synthetic corpus, tokenized with the model's tokenizer)")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: max(2*index_topk, 1024))")
+    p.add_argument("--num-samples", type=int, default=4, help="calibration sequences (default 4: a small, fast "
+                   "default; use more for a real model)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: max(2*index_topk, 512))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
 

@@ -22,7 +22,7 @@ class SearchOptions:
     model: str
     out: str
     data: str | None = None
-    num_samples: int = 8
+    num_samples: int = 4
     seq_len: int | None = None
     seed: int = 0
     batch_size: int = 1
@@ -60,7 +60,7 @@ def run_search(opt: SearchOptions) -> dict:
     model = load_model(opt.model, dtype=dtype, device=opt.device, scoring=opt.scoring, verbose=dist.is_main)
     cfg = model.config
     n = cfg.num_hidden_layers
-    seq_len = opt.seq_len or max(2 * cfg.index_topk, 1024)
+    seq_len = opt.seq_len or max(2 * cfg.index_topk, 512)
     cal = load_calibration(opt.model, opt.data, opt.num_samples, seq_len, opt.seed, cfg.index_topk, cfg.vocab_size)
     start = model.pattern  # all Full, or a native-shared checkpoint's own Full layers
     target = target_full(n, opt.keep, opt.num_full)
@@ -238,7 +238,7 @@ def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, se
 
     model = load_model(model_dir, device=device)
     cfg = model.config
-    seq_len = seq_len or max(2 * cfg.index_topk, 1024)
+    seq_len = seq_len or max(2 * cfg.index_topk, 512)
     cal = load_calibration(model_dir, data, num_samples, seq_len, seed, cfg.index_topk, cfg.vocab_size)
     mat = overlap_matrix(model, cal.batches(1), progress=progress)
     o = Path(out)

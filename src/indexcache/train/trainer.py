@@ -194,8 +194,11 @@ def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndar
     train_ids, test_ids = tokenize(train_txt, tok), tokenize(test_txt, tok)
     if tok.get_vocab_size() <= np.iinfo(np.uint16).max:  # half the bytes on disk and in memory
         train_ids, test_ids = train_ids.astype(np.uint16), test_ids.astype(np.uint16)
-    _write_atomic(cache, lambda p: np.savez(open(p, "wb"), train=train_ids, test=test_ids, tok_hash=tok_hash,
-                                            held=np.array(held_names)))
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, train=train_ids, test=test_ids, tok_hash=tok_hash, held=np.array(held_names))
+
+    _write_atomic(cache, write)
     return train_ids, test_ids, held_names
 
 
