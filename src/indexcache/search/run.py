@@ -219,6 +219,16 @@ def plot_loss_curve(r: dict, path: Path) -> None:
         ax.scatter([s["num_full"] for s in sim], [s["loss"] for s in sim], marker="D", s=30, color="C3",
                    label="similarity DP", zorder=3)
     ax.axhline(r["all_full_loss"], color="grey", ls="--", lw=0.8, label="all Full")
+    # keep the interesting range in view: the last flips (1 or 2 Full) can cost far more than anything else
+    others = [u["loss"] for u in r["baselines"].get("uniform") or []] + [s["loss"] for s in sim]
+    inner = [y for x, y in zip(xs, ys, strict=True) if x >= 2] + others
+    lo, hi = min(inner + [r["all_full_loss"]]), max(inner)
+    top = hi + 0.15 * max(hi - lo, 1e-6)
+    for x, y in zip(xs, ys, strict=True):
+        if y > top:
+            ax.annotate(f"{y:.3f} at {x} Full", xy=(x, top), xytext=(x + 0.3, top - 0.12 * (top - lo)),
+                        fontsize=7, arrowprops={"arrowstyle": "->", "lw": 0.6})
+    ax.set_ylim(lo - 0.05 * (top - lo), top)
     sel = r["selected"]
     ax.axvline(sel["num_full"], color="C0", ls=":", lw=0.8)
     ax.set_xlabel("number of Full layers (indexers kept)")
