@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from .search.greedy import SearchError
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "model", "") is None:
+    if args.cmd in ("search", "overlap", "info") and args.model is None:
         args.model = default_model()
         if args.model is None:
             print(f"indexcache {args.cmd}: error: give a MODEL directory (no bundled model here)", file=sys.stderr)
