@@ -231,3 +231,13 @@ def test_save_failure_leaves_no_partial_directory(glm_dir, tmp_path):
         save_model(model, tmp_path / "bad", pattern="FSF")
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+
+
+def test_save_over_an_existing_directory_and_a_stale_backup(glm_dir, tmp_path):
+    model = load_model(glm_dir, verbose=False)
+    out = save_model(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt.old").mkdir()  # left behind by an interrupted save
+    (tmp_path / "ckpt.old" / "junk").write_text("x")
+    save_model(model, out, pattern="FSFSFS")
+    assert json.loads((out / "config.json").read_text())["index_topk_pattern"] == "FSFSFS"
+    assert not (tmp_path / "ckpt.old").exists()

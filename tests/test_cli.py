@@ -137,3 +137,16 @@ def test_parameter_counts_from_headers_equal_model(tiny_dir):
     assert a == b and a["total"] == sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for b in model.buffers())
     assert a["indexer"] * 3 == count_parameters(model.config, headers)["indexer"]
+
+
+def test_bad_options_get_one_line_errors(capsys, tiny_dir):
+    import torch
+
+    rc, _, err = run(capsys, "pattern", "FSSF", "--offset", 3)
+    assert rc == 2 and "give --freq too" in err
+    if not torch.cuda.is_available():
+        rc, _, err = run(capsys, "search", tiny_dir, "--device", "cuda")
+        assert rc == 2 and "no CUDA device" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # argparse: usage line and exit 2
+        main(["search", str(tiny_dir), "--batch-size", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, DSAConfig
+from .config import DSAConfig
 from .model.dsa import DSAForCausalLM
 from .ops.fp8 import block_dequant
 from .pattern import Pattern, PatternError, _ranges
@@ -131,11 +131,15 @@ def load_model(
     string. Shared layers get no indexer module; their checkpoint indexer weights are skipped.
     """
     path = Path(path)
-    try:
-        cfg = DSAConfig.from_file(path)
-    except ConfigError:
-        raise
+    cfg = DSAConfig.from_file(path)
     src = TensorSource(path)
+    try:
+        return _load(src, cfg, path, pattern, dtype, device, scoring, verbose)
+    finally:
+        src.close()
+
+
+def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device, scoring, verbose) -> DSAForCausalLM:
     names = src.names()
     n = cfg.num_hidden_layers
     indexer_layers = checkpoint_indexer_layers(names, n)
@@ -199,7 +203,6 @@ def load_model(
         with torch.no_grad():
             target.copy_(t.to(target.dtype))
         loaded.add(name)
-    src.close()
 
     if unexpected:
         raise CheckpointError(f"unexpected tensors in checkpoint: {_list_names(sorted(unexpected))}")
@@ -293,9 +296,15 @@ def save_model(
                     shutil.copy2(Path(tok_src) / f, tmp / f)
         if out_dir.exists():
             backup = out_dir.with_name(out_dir.name + ".old")
+            if backup.exists():  # left by an earlier interrupted save
+                shutil.rmtree(backup)
             os.replace(out_dir, backup)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(backup)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(backup, out_dir)  # put the previous checkpoint back
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
     except BaseException:

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .pattern import CONVENTIONS, Pattern, PatternError, parse_spec
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
 
 
 def _fmt_count(n: float) -> str:
@@ -37,6 +48,8 @@ def cmd_pattern(args: argparse.Namespace) -> int:
         cfg = DSAConfig.from_file(args.model)
         n = cfg.num_hidden_layers
         indexer_layers = checkpoint_indexer_layers(TensorSource(args.model).names(), n)
+    if args.freq is None and (args.offset is not None or args.convention != "official"):
+        raise PatternError("--convention and --offset describe a uniform pattern: give --freq too")
     if args.freq is not None:
         if n is None:
             raise PatternError("--freq needs --num-layers or --model")
@@ -44,8 +57,8 @@ def cmd_pattern(args: argparse.Namespace) -> int:
     elif args.pattern:
         p = parse_spec(args.pattern, n) if n is not None else Pattern.parse(args.pattern)
     elif args.model:
-        p, source = Pattern.from_config(cfg.raw, n)
-        p.origin = source
+        p = cfg.pattern
+        p.origin = cfg.pattern_source
     else:
         raise PatternError("give a PATTERN, --freq with --num-layers, or --model")
     stages = [int(x) for x in args.stage_starts.split(",")] if args.stage_starts else None
@@ -185,9 +198,10 @@ def _int_list(text: str | None) -> list[int]:
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="text file, directory of .txt(.xz), .jsonl, or token-id .npy "
                    "(default: the built-in synthetic corpus, tokenized with the model's tokenizer)")
-    p.add_argument("--num-samples", type=int, default=4, help="calibration sequences (default 4: a small, fast "
-                   "default; use more for a real model)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: max(2*index_topk, 512))")
+    p.add_argument("--num-samples", type=positive_int, default=4,
+                   help="calibration sequences (default 4: a small, fast default; use more for a real model)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per sequence (default: max(2*index_topk, 512))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
 
@@ -238,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pattern", help="parse, build, validate and export a layer pattern")
     p.add_argument("pattern", nargs="?", help="FSSF..., a JSON indexer_types list, all-full, or uniform:FREQ[:CONV]")
-    p.add_argument("--num-layers", type=int, help="number of decoder layers (MTP excluded)")
+    p.add_argument("--num-layers", type=positive_int, help="number of decoder layers (MTP excluded)")
     p.add_argument("--model", help="a model directory: its layer count, its own pattern, its indexer weights")
-    p.add_argument("--freq", type=int, help="build a uniform pattern with this frequency")
+    p.add_argument("--freq", type=positive_int, help="build a uniform pattern with this frequency")
     p.add_argument("--convention", default="official", choices=list(CONVENTIONS),
                    help="how freq/offset map to layers (default: official)")
     p.add_argument("--offset", type=int, help="offset for --convention transformers (default 2)")
@@ -258,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--data", required=True, help="text file, directory of .txt, .jsonl, or token-id .npy")
     p.add_argument("--pattern", action="append", help="pattern(s) to compare (repeatable; default: the model's)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--max-seqs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--max-seqs", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loss)
@@ -270,13 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/search")
     _add_calibration_args(p)
     p.add_argument("--keep", type=float, help="fraction of indexers to keep (default 0.25)")
-    p.add_argument("--num-full", type=int, help="number of Full layers to keep")
+    p.add_argument("--num-full", type=positive_int, help="number of Full layers to keep")
     p.add_argument("--to-end", action="store_true", help="continue the trajectory to the end (still selects --keep)")
-    p.add_argument("--stages", type=int, default=1, help="pipeline blocks: their first layers stay Full, "
+    p.add_argument("--stages", type=positive_int, default=1, help="pipeline blocks: their first layers stay Full, "
                    "one flip per block per step")
     p.add_argument("--force-full", help="comma-separated layers that must stay Full")
     p.add_argument("--baselines", default="uniform,similarity", help="uniform,similarity or none")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--resume", action="store_true", help="continue from OUT/search_state.json")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
@@ -296,12 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="directory of .txt/.txt.xz books, a text file, or a .jsonl")
     p.add_argument("--init", help="model directory to start from (required for warmup and sparse)")
     p.add_argument("--preset", default="mini", help="architecture preset for --stage dense (default mini)")
-    p.add_argument("--heldout", type=int, default=3, help="whole files (books) held out for evaluation")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary trained for --stage dense")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, help="micro-batch size (gradient accumulation) to bound memory")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--heldout", type=positive_int, default=3, help="whole files (books) held out for evaluation")
+    p.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE vocabulary trained for --stage dense")
+    p.add_argument("--seq-len", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--micro-batch", type=positive_int, help="micro-batch size (gradient accumulation) to bound memory")
+    p.add_argument("--steps", type=positive_int, default=1000)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--indexer-lr", type=float, help="learning rate of the indexers in the sparse stage")
     p.add_argument("--warmup-steps", type=int, default=50)
@@ -311,12 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cross-layer", action="store_true", help="ablation: distil each indexer on its own layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-every", type=positive_int, default=200)
+    p.add_argument("--save-every", type=positive_int, default=200)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--stop-after", type=int, help="save and stop at this step (continue with --resume)")
+    p.add_argument("--stop-after", type=positive_int, help="save and stop at this step (continue with --resume)")
     p.add_argument("--time-limit-min", type=float, help="save and stop after this many minutes")
-    p.add_argument("--shard-mb", type=int, default=4096, help="safetensors shard size of the saved model")
+    p.add_argument("--shard-mb", type=positive_int, default=4096, help="safetensors shard size of the saved model")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("random-model", help="write a random DSA checkpoint (demos and tests)")
@@ -344,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     from .search.greedy import SearchError
 
     args = build_parser().parse_args(argv)
+    device = getattr(args, "device", "cpu") or "cpu"
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"indexcache {args.cmd}: error: --device {device} but no CUDA device is available", file=sys.stderr)
+            return 2
     if args.cmd in ("search", "overlap", "info") and args.model is None:
         args.model = default_model()
         if args.model is None:
@@ -351,12 +372,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (PatternError, ConfigError, CheckpointError, DataError, SearchError, ValueError) as e:
-        print(f"indexcache {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (PatternError, ConfigError, CheckpointError, DataError, SearchError, ValueError) as e:
+        print(f"indexcache {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # anything else still gets one line; INDEXCACHE_DEBUG=1 shows the traceback
+        if os.environ.get("INDEXCACHE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"indexcache {args.cmd}: error: {type(e).__name__}: {msg} (INDEXCACHE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

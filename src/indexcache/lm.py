@@ -9,6 +9,13 @@ from tqdm.auto import tqdm
 from .pattern import Pattern
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy (nats) of a batch, and the number of predicted tokens."""
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                           reduction="sum")
+    return float(loss), ids[:, 1:].numel()
+
+
 @torch.no_grad()
 def lm_loss(
     model,
@@ -24,12 +31,9 @@ def lm_loss(
     bar = tqdm(total=windows.shape[0], desc=desc, unit="seq", disable=not progress, leave=False)
     for b0 in range(0, windows.shape[0], batch_size):
         ids = windows[b0 : b0 + batch_size].to(dev)
-        logits = model(ids, pattern=pattern)
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += ids[:, 1:].numel()
+        nll, n = next_token_nll(model(ids, pattern=pattern), ids)
+        total += nll
+        count += n
         bar.update(ids.shape[0])
     bar.close()
     return total / max(count, 1)

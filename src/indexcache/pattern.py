@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 FULL, SHARED = "F", "S"
 
-# name -> (description, needs an offset)
+# convention name -> the rule it applies
 CONVENTIONS: dict[str, str] = {
     "official": "IndexCache patches / SGLang without offset: Full iff max(l-1, 0) % freq == 0",
     "transformers": "transformers / vLLM / SGLang with offset: Full iff max(i-offset+1, 0) % freq == 0",
@@ -332,13 +332,6 @@ class Pattern:
             "vllm": f"--hf-overrides '{self.vllm_override()}'",
             "transformers": f"indexer_types={json.dumps(self.indexer_types)}",
         }
-
-
-def resolve_pattern(pattern: str | Sequence[str] | Pattern | None, num_layers: int) -> Pattern | None:
-    """Parse a user-given pattern and check its length against the model; None stays None."""
-    if pattern is None:
-        return None
-    return Pattern.parse(pattern).validate(num_layers=num_layers)
 
 
 def _check_num_layers(n: int) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import save_model
-from .config import DSAConfig
+from .config import ARCHITECTURES, DSAConfig
 from .model.dsa import DSAForCausalLM
 from .pattern import Pattern
 
@@ -38,7 +38,7 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=16384, rope_theta=10000.0,
     ),
 }
-ARCH_NAMES = {"glm_moe_dsa": "GlmMoeDsaForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
+ARCH_NAMES = {arch: name for name, arch in ARCHITECTURES.items()}
 
 
 def byte_tokenizer_files(out_dir: Path) -> None:

@@ -8,12 +8,10 @@ is cheaper per FLOP than bf16 MLA) but they show how the indexer's O(L^2) term t
 from __future__ import annotations
 
 import math
-import re
 
+from .checkpoint import _LAYER_RE as _LAYER
 from .config import DSAConfig
 from .pattern import Pattern
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def count_parameters(cfg: DSAConfig, shapes: dict[str, list[int]], pattern: Pattern | None = None) -> dict[str, int]:

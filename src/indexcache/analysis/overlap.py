@@ -11,12 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.dsa import DSAForCausalLM, Trace
+from ..ops.indexer import DEFAULT_BUDGET_BYTES
 from ..pattern import Pattern
 
 
 @torch.no_grad()
 def overlap_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], progress: bool = True,
-                   budget_bytes: int = 256 << 20) -> torch.Tensor:
+                   budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
     cfg = model.config
     n, k = cfg.num_hidden_layers, cfg.index_topk
     if len(model.indexer_layers) != n:
@@ -32,7 +33,7 @@ def overlap_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], progr
             raise ValueError(f"sequences of {S} tokens are not longer than index_topk={k}: all sets are equal")
         idx = torch.stack([trace.records[i].indices[:, k:] for i in range(n)])  # [N, B, S-k, k], all valid
         B, Sq = idx.shape[1], idx.shape[2]
-        step = max(1, budget_bytes // max(n * B * S, 1))
+        step = max(1, budget_bytes // max(n * B * S * 5, 1))  # bool masks and their float copy
         for q0 in range(0, Sq, step):
             part = idx[:, :, q0 : q0 + step]
             masks = torch.zeros(n, *part.shape[1:3], S, dtype=torch.bool, device=part.device)

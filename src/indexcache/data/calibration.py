@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .synthetic import corpus
-from .text import DataError, load_tokenizer, read_texts
+from .text import DataError, load_npy, load_tokenizer, read_texts
 
 
 @dataclass
@@ -49,7 +49,7 @@ def load_calibration(
         )
     rng = np.random.default_rng(seed)
     if data is not None and str(data).endswith(".npy"):
-        arr = _load_npy(Path(data))
+        arr = load_npy(Path(data))
         if arr.ndim == 2:
             if arr.shape[1] < seq_len:
                 raise DataError(f"{data} rows have {arr.shape[1]} tokens, fewer than --seq-len {seq_len}")
@@ -75,18 +75,6 @@ def load_calibration(
     picked = np.sort(rng.permutation(n_windows)[:num_samples])
     windows = torch.from_numpy(np.stack([stream[i * seq_len : (i + 1) * seq_len] for i in picked]))
     return _check(Calibration(windows, source), num_samples, vocab_size)
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise DataError(f"no such data file: {path}")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot read {path} as a .npy array ({e})") from None
-    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim not in (1, 2):
-        raise DataError(f"{path} must hold integer token ids as [tokens] or [samples, seq_len]")
-    return arr
 
 
 def _check(cal: Calibration, wanted: int, vocab_size: int | None) -> Calibration:

@@ -87,20 +87,13 @@ def token_windows(
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise DataError(f"cannot read {path} as a .npy array ({e})") from None
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise DataError(f"{path} holds {arr.dtype}, not integer token ids")
+        arr = load_npy(path)
         if arr.ndim == 2:
             if arr.shape[1] < seq_len:
                 raise DataError(f"{path} rows have {arr.shape[1]} tokens, fewer than --seq-len {seq_len}")
             windows = torch.from_numpy(arr[:, :seq_len].astype(np.int64))
-        elif arr.ndim == 1:
-            windows = _cut(torch.from_numpy(arr.astype(np.int64)), seq_len, path)
         else:
-            raise DataError(f"{path} has {arr.ndim} dimensions; expected [tokens] or [samples, seq_len]")
+            windows = _cut(torch.from_numpy(arr.astype(np.int64)), seq_len, path)
     else:
         if tokenizer is None:
             raise DataError("text data needs a tokenizer (tokenizer.json in the model directory)")
@@ -113,6 +106,21 @@ def token_windows(
     if vocab_size is not None and windows.numel() and (int(windows.max()) >= vocab_size or int(windows.min()) < 0):
         raise DataError(f"{path} has token ids outside the model's vocabulary [0, {vocab_size})")
     return windows
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Integer token ids, [tokens] or [samples, seq_len], from a .npy file."""
+    if not path.exists():
+        raise DataError(f"no such data file: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot read {path} as a .npy array ({e})") from None
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path} holds {arr.dtype}, not integer token ids")
+    if arr.ndim not in (1, 2):
+        raise DataError(f"{path} has {arr.ndim} dimensions; expected [tokens] or [samples, seq_len]")
+    return arr
 
 
 def _cut(stream: torch.Tensor, seq_len: int, path: Path) -> torch.Tensor:

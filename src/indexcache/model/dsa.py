@@ -42,7 +42,7 @@ class LayerRecord:
     """What one layer did. ``indices`` are the ones its attention used; ``source`` produced them."""
 
     source: int
-    indices: torch.Tensor | None = None  # [B, S, K] int64, -1 = no token
+    indices: torch.Tensor | None = None  # [B, S, K] int64, -1 = no token (in dense mode: what it would select)
     index_scores: torch.Tensor | None = None  # [B, S, T] fp32, -inf where not visible (Full layers)
     attn: torch.Tensor | None = None  # [B, S, T] head-averaged attention probabilities
 
@@ -68,7 +68,8 @@ class Trace:
 @dataclass
 class Context:
     rope: Rope
-    positions: torch.Tensor  # [S] absolute positions of the query tokens
+    positions: torch.Tensor  # [S] absolute positions of the tokens (for RoPE)
+    slots: torch.Tensor  # [S] 0..S-1: query s sees key slots <= s (for the causal masks)
     dense: bool = False
     scoring: str = "exact"
     budget_bytes: int = DEFAULT_BUDGET_BYTES
@@ -130,7 +131,7 @@ class Indexer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, w, k = self.project(x, qr, ctx)
         return indexer_topk(
-            q, w, k, self.topk, self.softmax_scale, ctx.positions, ctx.budget_bytes, return_scores=want_scores
+            q, w, k, self.topk, self.softmax_scale, ctx.slots, ctx.budget_bytes, return_scores=want_scores
         )
 
 
@@ -190,7 +191,7 @@ class MLA(nn.Module):
 
         use_idx = None if ctx.dense or indices is None else indices
         out, _, probs = mla_attention(
-            q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.positions,
+            q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.slots,
             return_probs=(trace is not None and trace.attn) or ctx.collect is not None,
             budget_bytes=ctx.budget_bytes,
         )
@@ -201,7 +202,7 @@ class MLA(nn.Module):
         if trace is not None:
             rec = LayerRecord(source=layer if full else ctx.pattern.source_layer(layer))
             if trace.indices:
-                rec.indices = indices.detach() if indices is not None else _all_visible(B, ctx.positions, T)
+                rec.indices = indices.detach() if indices is not None else _all_visible(B, ctx.slots, T)
             rec.index_scores = scores.detach() if scores is not None else None
             if probs is not None and trace.attn:
                 rec.attn = probs.detach() if use_idx is None else _scatter_probs(probs, use_idx, T)
@@ -209,10 +210,10 @@ class MLA(nn.Module):
         return self.o_proj(out), indices
 
 
-def _all_visible(B: int, positions: torch.Tensor, T: int) -> torch.Tensor:
-    t = torch.arange(T, device=positions.device)
-    idx = t.view(1, -1).expand(positions.shape[0], T)
-    return idx.masked_fill(t.view(1, -1) > positions.view(-1, 1), -1).unsqueeze(0).expand(B, -1, -1)
+def _all_visible(B: int, slots: torch.Tensor, T: int) -> torch.Tensor:
+    t = torch.arange(T, device=slots.device)
+    idx = t.view(1, -1).expand(slots.shape[0], T)
+    return idx.masked_fill(t.view(1, -1) > slots.view(-1, 1), -1).unsqueeze(0).expand(B, -1, -1)
 
 
 def _scatter_probs(probs: torch.Tensor, indices: torch.Tensor, T: int) -> torch.Tensor:
@@ -253,8 +254,9 @@ class Gate(nn.Module):
             keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
             choice = choice.masked_fill(~keep.repeat_interleave(groups.shape[-1], dim=1), float("-inf"))
         idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-        if self.training:
-            self.last_load = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).detach()
+        if self.training:  # summed over the forwards (micro-batches) since the trainer last read it
+            load = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).detach()
+            self.last_load = load if self.last_load is None else self.last_load + load
         weights = scores.gather(1, idx)  # the bias steers selection only, never the weights
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -387,10 +389,14 @@ class DSAForCausalLM(nn.Module):
         trace: Trace | None = None,
         collect: Callable | None = None,
     ) -> Context:
+        slots = torch.arange(seq_len, device=self.device)
         if positions is None:
-            positions = torch.arange(seq_len, device=self.device)
+            positions = slots
+        elif positions.shape != (seq_len,):
+            raise ValueError(f"positions must have shape [{seq_len}], got {tuple(positions.shape)}")
         return Context(
-            rope=Rope(self.config, positions, self.dtype), positions=positions, dense=dense,
+            rope=Rope(self.config, positions, self.dtype), positions=positions.to(self.device), slots=slots,
+            dense=dense,
             scoring=self.scoring, budget_bytes=self.budget_bytes, trace=trace, collect=collect,
         )
 

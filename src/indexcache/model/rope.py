@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..config import DSAConfig, RopeConfig
+from ..config import DSAConfig, RopeConfig, yarn_get_mscale
 
 
 def inv_freq_and_scaling(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -24,9 +24,9 @@ def inv_freq_and_scaling(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, floa
     attn = rope.attention_factor
     if attn is None:
         if rope.mscale and rope.mscale_all_dim:
-            attn = _mscale(factor, rope.mscale) / _mscale(factor, rope.mscale_all_dim)
+            attn = yarn_get_mscale(factor, rope.mscale) / yarn_get_mscale(factor, rope.mscale_all_dim)
         else:
-            attn = _mscale(factor)
+            attn = yarn_get_mscale(factor)
     orig = rope.original_max_position_embeddings
 
     def correction_dim(rot: float) -> float:
@@ -42,10 +42,6 @@ def inv_freq_and_scaling(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, floa
     extrapolation = 1 - ramp
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv, float(attn)
-
-
-def _mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 class Rope:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_BUDGET_BYTES = 256 << 20
+from .indexer import DEFAULT_BUDGET_BYTES
 
 
 def mla_attention(

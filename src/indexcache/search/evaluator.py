@@ -13,8 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..lm import next_token_nll
 from ..model.dsa import DSAForCausalLM
 from ..pattern import Pattern
 
@@ -54,7 +54,8 @@ class LossEvaluator:
     # ------------------------------------------------------------------------------- cache
     @staticmethod
     def _nbytes(state: State) -> int:
-        return sum(h.numel() * h.element_size() for h, _ in state)  # carried indices are shared references
+        # carried indices are often shared with neighbouring states; counting them every time errs on the safe side
+        return sum(t.numel() * t.element_size() for pair in state for t in pair if t is not None)
 
     def _store(self, key: str, state: State) -> None:
         if not self.reuse or key in self._cache:
@@ -97,10 +98,9 @@ class LossEvaluator:
                 self._store(pat[: i + 1], state)
         total, count = 0.0, 0
         for (h, _), ids in zip(state, self.batches, strict=True):
-            logits = self.model.head(h)
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                           ids[:, 1:].reshape(-1), reduction="sum"))
-            count += ids[:, 1:].numel()
+            nll, n = next_token_nll(self.model.head(h), ids)
+            total += nll
+            count += n
         n_b = len(self.batches)
         self.counters.evaluations += 1
         self.counters.layer_forwards += (self.n_layers - start) * n_b

@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..pattern import FULL, SHARED, Pattern
+from ..utils import write_atomic
 from .evaluator import LossEvaluator
 
 
@@ -107,15 +108,6 @@ def stage_starts(num_layers: int, stages: int) -> list[int]:
     return sorted({round(b * num_layers / stages) for b in range(stages)})
 
 
-def _write_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def greedy_search(
     evaluator: LossEvaluator,
     start: Pattern | str | None = None,
@@ -151,11 +143,15 @@ def greedy_search(
     t0 = time.time()
     result, prior = None, []
     if resume and state_path is not None and state_path.exists():
-        saved = json.loads(state_path.read_text())
-        if saved.get("fingerprint") != fp:
+        try:
+            saved = json.loads(state_path.read_text())
+            same = saved.get("fingerprint") == fp
+            result = GreedyResult(**saved["result"]) if same else None
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise SearchError(f"{state_path} is not a search state this version can read ({e})") from None
+        if not same:
             raise SearchError(f"{state_path} was written by a search with other settings; "
                               "run without --resume (or with the same model, data and options)")
-        result = GreedyResult(**saved["result"])
         prior = [result.counters]  # work done before the interruption still counts
         t0 -= result.seconds
     if result is None:
@@ -173,7 +169,8 @@ def greedy_search(
         result.seconds = time.time() - t0
         result.counters = _sum_counters(prior + dist.gather(evaluator.counters.as_dict()))
         if state_path is not None and dist.is_main:
-            _write_atomic(state_path, {"fingerprint": fp, "result": result.__dict__})
+            state = {"fingerprint": fp, "result": result.__dict__}
+            write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=2)))
 
     while remaining > 0:
         bounds = list(zip(blocks, blocks[1:] + [n], strict=True))

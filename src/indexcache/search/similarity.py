@@ -34,7 +34,7 @@ def similarity_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], pr
         ids = ids.to(model.device)
         ctx = model.make_context(ids.shape[1])
         ctx.pattern = Pattern.all_full(n)
-        far = ctx.positions >= cfg.index_topk  # queries that see more than index_topk tokens
+        far = ctx.slots >= cfg.index_topk  # queries that see more than index_topk tokens
         if not far.any():
             raise ValueError(f"sequences of {ids.shape[1]} tokens are not longer than index_topk={cfg.index_topk}")
         h = model.model.embed_tokens(ids)
@@ -57,7 +57,7 @@ def similarity_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], pr
 
 def _core(attn, q, kv, indices, ctx) -> torch.Tensor:
     """Core-attention output (per-head values, before o_proj), flattened per token: [B, S, H*dv]."""
-    out, _, _ = mla_attention(q, kv, attn.softmax_scale, attn.kv_lora, indices=indices, q_pos=ctx.positions,
+    out, _, _ = mla_attention(q, kv, attn.softmax_scale, attn.kv_lora, indices=indices, q_pos=ctx.slots,
                               budget_bytes=ctx.budget_bytes)
     w_uv = attn.kv_b_proj.weight.view(attn.n_heads, attn.dn + attn.dv, attn.kv_lora)[:, attn.dn :]
     return torch.einsum("bshc,hvc->bshv", out.float(), w_uv.float()).flatten(2)

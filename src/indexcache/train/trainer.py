@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from ..data.text import DataError
 from ..model.dsa import DSAForCausalLM, MoE
 from ..pattern import Pattern, parse_spec
 from ..presets import ARCH_NAMES, PRESETS
+from ..utils import write_atomic
 from .data import EOS, PAD, fixed_windows, sample_windows, split_documents, tokenize, train_tokenizer
 from .losses import IndexerDistillation
 
@@ -106,14 +106,12 @@ def init_weights(model: DSAForCausalLM, seed: int, std: float = 0.02) -> None:
             b.zero_()
 
 
-def build_config(preset: str, vocab_size: int, pattern: str | None) -> DSAConfig:
+def build_config(preset: str, vocab_size: int) -> DSAConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     d = dict(PRESETS[preset], vocab_size=vocab_size, architectures=[ARCH_NAMES["glm_moe_dsa"]],
              model_type="glm_moe_dsa", indexer_rope_interleave=True, eos_token_id=0, pad_token_id=1,
              bos_token_id=None)
-    if pattern is not None:
-        d.update(Pattern.parse(pattern).config_patch())
     return DSAConfig.from_dict(d)
 
 
@@ -151,6 +149,7 @@ def update_router_biases(model: DSAForCausalLM, rate: float) -> None:
         if isinstance(layer.mlp, MoE) and layer.mlp.gate.last_load is not None:
             load = layer.mlp.gate.last_load.float()
             layer.mlp.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            layer.mlp.gate.last_load = None
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -165,19 +164,15 @@ def step_losses(model: DSAForCausalLM, ids: torch.Tensor, stage: str, pattern: P
 
 
 # ------------------------------------------------------------------------------------------- train
-def _write_atomic(path: Path, save) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save(tmp)
-    os.replace(tmp, path)
-
-
 def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from tokenizers import Tokenizer
 
     train_txt, test_txt, held_names = split_documents(cfg.data, cfg.heldout, cfg.seed)
     tok_file = model_dir / "tokenizer.json"
     if not tok_file.exists():
-        if cfg.init is not None and (Path(cfg.init) / "tokenizer.json").exists():
+        if cfg.init is not None:  # a later stage must keep the tokenizer its embeddings were trained with
+            if not (Path(cfg.init) / "tokenizer.json").exists():
+                raise DataError(f"{cfg.init} has no tokenizer.json: cannot continue its training on text")
             model_dir.mkdir(parents=True, exist_ok=True)
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if (Path(cfg.init) / f).exists():
@@ -186,11 +181,16 @@ def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndar
             train_tokenizer(train_txt, cfg.vocab_size, model_dir)
     tok = Tokenizer.from_file(str(tok_file))
     cache = out / "tokens.npz"
-    tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest()
+    # the cache is valid for the same tokenizer, the same split and the same texts
+    sig = hashlib.sha256(tok_file.read_bytes())
+    for doc in train_txt + ["\0held\0"] + test_txt:
+        sig.update(len(doc).to_bytes(8, "little"))
+        sig.update(doc[:4096].encode("utf-8", "replace"))
+    tok_hash = sig.hexdigest()
     if cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        if str(z["tok_hash"]) == tok_hash and list(z["held"]) == held_names:
-            return z["train"], z["test"], held_names
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["tok_hash"]) == tok_hash and list(z["held"]) == held_names:
+                return z["train"], z["test"], held_names
     train_ids, test_ids = tokenize(train_txt, tok), tokenize(test_txt, tok)
     if tok.get_vocab_size() <= np.iinfo(np.uint16).max:  # half the bytes on disk and in memory
         train_ids, test_ids = train_ids.astype(np.uint16), test_ids.astype(np.uint16)
@@ -198,7 +198,7 @@ def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndar
         with open(p, "wb") as f:
             np.savez(f, train=train_ids, test=test_ids, tok_hash=tok_hash, held=np.array(held_names))
 
-    _write_atomic(cache, write)
+    write_atomic(cache, write)
     return train_ids, test_ids, held_names
 
 
@@ -221,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
         model = load_model(cfg.init, pattern=pat, device=cfg.device, verbose=False)
     else:  # dense pretraining builds every indexer; a pattern only matters from the warm-up on
         vocab = len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
-        model = DSAForCausalLM(build_config(cfg.preset, max(vocab, cfg.vocab_size), None))
+        model = DSAForCausalLM(build_config(cfg.preset, max(vocab, cfg.vocab_size)))
         init_weights(model, cfg.seed)
         model.to(cfg.device)
     if int(train_ids.max()) >= model.config.vocab_size:
@@ -255,7 +255,7 @@ def train(cfg: TrainConfig) -> dict:
     def save_state(step: int) -> None:
         state = {"fingerprint": cfg.fingerprint(), "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "step": step, "log": log, "evals": evals}
-        _write_atomic(state_file, lambda p: torch.save(state, p))
+        write_atomic(state_file, lambda p: torch.save(state, p))
 
     def evaluate(step: int) -> dict:
         model.eval()
