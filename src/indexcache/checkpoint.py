@@ -179,8 +179,6 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
             if mi and not pat.is_full(int(mi.group(1))):
                 dropped.add(int(mi.group(1)))
                 continue
-            if tied and name == "lm_head.weight":
-                continue
             unexpected.append(name)
             continue
         target = params[name]

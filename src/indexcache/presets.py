@@ -60,14 +60,9 @@ def byte_tokenizer_files(out_dir: Path) -> None:
     }, indent=2))
 
 
-def make_random_checkpoint(
-    out_dir: str | Path,
-    arch: str = "glm_moe_dsa",
-    preset: str = "tiny",
-    seed: int = 0,
-    pattern: Pattern | str | None = None,
-    **overrides,
-) -> Path:
+def preset_config(preset: str, arch: str = "glm_moe_dsa", pattern: Pattern | str | None = None,
+                  **overrides) -> DSAConfig:
+    """The config of a preset, for ``arch``, with ``overrides`` (e.g. ``vocab_size``) and an optional pattern."""
     if arch not in ARCH_NAMES:
         raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCH_NAMES)})")
     if preset not in PRESETS:
@@ -77,8 +72,18 @@ def make_random_checkpoint(
     d["indexer_rope_interleave"] = arch == "glm_moe_dsa"
     if pattern is not None:
         d.update(Pattern.parse(pattern).config_patch())
-    cfg = DSAConfig.from_dict(d)
-    model = DSAForCausalLM(cfg).init_random(seed)
+    return DSAConfig.from_dict(d)
+
+
+def make_random_checkpoint(
+    out_dir: str | Path,
+    arch: str = "glm_moe_dsa",
+    preset: str = "tiny",
+    seed: int = 0,
+    pattern: Pattern | str | None = None,
+    **overrides,
+) -> Path:
+    model = DSAForCausalLM(preset_config(preset, arch, pattern, **overrides)).init_random(seed)
     out = save_model(model, out_dir)
     byte_tokenizer_files(out)
     return out

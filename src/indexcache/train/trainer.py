@@ -35,7 +35,7 @@ from ..config import DSAConfig
 from ..data.text import DataError
 from ..model.dsa import DSAForCausalLM, MoE
 from ..pattern import Pattern, parse_spec
-from ..presets import ARCH_NAMES, PRESETS
+from ..presets import preset_config
 from ..utils import write_atomic
 from .data import EOS, PAD, fixed_windows, sample_windows, split_documents, tokenize, train_tokenizer
 from .losses import IndexerDistillation
@@ -104,15 +104,6 @@ def init_weights(model: DSAForCausalLM, seed: int, std: float = 0.02) -> None:
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.zero_()
-
-
-def build_config(preset: str, vocab_size: int) -> DSAConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    d = dict(PRESETS[preset], vocab_size=vocab_size, architectures=[ARCH_NAMES["glm_moe_dsa"]],
-             model_type="glm_moe_dsa", indexer_rope_interleave=True, eos_token_id=0, pad_token_id=1,
-             bos_token_id=None)
-    return DSAConfig.from_dict(d)
 
 
 def _trainable(model: DSAForCausalLM, stage: str) -> tuple[list, list]:
@@ -221,7 +212,7 @@ def train(cfg: TrainConfig) -> dict:
         model = load_model(cfg.init, pattern=pat, device=cfg.device, verbose=False)
     else:  # dense pretraining builds every indexer; a pattern only matters from the warm-up on
         vocab = len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
-        model = DSAForCausalLM(build_config(cfg.preset, max(vocab, cfg.vocab_size)))
+        model = DSAForCausalLM(preset_config(cfg.preset, vocab_size=max(vocab, cfg.vocab_size)))
         init_weights(model, cfg.seed)
         model.to(cfg.device)
     if int(train_ids.max()) >= model.config.vocab_size:
