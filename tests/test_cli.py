@@ -150,3 +150,24 @@ def test_bad_options_get_one_line_errors(capsys, tiny_dir):
     with pytest.raises(SystemExit):  # argparse: usage line and exit 2
         main(["search", str(tiny_dir), "--batch-size", "0"])
     assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_export_round_trips_through_transformers(capsys, tmp_path):
+    import tiny
+    import torch
+    import transformers
+
+    src = tmp_path / "src"
+    tiny.save_hf(tiny.hf_model("glm_moe_dsa", seed=17), src)
+    rc, out, _ = run(capsys, "export", src, "--pattern", "uniform:4:paper", "--out", tmp_path / "x",
+                     "--drop-shared-indexers")
+    assert rc == 0 and "FSSSFS" in out
+    x = tmp_path / "x"
+    assert "--json-model-override-args" in (x / "engine_flags.txt").read_text()
+    hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(str(x)).eval()
+    assert hf.config.indexer_types == ["full", "shared", "shared", "shared", "full", "shared"]
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_model(src, pattern="FSSSFS", verbose=False)(ids)
+        assert (hf(input_ids=ids).logits - ours).abs().max() < 1e-4
+    assert load_model(x, verbose=False).indexer_layers == [0, 4]

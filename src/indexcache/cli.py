@@ -206,6 +206,34 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+# ------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_model, save_model
+    from .config import DSAConfig
+
+    cfg = DSAConfig.from_file(args.model)
+    pat = parse_spec(args.pattern, cfg.num_hidden_layers)
+    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    own = cfg.raw.get("dtype") or cfg.raw.get("torch_dtype") or "float32"
+    dtype = names.get(own if args.dtype == "keep" else args.dtype, torch.float32)
+    model = load_model(args.model, pattern=pat, verbose=False)  # fp32 in memory: nothing is lost
+    out = save_model(model, args.out, pattern=pat, drop_shared_indexers=args.drop_shared_indexers, dtype=dtype,
+                     copy_tokenizer_from=args.model)
+    flags = pat.engine_flags()
+    (Path(out) / "engine_flags.txt").write_text(
+        f"# pattern {pat} ({pat.num_full}/{cfg.num_hidden_layers} Full)\n"
+        f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
+    print(pat.describe_text())
+    _print_exports(pat)
+    dropped = "; Shared layers' indexer weights dropped" if args.drop_shared_indexers else ""
+    print(f"\nwrote {out}: config.json carries indexer_types + index_topk_pattern{dropped}; engine_flags.txt")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
@@ -303,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(p)
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
     p.set_defaults(func=cmd_overlap)
+
+    p = sub.add_parser("export", help="write a model directory that carries a pattern, plus engine flags")
+    p.add_argument("model")
+    p.add_argument("--pattern", required=True, help="FSSF..., uniform:FREQ[:CONV], or a JSON indexer_types list")
+    p.add_argument("--out", required=True)
+    p.add_argument("--drop-shared-indexers", action="store_true",
+                   help="leave out the indexer weights of Shared layers (GLM-5.2 style)")
+    p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"],
+                   help="weights dtype on disk (default: the checkpoint's own)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="train a small DSA model: dense pretraining, indexer warm-up, sparse stage")
     p.add_argument("out")
