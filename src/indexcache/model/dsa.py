@@ -34,6 +34,7 @@ from ..pattern import Pattern, PatternError
 from .rope import Rope
 
 SCORING_MODES = ("exact", "fp8")
+BACKENDS = ("torch", "triton")
 
 
 # ------------------------------------------------------------------------------------------- tracing
@@ -72,6 +73,7 @@ class Context:
     slots: torch.Tensor  # [S] 0..S-1: query s sees key slots <= s (for the causal masks)
     dense: bool = False
     scoring: str = "exact"
+    backend: str = "torch"  # "triton": indexer, top-k and sparse attention on the Triton kernels
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     trace: Trace | None = None
     pattern: Pattern | None = None  # the pattern of the running forward
@@ -130,6 +132,12 @@ class Indexer(nn.Module):
         self, x: torch.Tensor, qr: torch.Tensor, ctx: Context, want_scores: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, w, k = self.project(x, qr, ctx)
+        if ctx.backend == "triton" and not want_scores:
+            from ..ops.kernels.dispatch import indexer_topk_triton
+
+            idx = indexer_topk_triton(q, w, k, self.topk, self.softmax_scale, ctx.slots, ctx.budget_bytes,
+                                      fp8=ctx.scoring == "fp8")
+            return idx, None
         return indexer_topk(
             q, w, k, self.topk, self.softmax_scale, ctx.slots, ctx.budget_bytes, return_scores=want_scores
         )
@@ -190,11 +198,16 @@ class MLA(nn.Module):
             scores = None
 
         use_idx = None if ctx.dense or indices is None else indices
-        out, _, probs = mla_attention(
-            q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.slots,
-            return_probs=(trace is not None and trace.attn) or ctx.collect is not None,
-            budget_bytes=ctx.budget_bytes,
-        )
+        want_probs = (trace is not None and trace.attn) or ctx.collect is not None
+        if ctx.backend == "triton" and use_idx is not None and not want_probs:
+            from ..ops.kernels.dispatch import mla_attention_triton
+
+            out, probs = mla_attention_triton(q, kv, self.softmax_scale, self.kv_lora, use_idx), None
+        else:
+            out, _, probs = mla_attention(
+                q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.slots,
+                return_probs=want_probs, budget_bytes=ctx.budget_bytes,
+            )
         if ctx.collect is not None:
             ctx.collect(layer=layer, full=full, attn=self, x=x, qr=qr, indices=use_idx, probs=probs, ctx=ctx)
         w_uv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, self.dn :]
@@ -324,6 +337,7 @@ class DSAForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.scoring = "exact"
+        self.backend = "torch"
         self.budget_bytes = DEFAULT_BUDGET_BYTES
 
     # ---------------------------------------------------------------------------- structure
@@ -357,6 +371,26 @@ class DSAForCausalLM(nn.Module):
         if mode not in SCORING_MODES:
             raise ValueError(f"unknown scoring mode {mode!r} (choose from {', '.join(SCORING_MODES)})")
         self.scoring = mode
+
+    def set_backend(self, backend: str) -> None:
+        """``"torch"`` (plain PyTorch ops, any device) or ``"triton"`` (the Triton kernels for the indexer
+        logits, the top-k and sparse MLA; on CUDA, or on CPU under ``TRITON_INTERPRET=1``). Traced
+        scores and attention probabilities, dense attention and unsupported shapes stay on torch."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        if backend == "triton":
+            from ..ops.kernels import indexer as kidx
+            from ..ops.kernels import interpreted, require_triton, sparse_mla
+
+            require_triton()
+            if self.device.type != "cuda" and not interpreted():
+                raise ValueError("the triton backend runs on CUDA (or on CPU with TRITON_INTERPRET=1)")
+            cfg = self.config
+            if not kidx.supported(cfg.index_n_heads, cfg.index_head_dim) or not sparse_mla.supported(
+                cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+            ):
+                raise ValueError("the triton kernels need power-of-two indexer heads/dims, kv_lora_rank and rope dim")
+        self.backend = backend
 
     def to_dtype(self, dtype: torch.dtype) -> DSAForCausalLM:
         """Cast weights to ``dtype``, except those DeepSeek/transformers keep in fp32: the indexer's
@@ -397,7 +431,8 @@ class DSAForCausalLM(nn.Module):
         return Context(
             rope=Rope(self.config, positions, self.dtype), positions=positions.to(self.device), slots=slots,
             dense=dense,
-            scoring=self.scoring, budget_bytes=self.budget_bytes, trace=trace, collect=collect,
+            scoring=self.scoring, backend=self.backend, budget_bytes=self.budget_bytes, trace=trace,
+            collect=collect,
         )
 
     def forward_layers(

@@ -1,0 +1,1 @@
+"""Benchmarks: kernels and the end-to-end engine, each writing JSON."""

@@ -1,0 +1,319 @@
+"""``indexcache bench kernels``: the GPU's ceilings, then every Triton kernel at the anchors' shapes.
+
+Times are medians of CUDA-event timings (``triton.testing.do_bench``, which flushes the L2 cache before
+each run) on fresh random inputs. Rates: indexer ``2 * valid (q, k) pairs * H * D`` FLOPs; sparse MLA
+``2 * S * topk * H * (d_qk + d_v)`` FLOPs; top-k and decode kernels as effective bandwidth over the bytes
+they must read once (logits, gathered latent rows, cache) plus what they write. Each rate is also given as
+a percentage of the ceiling measured in the same run (bf16 / fp8 dense GEMM through torch, device-to-device
+copy counting read + write).
+"""
+
+# ruff: noqa: B023  (every timed lambda runs inside the loop iteration that made it)
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = {
+    "indexer_fp8_tflops": 1000.0,
+    "indexer_bf16_tflops": 550.0,
+    "topk_8192x64K_ms": 1.83,
+    "sparse_mla_prefill_h128_tflops": 450.0,
+    "sparse_decode_tbps": 2.2,
+}
+
+
+def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _bench_graph(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Time ``fn`` replayed from a CUDA graph: the GPU time of a decode step without the host's launch
+    overhead (how an engine runs it)."""
+    import triton.testing
+
+    fn()  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def ceilings(dev: torch.device) -> dict:
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms = _bench(lambda: a @ b)
+    out = {"bf16_gemm_tflops": 2 * n**3 / ms / 1e9, "bf16_gemm_shape": [n, n, n]}
+    try:
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major second operand
+        one = torch.ones((), device=dev)
+        ms = _bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16))
+        out["fp8_gemm_tflops"] = 2 * n**3 / ms / 1e9
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        out["fp8_gemm_error"] = repr(e)
+    x = torch.empty(1 << 28, device=dev, dtype=torch.float32)  # 1 GiB
+    y = torch.empty_like(x)
+    x.uniform_()
+    ms = _bench(lambda: y.copy_(x))
+    out["copy_tbps"] = 2 * x.numel() * 4 / ms / 1e9
+    return out
+
+
+def _causal_windows(S: int, N: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """S new queries at the end of an N-token sequence (the prefill chunk shape of the anchors)."""
+    ke = torch.arange(N - S + 1, N + 1, device=dev, dtype=torch.int32)
+    return torch.zeros_like(ke), ke
+
+
+def bench_indexer(dev, ceil: dict, log) -> dict:
+    from ..ops.kernels.indexer import mqa_logits, mqa_logits_decode, quantize_fp8_per_token
+
+    H, D, S = 64, 128, 8192
+    res: dict = {"prefill": [], "decode": [], "sweep": []}
+    configs = [
+        dict(key_major=True, block_n=128, num_warps=8, num_stages=3),
+        dict(key_major=True, block_n=64, num_warps=4, num_stages=4),
+        dict(key_major=True, block_n=256, num_warps=8, num_stages=3),
+        dict(key_major=False, block_n=128, num_warps=8, num_stages=3),
+        dict(key_major=False, block_n=64, num_warps=4, num_stages=3),
+        dict(key_major=True, block_q=4, block_n=128, num_warps=8, num_stages=3),
+        dict(key_major=True, block_q=4, block_n=64, num_warps=8, num_stages=4),
+    ]
+
+    def inputs(N, fp8):
+        q = torch.randn(S, H, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
+        w = torch.rand(S, H, device=dev) * D**-0.5 * H**-0.5
+        if fp8:
+            q8, qs = quantize_fp8_per_token(q)
+            k8, ksc = quantize_fp8_per_token(k)
+            return q8, k8, w * qs, ksc
+        return q, k, w, None
+
+    best = {}
+    for fp8 in (False, True):
+        N = 32768
+        q, k, w, ksc = inputs(N, fp8)
+        ks, ke = _causal_windows(S, N, dev)
+        pairs = float((ke - ks).sum())
+        for cfg in configs:
+            try:
+                ms = _bench(lambda cfg=cfg: mqa_logits(q, k, w, ks, ke, k_scale=ksc, **cfg))
+                tf = 2 * pairs * H * D / ms / 1e9
+            except Exception as e:  # a config that does not compile is reported, not fatal
+                ms, tf = None, None
+                log(f"  indexer config {cfg} failed: {e!r}"[:300])
+            res["sweep"].append({"dtype": "fp8" if fp8 else "bf16", "N": N, **cfg, "ms": ms, "tflops": tf})
+            if tf is not None and tf > best.get(fp8, ({}, 0.0))[1]:
+                best[fp8] = (cfg, tf)
+    for fp8 in (False, True):
+        cfg = best[fp8][0]
+        for N in (8192, 32768, 65536, 131072):
+            q, k, w, ksc = inputs(N, fp8)
+            ks, ke = _causal_windows(S, N, dev)
+            pairs = float((ke - ks).sum())
+            ms = _bench(lambda: mqa_logits(q, k, w, ks, ke, k_scale=ksc, **cfg))
+            tf = 2 * pairs * H * D / ms / 1e9
+            ceil_key = "fp8_gemm_tflops" if fp8 else "bf16_gemm_tflops"
+            row = {"dtype": "fp8" if fp8 else "bf16", "S": S, "N": N, "H": H, "D": D, "config": cfg, "ms": ms,
+                   "tflops": tf, "pct_of_gemm_ceiling": 100 * tf / ceil[ceil_key] if ceil_key in ceil else None}
+            res["prefill"].append(row)
+            log(f"  indexer {row['dtype']} S={S} N={N}: {ms:.3f} ms  {tf:.0f} TFLOP/s")
+    for fp8 in (False, True):
+        for B, T in ((1, 65536), (64, 65536), (1, 131072), (32, 131072)):
+            q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+            kc = torch.randn(B, T, D, device=dev, dtype=torch.bfloat16)
+            w = torch.rand(B, H, device=dev)
+            ksc = None
+            if fp8:
+                q, qs = quantize_fp8_per_token(q)
+                kc, ksc = quantize_fp8_per_token(kc)
+                w = w * qs
+            lengths = torch.full((B,), T, device=dev, dtype=torch.int32)
+            ms = _bench_graph(lambda: mqa_logits_decode(q, kc, w, lengths, k_scale=ksc))
+            nbytes = B * T * (D * kc.element_size() + (4 if fp8 else 0) + 4)  # keys (+scales) read, logits written
+            tbps = nbytes / ms / 1e9
+            row = {"dtype": "fp8" if fp8 else "bf16", "B": B, "T": T, "ms": ms, "tbps": tbps,
+                   "pct_of_copy": 100 * tbps / ceil["copy_tbps"]}
+            res["decode"].append(row)
+            log(f"  indexer decode {row['dtype']} B={B} T={T}: {ms * 1e3:.1f} us  {tbps:.2f} TB/s")
+    res["best_config"] = {("fp8" if k else "bf16"): v[0] for k, v in best.items()}
+    return res
+
+
+def bench_topk(dev, ceil: dict, log) -> dict:
+    from ..ops.kernels.topk import topk
+
+    K = 2048
+    res: dict = {"prefill": [], "decode": []}
+    S = 8192
+    for N in (8192, 16384, 32768, 65536):
+        x = torch.randn(S, N, device=dev)
+        ks, ke = _causal_windows(S, N, dev)
+        nbytes = float((ke - ks).sum()) * 4
+        ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"))
+        ref_ms = _bench(lambda: torch.topk(x, K, dim=-1), warmup=5, rep=20)
+        row = {"rows": S, "N": N, "k": K, "ms": ms, "tbps_one_read": nbytes / ms / 1e9,
+               "torch_topk_ms": ref_ms}
+        res["prefill"].append(row)
+        log(f"  topk {S}x{N}: {ms:.3f} ms (torch.topk {ref_ms:.3f} ms)")
+    for R in (1, 8, 64):
+        for N in (65536, 131072, 200000):
+            x = torch.randn(R, N, device=dev)
+            row = {"rows": R, "N": N, "k": K}
+            for sched in ("rows", "split"):
+                row[f"{sched}_us"] = 1e3 * _bench_graph(lambda sched=sched: topk(x, K, schedule=sched))
+            row["torch_topk_us"] = 1e3 * _bench_graph(lambda: torch.topk(x, K, dim=-1))
+            res["decode"].append(row)
+            log(f"  topk decode {R}x{N}: rows {row['rows_us']:.1f} us, split {row['split_us']:.1f} us, "
+                f"torch {row['torch_topk_us']:.1f} us")
+    return res
+
+
+def bench_sparse_mla(dev, ceil: dict, log) -> dict:
+    from ..ops.kernels.sparse_mla import sparse_mla, sparse_mla_decode
+
+    DV, DR, K = 512, 64, 2048
+    Dk = DV + DR
+    res: dict = {"prefill": [], "decode": [], "sweep": []}
+    S, N = 4096, 32768
+    kv = torch.randn(N, Dk, device=dev, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(N, device=dev)[:K] for _ in range(S)]).int()
+    configs = [
+        dict(block_h=64, num_warps=8, num_stages=2, block_k=64),
+        dict(block_h=64, num_warps=16, num_stages=2, block_k=64),
+        dict(block_h=32, num_warps=4, num_stages=2, block_k=64),
+        dict(block_h=64, num_warps=8, num_stages=3, block_k=32),
+        dict(block_h=64, num_warps=4, num_stages=2, block_k=64),
+    ]
+    q = torch.randn(S, 128, Dk, device=dev, dtype=torch.bfloat16)
+    best = (None, 0.0)
+    for cfg in configs:
+        try:
+            ms = _bench(lambda cfg=cfg: sparse_mla(q, kv, idx, Dk**-0.5, DV, **cfg))
+            tf = 2 * S * K * 128 * (Dk + DV) / ms / 1e9
+        except Exception as e:
+            ms, tf = None, None
+            log(f"  sparse_mla config {cfg} failed: {e!r}"[:300])
+        res["sweep"].append({"H": 128, **cfg, "ms": ms, "tflops": tf})
+        if tf is not None and tf > best[1]:
+            best = (cfg, tf)
+    for H in (20, 64, 128):
+        q = torch.randn(S, H, Dk, device=dev, dtype=torch.bfloat16)
+        cfg = dict(best[0]) if H >= 64 else {}
+        ms = _bench(lambda: sparse_mla(q, kv, idx, Dk**-0.5, DV, **cfg))
+        tf = 2 * S * K * H * (Dk + DV) / ms / 1e9
+        row = {"S": S, "H": H, "topk": K, "N": N, "config": cfg, "ms": ms, "tflops": tf,
+               "pct_of_bf16_gemm": 100 * tf / ceil["bf16_gemm_tflops"]}
+        res["prefill"].append(row)
+        log(f"  sparse MLA prefill H={H}: {ms:.3f} ms  {tf:.0f} TFLOP/s")
+    res["best_config"] = best[0]
+    T = 32768
+    kc = torch.randn(64, T, Dk, device=dev, dtype=torch.bfloat16)
+    didx = torch.stack([torch.randperm(T, device=dev)[:K] for _ in range(64)]).int()
+    q = torch.randn(64, 20, Dk, device=dev, dtype=torch.bfloat16)
+    for cfg in (dict(n_split=4), dict(n_split=8), dict(n_split=16), dict(n_split=8, num_stages=3),
+                dict(n_split=8, block_k=32, num_warps=4), dict(n_split=16, block_k=32, num_warps=4, num_stages=3)):
+        try:
+            ms = _bench_graph(lambda cfg=cfg: sparse_mla_decode(q, kc, didx, Dk**-0.5, DV, **cfg))
+        except Exception as e:
+            ms = None
+            log(f"  sparse_mla decode config {cfg} failed: {e!r}"[:300])
+        res["sweep"].append({"decode": True, "B": 64, "H": 20, **cfg, "us": None if ms is None else ms * 1e3})
+        log(f"  decode sweep {cfg}: {ms and ms * 1e3} us")
+    for B in (1, 16, 64):
+        kc = torch.randn(B, T, Dk, device=dev, dtype=torch.bfloat16)
+        didx = torch.stack([torch.randperm(T, device=dev)[:K] for _ in range(B)]).int()
+        for H in (20, 64, 128):
+            q = torch.randn(B, H, Dk, device=dev, dtype=torch.bfloat16)
+            ms = _bench_graph(lambda: sparse_mla_decode(q, kc, didx, Dk**-0.5, DV))
+            nbytes = B * K * Dk * 2 + B * H * Dk * 2 + B * H * DV * 4 + B * K * 4
+            tbps = nbytes / ms / 1e9
+            tf = 2 * B * K * H * (Dk + DV) / ms / 1e9
+            row = {"B": B, "H": H, "topk": K, "T": T, "us": ms * 1e3, "tbps": tbps, "tflops": tf,
+                   "pct_of_copy": 100 * tbps / ceil["copy_tbps"]}
+            res["decode"].append(row)
+            log(f"  sparse MLA decode B={B} H={H}: {ms * 1e3:.1f} us  {tbps:.2f} TB/s  {tf:.0f} TFLOP/s")
+    return res
+
+
+def summary_table(result: dict) -> str:
+    c = result["ceilings"]
+    lines = [f"ceilings: bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s, fp8 GEMM "
+             f"{c.get('fp8_gemm_tflops', float('nan')):.0f} TFLOP/s, copy {c['copy_tbps']:.2f} TB/s", ""]
+    lines.append("| kernel | shape | time | rate | % of ceiling | target |")
+    lines.append("|---|---|---|---|---|---|")
+    for r in result["indexer"]["prefill"]:
+        tgt = TARGETS["indexer_fp8_tflops" if r["dtype"] == "fp8" else "indexer_bf16_tflops"]
+        lines.append(f"| indexer {r['dtype']} | S={r['S']} N={r['N']} H=64 D=128 | {r['ms']:.3f} ms | "
+                     f"{r['tflops']:.0f} TFLOP/s | {r['pct_of_gemm_ceiling']:.0f}% | >= {tgt:.0f} |")
+    for r in result["indexer"]["decode"]:
+        lines.append(f"| indexer decode {r['dtype']} | B={r['B']} T={r['T']} | {r['ms'] * 1e3:.1f} us | "
+                     f"{r['tbps']:.2f} TB/s | {r['pct_of_copy']:.0f}% | |")
+    for r in result["topk"]["prefill"]:
+        tgt = f"<= {TARGETS['topk_8192x64K_ms']} ms" if r["N"] == 65536 else ""
+        lines.append(f"| top-k 2048 | {r['rows']} rows x {r['N']} (causal) | {r['ms']:.3f} ms | "
+                     f"{r['tbps_one_read']:.2f} TB/s (1 read) | | {tgt} |")
+    for r in result["topk"]["decode"]:
+        lines.append(f"| top-k 2048 decode | {r['rows']} x {r['N']} | rows {r['rows_us']:.1f} us, split "
+                     f"{r['split_us']:.1f} us | torch {r['torch_topk_us']:.1f} us | | |")
+    for r in result["sparse_mla"]["prefill"]:
+        tgt = f">= {TARGETS['sparse_mla_prefill_h128_tflops']:.0f}" if r["H"] == 128 else ""
+        lines.append(f"| sparse MLA prefill | S={r['S']} H={r['H']} k=2048 | {r['ms']:.3f} ms | "
+                     f"{r['tflops']:.0f} TFLOP/s | {r['pct_of_bf16_gemm']:.0f}% | {tgt} |")
+    for r in result["sparse_mla"]["decode"]:
+        lines.append(f"| sparse MLA decode | B={r['B']} H={r['H']} k=2048 | {r['us']:.1f} us | "
+                     f"{r['tbps']:.2f} TB/s | {r['pct_of_copy']:.0f}% | >= {TARGETS['sparse_decode_tbps']} TB/s |")
+    return "\n".join(lines)
+
+
+def run(out: str | Path, parts: tuple[str, ...] = ("indexer", "topk", "sparse_mla")) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench kernels needs a CUDA GPU")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    import triton
+
+    result: dict = {
+        "command": " ".join(sys.argv),
+        "gpu": torch.cuda.get_device_name(dev),
+        "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "timing": "median of CUDA-event timings, L2 flushed before each run (triton.testing.do_bench); decode "
+              "kernels replayed from a CUDA graph",
+        "targets": TARGETS,
+    }
+    log("ceilings ...")
+    result["ceilings"] = ceilings(dev)
+    log(str(result["ceilings"]))
+    for part, fn in (("indexer", bench_indexer), ("topk", bench_topk), ("sparse_mla", bench_sparse_mla)):
+        if part in parts:
+            log(f"{part} ...")
+            t0 = time.time()
+            result[part] = fn(dev, result["ceilings"], log)
+            log(f"{part} done in {time.time() - t0:.0f} s")
+            torch.cuda.empty_cache()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    if all(p in result for p in ("indexer", "topk", "sparse_mla")):
+        print(summary_table(result))
+    return result

@@ -1,0 +1,240 @@
+"""Exact top-k per row in Triton (k up to 4096, rows of any length), by radix selection.
+
+fp32 logits map to order-preserving int32 keys (the bits of a float, with the magnitude bits of
+negatives flipped, compare as signed integers the way the floats compare). Four histogram passes find
+the k-th largest key digit by digit (8 bits each): each pass counts, among the keys that share the digits
+fixed so far, how many fall in each bin, and fixes the bin where the running count from the top reaches
+k. After them the threshold key ``T`` is exact and so is
+the number of ties to keep; a last pass writes every key ``> T`` and the first ties ``== T`` in index
+order (so ties go to the lowest indices, deterministically). Only the row's window ``[ks, ke)`` is read;
+a window of at most k keys returns its indices directly, ``-1`` filling the rest.
+
+Two schedules share the pass logic:
+
+* ``rows`` (prefill): one program per row, the histogram in registers, five streaming reads of the row.
+* ``split`` (decode: few long rows): each row is cut into ``P`` segments handled by ``P`` programs
+  that add their histograms into a global one with atomics; a tiny program per row turns the histogram
+  into the next digit. The compaction reserves output slots with atomic counters, so the order inside
+  the output (but not the set) varies between runs, and ties are kept in arrival order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import HAVE_TRITON, require_triton
+
+NB = 256  # four passes of 8-bit digits
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    # module constants a kernel may read must be constexpr objects
+    C_NB = tl.constexpr(NB)
+
+    @triton.jit
+    def _keys(x):
+        b = x.to(tl.int32, bitcast=True)
+        return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _digit_pick(hist, need, NB: tl.constexpr):
+        """Largest bin b with count(bins >= b) >= need; returns (b, need - count(bins > b))."""
+        bins = tl.arange(0, NB)
+        suffix = tl.cumsum(hist, axis=0, reverse=True)
+        b = tl.max(tl.where(suffix >= need, bins, -1), axis=0)
+        above = tl.sum(tl.where(bins > b, hist, 0), axis=0)
+        return b, need - above
+
+    @triton.jit
+    def _row_hist(X, ks, ke, prefix, PASS: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
+        """Histogram of digit PASS (1 = the top 8 bits, signed, offset to >= 0) over the keys of
+        ``X[ks:ke]`` whose higher digits equal ``prefix``."""
+        hist = tl.zeros([NB], dtype=tl.int32)
+        for t0 in range(ks, ke, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            m = t < ke
+            key = _keys(tl.load(X + t, mask=m, other=0.0))
+            if PASS == 1:
+                dig = (key >> 24) + NB // 2
+            else:
+                m = m & ((key >> (32 - 8 * (PASS - 1))) == prefix)
+                dig = (key >> (32 - 8 * PASS)) & (NB - 1)
+            hist += tl.histogram(dig, NB, mask=m)
+        return hist
+
+    @triton.jit
+    def _next_prefix(prefix, b, PASS: tl.constexpr, NB: tl.constexpr):
+        if PASS == 1:
+            return b - NB // 2
+        else:
+            return (prefix << 8) | b
+
+    @triton.jit
+    def _topk_rows_kernel(X, KS, KE, OUT, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        Xr = X + r.to(tl.int64) * sx_r
+        Or = OUT + r.to(tl.int64) * so_r
+        ks = tl.maximum(tl.load(KS + r), 0)
+        ke = tl.minimum(tl.load(KE + r), N)
+        length = ke - ks
+        kk = tl.arange(0, KP)
+        if length <= K:
+            tl.store(Or + kk, tl.where(kk < length, ks + kk, -1), mask=kk < K)
+        else:
+            need = K
+            prefix = 0
+            for p in tl.static_range(1, 5):
+                h = _row_hist(Xr, ks, ke, prefix, p, C_NB, BLOCK)
+                b, need = _digit_pick(h, need, C_NB)
+                prefix = _next_prefix(prefix, b, p, C_NB)
+            thr = prefix
+            n_gt = 0
+            n_eq = 0
+            first_tie = K - need
+            for t0 in range(ks, ke, BLOCK):
+                t = t0 + tl.arange(0, BLOCK)
+                m = t < ke
+                key = _keys(tl.load(Xr + t, mask=m, other=0.0))
+                gt = m & (key > thr)
+                eq = m & (key == thr)
+                gi = gt.to(tl.int32)
+                ei = eq.to(tl.int32)
+                pos_gt = n_gt + tl.cumsum(gi, axis=0) - 1
+                tl.store(Or + pos_gt, t, mask=gt)
+                rank = n_eq + tl.cumsum(ei, axis=0) - 1
+                tl.store(Or + first_tie + rank, t, mask=eq & (rank < need))
+                n_gt += tl.sum(gi, axis=0)
+                n_eq += tl.sum(ei, axis=0)
+
+    # ------------------------------------------------------------------ split schedule (decode rows)
+    @triton.jit
+    def _split_hist_kernel(X, KS, KE, STATE, HIST, N, sx_r, SEG, PASS: tl.constexpr, NB: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        p = tl.program_id(1)
+        ks = tl.maximum(tl.load(KS + r), 0)
+        ke = tl.minimum(tl.load(KE + r), N)
+        if ke - ks > tl.load(STATE + r * 4 + 3):  # rows with <= k keys need no selection
+            s0 = ks + p * SEG
+            s1 = tl.minimum(s0 + SEG, ke)
+            prefix = tl.load(STATE + r * 4)
+            h = _row_hist(X + r.to(tl.int64) * sx_r, s0, s1, prefix, PASS, NB, BLOCK)
+            tl.atomic_add(HIST + r * NB + tl.arange(0, NB), h, sem="relaxed")
+
+    @triton.jit
+    def _split_pick_kernel(STATE, HIST, PASS: tl.constexpr, NB: tl.constexpr):
+        # STATE[r] = (prefix, need, unused, k)
+        r = tl.program_id(0)
+        bins = tl.arange(0, NB)
+        h = tl.load(HIST + r * NB + bins)
+        tl.store(HIST + r * NB + bins, tl.zeros([NB], dtype=tl.int32))
+        b, need = _digit_pick(h, tl.load(STATE + r * 4 + 1), NB)
+        tl.store(STATE + r * 4, _next_prefix(tl.load(STATE + r * 4), b, PASS, NB))
+        tl.store(STATE + r * 4 + 1, need)
+
+    @triton.jit
+    def _split_write_kernel(X, KS, KE, STATE, CNT, OUT, N, sx_r, so_r, SEG, KP: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        p = tl.program_id(1)
+        ks = tl.maximum(tl.load(KS + r), 0)
+        ke = tl.minimum(tl.load(KE + r), N)
+        K = tl.load(STATE + r * 4 + 3)
+        Or = OUT + r.to(tl.int64) * so_r
+        length = ke - ks
+        if length <= K:
+            if p == 0:
+                kk = tl.arange(0, KP)
+                tl.store(Or + kk, tl.where(kk < length, ks + kk, -1), mask=kk < K)
+        else:
+            thr = tl.load(STATE + r * 4)
+            need = tl.load(STATE + r * 4 + 1)
+            first_tie = K - need
+            s0 = ks + p * SEG
+            s1 = tl.minimum(s0 + SEG, ke)
+            Xr = X + r.to(tl.int64) * sx_r
+            for t0 in range(s0, s1, BLOCK):
+                t = t0 + tl.arange(0, BLOCK)
+                m = t < s1
+                key = _keys(tl.load(Xr + t, mask=m, other=0.0))
+                gt = m & (key > thr)
+                eq = m & (key == thr)
+                gi = gt.to(tl.int32)
+                ei = eq.to(tl.int32)
+                ngt = tl.sum(gi, axis=0)
+                neq = tl.sum(ei, axis=0)
+                base_gt = tl.atomic_add(CNT + r * 2, ngt, sem="relaxed")
+                tl.store(Or + base_gt + tl.cumsum(gi, axis=0) - 1, t, mask=gt)
+                base_eq = tl.atomic_add(CNT + r * 2 + 1, neq, sem="relaxed")
+                rank = base_eq + tl.cumsum(ei, axis=0) - 1
+                tl.store(Or + first_tie + rank, t, mask=eq & (rank < need))
+
+
+def _prepare(logits: torch.Tensor, k: int, ks: torch.Tensor | None, ke: torch.Tensor | None):
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [rows, N], got {tuple(logits.shape)}")
+    if logits.dtype != torch.float32:
+        raise ValueError(f"logits must be fp32, got {logits.dtype}")
+    if not 1 <= k <= 4096:
+        raise ValueError(f"k must be in [1, 4096], got {k}")
+    R, N = logits.shape
+    dev = logits.device
+    ks = torch.zeros(R, dtype=torch.int32, device=dev) if ks is None else ks.to(torch.int32).contiguous()
+    ke = torch.full((R,), N, dtype=torch.int32, device=dev) if ke is None else ke.to(torch.int32).contiguous()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits, ks, ke
+
+
+def topk(
+    logits: torch.Tensor,
+    k: int,
+    ks: torch.Tensor | None = None,
+    ke: torch.Tensor | None = None,
+    schedule: str = "auto",
+    block: int = 1024,
+    num_warps: int = 8,
+    segments: int | None = None,
+) -> torch.Tensor:
+    """Indices of the ``k`` largest logits of each row inside ``[ks, ke)`` (default: the whole row).
+
+    logits [R, N] fp32 (row stride free). Returns int32 [R, k], unsorted, ``-1`` where the window holds
+    fewer than ``k`` keys; the set equals ``torch.topk``'s except among exactly tied values (here: lowest
+    index first for ``rows``, arrival order for ``split``). ``schedule``: ``rows``, ``split`` or ``auto``
+    (split when there are too few rows to fill the GPU)."""
+    require_triton()
+    logits, ks, ke = _prepare(logits, k, ks, ke)
+    R, N = logits.shape
+    out = torch.full((R, k), -1, dtype=torch.int32, device=logits.device)
+    if R == 0:
+        return out
+    kp = triton.next_power_of_2(k)
+    if schedule == "auto":
+        sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
+        schedule = "split" if R < sms and N > 8 * block else "rows"
+    if schedule == "rows":
+        _topk_rows_kernel[(R,)](logits, ks, ke, out, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block,
+                                num_warps=num_warps)
+        return out
+    if schedule != "split":
+        raise ValueError(f"unknown schedule {schedule!r} (rows, split or auto)")
+    if segments is None:
+        sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 2
+        segments = max(1, min(triton.cdiv(2 * sms, R), triton.cdiv(N, 4 * block)))
+    seg = triton.cdiv(triton.cdiv(N, segments), block) * block
+    dev = logits.device
+    state = torch.zeros(R, 4, dtype=torch.int32, device=dev)
+    state[:, 1] = k
+    state[:, 3] = k
+    hist = torch.zeros(R, NB, dtype=torch.int32, device=dev)
+    cnt = torch.zeros(R, 2, dtype=torch.int32, device=dev)
+    grid = (R, segments)
+    for pass_ in (1, 2, 3, 4):
+        _split_hist_kernel[grid](logits, ks, ke, state, hist, N, logits.stride(0), seg, PASS=pass_, NB=NB,
+                                 BLOCK=block, num_warps=num_warps)
+        _split_pick_kernel[(R,)](state, hist, PASS=pass_, NB=NB, num_warps=4)
+    _split_write_kernel[grid](logits, ks, ke, state, cnt, out, N, logits.stride(0), out.stride(0), seg, KP=kp,
+                              BLOCK=block, num_warps=num_warps)
+    return out
