@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..ops.kernels import resources
+
 TARGETS = {
     "indexer_fp8_tflops": 1000.0,
     "indexer_bf16_tflops": 550.0,
@@ -152,6 +154,7 @@ def bench_indexer(dev, ceil: dict, log) -> dict:
             res["decode"].append(row)
             log(f"  indexer decode {row['dtype']} B={B} T={T}: {ms * 1e3:.1f} us  {tbps:.2f} TB/s")
     res["best_config"] = {("fp8" if k else "bf16"): v[0] for k, v in best.items()}
+    res["resources_last"] = resources("mqa_logits")
     return res
 
 
@@ -159,18 +162,31 @@ def bench_topk(dev, ceil: dict, log) -> dict:
     from ..ops.kernels.topk import topk
 
     K = 2048
-    res: dict = {"prefill": [], "decode": []}
+    res: dict = {"prefill": [], "decode": [], "sweep": []}
     S = 8192
+    x = torch.randn(S, 65536, device=dev)
+    ks, ke = _causal_windows(S, 65536, dev)
+    best = ({}, float("inf"))
+    for cfg in (dict(block=1024, num_warps=8), dict(block=2048, num_warps=8), dict(block=4096, num_warps=8),
+                dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=4096, num_warps=16)):
+        ms = _bench(lambda cfg=cfg: topk(x, K, ks, ke, schedule="bucket", **cfg), warmup=5, rep=20)
+        res["sweep"].append({"rows": S, "N": 65536, **cfg, "ms": ms})
+        log(f"  topk sweep {cfg}: {ms:.3f} ms")
+        if ms < best[1]:
+            best = (cfg, ms)
+    res["best_config"] = best[0]
     for N in (8192, 16384, 32768, 65536):
         x = torch.randn(S, N, device=dev)
         ks, ke = _causal_windows(S, N, dev)
         nbytes = float((ke - ks).sum()) * 4
-        ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"))
+        ms = _bench(lambda: topk(x, K, ks, ke, schedule="bucket", **best[0]))
+        rows_ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"), warmup=5, rep=20)
         ref_ms = _bench(lambda: torch.topk(x, K, dim=-1), warmup=5, rep=20)
-        row = {"rows": S, "N": N, "k": K, "ms": ms, "tbps_one_read": nbytes / ms / 1e9,
-               "torch_topk_ms": ref_ms}
+        row = {"rows": S, "N": N, "k": K, "schedule": "bucket", "ms": ms, "tbps_one_read": nbytes / ms / 1e9,
+               "radix_rows_ms": rows_ms, "torch_topk_ms": ref_ms}
+        row["resources"] = resources("topk_bucket")
         res["prefill"].append(row)
-        log(f"  topk {S}x{N}: {ms:.3f} ms (torch.topk {ref_ms:.3f} ms)")
+        log(f"  topk {S}x{N}: bucket {ms:.3f} ms, radix rows {rows_ms:.3f} ms (torch.topk {ref_ms:.3f} ms)")
     for R in (1, 8, 64):
         for N in (65536, 131072, 200000):
             x = torch.randn(R, N, device=dev)
@@ -179,6 +195,7 @@ def bench_topk(dev, ceil: dict, log) -> dict:
                 row[f"{sched}_us"] = 1e3 * _bench_graph(lambda sched=sched: topk(x, K, schedule=sched))
             row["torch_topk_us"] = 1e3 * _bench_graph(lambda: torch.topk(x, K, dim=-1))
             res["decode"].append(row)
+            res["resources_split_hist"] = resources("topk_split_hist")
             log(f"  topk decode {R}x{N}: rows {row['rows_us']:.1f} us, split {row['split_us']:.1f} us, "
                 f"torch {row['torch_topk_us']:.1f} us")
     return res
@@ -219,6 +236,7 @@ def bench_sparse_mla(dev, ceil: dict, log) -> dict:
         tf = 2 * S * K * H * (Dk + DV) / ms / 1e9
         row = {"S": S, "H": H, "topk": K, "N": N, "config": cfg, "ms": ms, "tflops": tf,
                "pct_of_bf16_gemm": 100 * tf / ceil["bf16_gemm_tflops"]}
+        row["resources"] = resources("sparse_mla")
         res["prefill"].append(row)
         log(f"  sparse MLA prefill H={H}: {ms:.3f} ms  {tf:.0f} TFLOP/s")
     res["best_config"] = best[0]
@@ -266,8 +284,9 @@ def summary_table(result: dict) -> str:
                      f"{r['tbps']:.2f} TB/s | {r['pct_of_copy']:.0f}% | |")
     for r in result["topk"]["prefill"]:
         tgt = f"<= {TARGETS['topk_8192x64K_ms']} ms" if r["N"] == 65536 else ""
-        lines.append(f"| top-k 2048 | {r['rows']} rows x {r['N']} (causal) | {r['ms']:.3f} ms | "
-                     f"{r['tbps_one_read']:.2f} TB/s (1 read) | | {tgt} |")
+        lines.append(f"| top-k 2048 | {r['rows']} rows x {r['N']} (causal) | {r['ms']:.3f} ms (radix "
+                     f"{r['radix_rows_ms']:.2f}, torch {r['torch_topk_ms']:.2f}) | {r['tbps_one_read']:.2f} TB/s "
+                     f"(1 read) | {100 * r['tbps_one_read'] / c['copy_tbps']:.0f}% | {tgt} |")
     for r in result["topk"]["decode"]:
         lines.append(f"| top-k 2048 decode | {r['rows']} x {r['N']} | rows {r['rows_us']:.1f} us, split "
                      f"{r['split_us']:.1f} us | torch {r['torch_topk_us']:.1f} us | | |")

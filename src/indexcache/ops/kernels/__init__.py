@@ -45,6 +45,21 @@ if HAVE_TRITON and interpreted():  # pragma: no cover - CPU test path
     _interpreter_scalar_index()
 
 
+LAST_COMPILED: dict[str, object] = {}  # kernel name -> the compiled kernel of its last launch
+
+
+def resources(name: str) -> dict | None:
+    """Registers per thread, spilled registers and shared memory of a kernel's last compiled variant
+    (the compiler's resource report, for the benchmark notes)."""
+    k = LAST_COMPILED.get(name)
+    if k is None:
+        return None
+    meta = getattr(k, "metadata", None)
+    return {"n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None),
+            "shared_bytes": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
+            "num_stages": getattr(meta, "num_stages", None)}
+
+
 def require_triton() -> None:
     if not HAVE_TRITON:
         raise RuntimeError("the triton backend needs the `triton` package (pip install triton)")

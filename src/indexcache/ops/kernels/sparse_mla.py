@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import HAVE_TRITON, require_triton
+from . import HAVE_TRITON, LAST_COMPILED, require_triton
 
 LOG2E = 1.4426950408889634
 
@@ -166,7 +166,7 @@ def sparse_mla(
     if S == 0:
         return o[:, :, 0], lse[:, :, 0]
     grid = (S, triton.cdiv(H, bh), n_split)
-    _sparse_mla_kernel[grid](
+    LAST_COMPILED["sparse_mla"] = _sparse_mla_kernel[grid](
         q, kv, indices, o, lse,
         rows_per_group, H, K, chunk, qpb, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), o.stride(0), o.stride(1), o.stride(2),
