@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .pattern import CONVENTIONS, Pattern, PatternError, parse_spec
 
@@ -159,6 +160,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         stages=args.stages, force_full=_int_list(args.force_full), resume=args.resume, device=args.device,
         dtype=args.dtype, scoring=args.scoring, cache_gb=args.cache_gb,
         baselines=[] if args.baselines == "none" else args.baselines.split(","),
+        backend=args.backend, device_map=args.device_map,
     )
     report = run_search(opt)
     if not report:  # not the main rank of a torchrun job
@@ -183,6 +185,31 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     adj = sum(float(mat[i + 1, i]) for i in range(n - 1)) / max(n - 1, 1)
     print(f"{n}x{n} overlap: mean adjacent-layer overlap {adj:.3f}, minimum {float(mat.min()):.3f}")
     print(f"wrote {args.out}/overlap.csv, overlap.png, overlap.json")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evals.runner import EvalOptions, command_line, format_table, run_eval
+    from .utils import write_atomic
+
+    model = args.model or default_model()
+    if model is None:
+        raise ValueError("give a MODEL directory (no bundled model here)")
+    opt = EvalOptions(
+        model=model, patterns=args.pattern or [None], tasks=args.tasks, lengths=args.lengths, samples=args.samples,
+        haystack=args.haystack, ppl_data=args.ppl_data or [], ppl_windows=args.ppl_windows, seed=args.seed,
+        device=args.device, dtype=args.dtype, draft=not args.no_draft, progress=not args.quiet,
+        command=command_line(getattr(args, "argv", [])),
+    )
+    report = run_eval(opt)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda p: p.write_text(json.dumps(report, indent=1)))
+    print(format_table(report))
+    print(f"\n{report['seconds']:.0f} s; wrote {out}")
     return 0
 
 
@@ -264,6 +291,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "kernels":
+        from .bench.kernels import run as run_kernels
+
+        run_kernels(args.out, parts=tuple(args.parts.split(",")))
+        return 0
+    if args.what == "e2e":
+        from .bench.e2e import run as run_e2e
+
+        contexts = [int(float(c[:-1]) * 1000) if c.lower().endswith("k") else int(c) for c in args.contexts.split(",")]
+        run_e2e(args.out, contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
+                decode_steps=args.decode_steps, large_batch=args.large_batch)
+        return 0
+    raise ValueError(f"unknown benchmark {args.what!r}")
+
+
+# ------------------------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .data.text import load_tokenizer
+    from .engine import Engine
+
+    text = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
+    tok = load_tokenizer(args.model)
+    ids = tok.encode(text).ids
+    if not ids:
+        raise ValueError(f"{args.prompt_file} tokenizes to nothing")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = load_model(args.model, dtype=dtype, device=args.device, verbose=False)
+    max_len = args.max_len or len(ids) + args.max_new_tokens
+    eng = Engine(model, args.pattern, max_batch=1, max_len=max_len, chunk=args.chunk)
+    eos = model.config.raw.get("eos_token_id")
+    eos = eos if isinstance(eos, int) else None
+    out: list[int] = []
+    shown = ""
+
+    def stream(step: int, new: torch.Tensor) -> None:
+        nonlocal shown
+        out.append(int(new[0]))
+        full = tok.decode(out)
+        print(full[len(shown):], end="", flush=True)
+        shown = full
+
+    eng.generate([torch.tensor(ids)], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, top_k=args.top_k, eos_token_id=eos, seed=args.seed, on_token=stream)
+    print()
+    return 0
+
+
 # ------------------------------------------------------------------------------------- random-model
 def cmd_random_model(args: argparse.Namespace) -> int:
     from .presets import make_random_checkpoint
@@ -274,6 +353,12 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- main
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="indexcache", description="IndexCache tools for DSA models")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -323,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
     p.add_argument("--cache-gb", type=float, default=2.0, help="memory for cached prefix states")
+    p.add_argument("--backend", choices=["native", "hf"], default="native",
+                   help="native: this package's model; hf: the model's transformers class with the pattern applied")
+    p.add_argument("--device-map", help="with --backend hf: transformers device_map to spread the model over "
+                   "devices (auto, balanced, a device, a JSON object or a .json file of module -> device)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("overlap", help="cross-layer top-k overlap of the all-Full model (csv + heatmap)")
@@ -331,6 +420,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(p)
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
     p.set_defaults(func=cmd_overlap)
+
+    p = sub.add_parser("eval", help="long-context tasks (RULER-style, passkey, MQAR) and perplexity, per pattern")
+    p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
+    p.add_argument("--pattern", action="append", help="pattern(s) to compare, one row each (repeatable; "
+                   "default: the model's own)")
+    p.add_argument("--tasks", nargs="+", help="task families, space- or comma-separated: all (default), none, niah, "
+                   "niah_single, niah_multikey, niah_multivalue, niah_multiquery, passkey, vt, cwe, fwe, mqar")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[1024],
+                   help="context lengths in tokens of the model's tokenizer (default 1024)")
+    p.add_argument("--samples", type=positive_int, default=10, help="samples per task and length (default 10)")
+    p.add_argument("--haystack", help="filler text: a text file or directory of books, or 'noise' "
+                   "(default: the built-in synthetic corpus)")
+    p.add_argument("--ppl-data", nargs="+", metavar="[NAME=]PATH[,PATH]",
+                   help="perplexity data sets (text files, directories, .jsonl, .npy), measured at each length")
+    p.add_argument("--ppl-windows", type=positive_int, default=4,
+                   help="perplexity windows per data set and length, evenly spaced (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-draft", action="store_true",
+                   help="decode one token per forward (slower, same tokens) instead of verifying context drafts")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="JSON report to write")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a model directory that carries a pattern, plus engine flags")
     p.add_argument("model")
@@ -371,6 +484,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=positive_int, default=4096, help="safetensors shard size of the saved model")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("bench", help="GPU benchmarks that print tables and write JSON")
+    p.add_argument("what", choices=["kernels", "e2e"],
+                   help="kernels: ceilings, then each Triton kernel at anchor shapes; e2e: engine prefill/decode")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--parts", default="indexer,topk,sparse_mla", help="comma list of kernel groups (kernels)")
+    p.add_argument("--contexts", default="10K,60K,120K,200K", help="context lengths (e2e)")
+    p.add_argument("--experts", type=positive_int, default=16, help="routed experts (e2e; the real model has 64)")
+    p.add_argument("--layers", type=positive_int, default=47, help="decoder layers (e2e)")
+    p.add_argument("--chunk", type=positive_int, default=8192, help="prefill chunk (e2e)")
+    p.add_argument("--decode-steps", type=positive_int, default=32, help="timed decode steps (e2e)")
+    p.add_argument("--large-batch", type=positive_int, default=8, help="the larger decode batch (e2e)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("generate", help="generate text with the engine (chunked prefill, cached decode)")
+    p.add_argument("model", help="model directory (with its tokenizer)")
+    p.add_argument("--prompt-file", required=True)
+    p.add_argument("--pattern", default=None, help="IndexCache pattern (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chunk", type=positive_int, default=4096, help="prefill chunk")
+    p.add_argument("--max-len", type=positive_int, default=None, help="cache length (default: prompt + new)")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("random-model", help="write a random DSA checkpoint (demos and tests)")
     p.add_argument("out")
     p.add_argument("--arch", default="glm_moe_dsa", choices=["glm_moe_dsa", "deepseek_v32"])
@@ -396,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     from .search.greedy import SearchError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports record their exact command line
     device = getattr(args, "device", "cpu") or "cpu"
     if str(device).startswith("cuda"):
         import torch

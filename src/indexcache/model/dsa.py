@@ -74,6 +74,7 @@ class Context:
     dense: bool = False
     scoring: str = "exact"
     backend: str = "torch"  # "triton": indexer, top-k and sparse attention on the Triton kernels
+    ties: str = "topk"  # how exact index-score ties are broken: "topk" (torch.topk) or "lowest" index
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     trace: Trace | None = None
     pattern: Pattern | None = None  # the pattern of the running forward
@@ -139,7 +140,8 @@ class Indexer(nn.Module):
                                       fp8=ctx.scoring == "fp8")
             return idx, None
         return indexer_topk(
-            q, w, k, self.topk, self.softmax_scale, ctx.slots, ctx.budget_bytes, return_scores=want_scores
+            q, w, k, self.topk, self.softmax_scale, ctx.slots, ctx.budget_bytes, return_scores=want_scores,
+            ties=ctx.ties,
         )
 
 
@@ -338,6 +340,7 @@ class DSAForCausalLM(nn.Module):
         self.tie_weights()
         self.scoring = "exact"
         self.backend = "torch"
+        self.ties = "topk"
         self.budget_bytes = DEFAULT_BUDGET_BYTES
 
     # ---------------------------------------------------------------------------- structure
@@ -392,6 +395,14 @@ class DSAForCausalLM(nn.Module):
                 raise ValueError("the triton kernels need power-of-two indexer heads/dims, kv_lora_rank and rope dim")
         self.backend = backend
 
+    def set_tie_break(self, ties: str) -> None:
+        """How the plain path breaks exact index-score ties (a score of exactly 0 when every head's ReLU is
+        off is common): ``"topk"`` as ``torch.topk`` (and transformers), ``"lowest"`` key index first, as
+        the Triton top-k. Only the choice among exactly equal scores changes."""
+        if ties not in ("topk", "lowest"):
+            raise ValueError(f"unknown tie break {ties!r} (topk or lowest)")
+        self.ties = ties
+
     def to_dtype(self, dtype: torch.dtype) -> DSAForCausalLM:
         """Cast weights to ``dtype``, except those DeepSeek/transformers keep in fp32: the indexer's
         ``weights_proj`` and the router's correction bias (cast from their current values, never
@@ -431,7 +442,7 @@ class DSAForCausalLM(nn.Module):
         return Context(
             rope=Rope(self.config, positions, self.dtype), positions=positions.to(self.device), slots=slots,
             dense=dense,
-            scoring=self.scoring, backend=self.backend, budget_bytes=self.budget_bytes, trace=trace,
+            scoring=self.scoring, backend=self.backend, ties=self.ties, budget_bytes=self.budget_bytes, trace=trace,
             collect=collect,
         )
 

@@ -54,6 +54,14 @@ class Rope:
         self.sin = (freqs.sin() * scaling).to(dtype)
         self.positions = positions
 
+    def at(self, positions: torch.Tensor) -> Rope:
+        """The rows of this table (built over positions 0..n-1) at ``positions``, without recomputing them
+        (a gather, so a captured CUDA graph can move positions without host work); same values."""
+        out = Rope.__new__(Rope)
+        out.cos, out.sin = self.cos[positions], self.sin[positions]
+        out.positions = positions
+        return out
+
     def _bcast(self, x: torch.Tensor, seq_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         # x [..., S, (heads...), d]: put the table's S on seq_dim and broadcast the rest.
         shape = [1] * x.dim()

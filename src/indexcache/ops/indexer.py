@@ -59,12 +59,14 @@ def indexer_topk(
     q_pos: torch.Tensor,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     return_scores: bool = False,
+    ties: str = "topk",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal top-k key indices per query.
 
     Returns ``indices`` [B, S, min(topk, T)] int64, highest score first, ``-1`` where a query sees fewer
     than that many keys (so a row keeps exactly min(topk, visible) indices), and optionally the dense
-    masked scores [B, S, T].
+    masked scores [B, S, T]. ``ties``: ``"topk"`` keeps whichever exactly tied keys ``torch.topk`` keeps
+    (as transformers does); ``"lowest"`` keeps the lowest key indices among ties, as the Triton top-k does.
     """
     B, S, H, _ = q.shape
     T = k.shape[1]
@@ -80,7 +82,11 @@ def indexer_topk(
         row[..., :t_end] = _causal(_score_block(q[:, s0:s1], w[:, s0:s1], k[:, :t_end], scale), pos)
         # top-k over the full-length row: torch.topk breaks exact ties (e.g. scores of exactly 0 when
         # every head's ReLU is off) depending on the row length, so chunking must not change it.
-        vals, idx = row.topk(K, dim=-1)
+        if ties == "lowest":  # a stable descending sort puts equal scores in index order
+            vals, idx = row.sort(dim=-1, descending=True, stable=True)
+            vals, idx = vals[..., :K], idx[..., :K]
+        else:
+            vals, idx = row.topk(K, dim=-1)
         indices[:, s0:s1] = idx.masked_fill(vals == float("-inf"), -1)
         if scores_out is not None:
             scores_out[:, s0:s1] = row

@@ -38,6 +38,8 @@ class SearchOptions:
     scoring: str = "exact"
     cache_gb: float = 2.0
     progress: bool = True
+    backend: str = "native"  # "native": this package's model; "hf": the transformers class (search/hf_backend.py)
+    device_map: str | None = None  # with backend "hf": transformers' device_map (auto, a device, JSON, .json file)
 
 
 def target_full(n: int, keep: float | None, num_full: int | None) -> int:
@@ -57,7 +59,17 @@ def run_search(opt: SearchOptions) -> dict:
         opt.device = f"cuda:{dist.rank}"
         torch.cuda.set_device(opt.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opt.dtype]
-    model = load_model(opt.model, dtype=dtype, device=opt.device, scoring=opt.scoring, verbose=dist.is_main)
+    if opt.backend not in ("native", "hf"):
+        raise SearchError(f"unknown backend {opt.backend!r} (native or hf)")
+    if opt.device_map is not None and opt.backend != "hf":
+        raise SearchError("--device-map needs --backend hf")
+    if opt.backend == "hf":
+        from .hf_backend import load_hf_for_search
+
+        model = load_hf_for_search(opt.model, dtype=dtype, device=opt.device, device_map=opt.device_map,
+                                   scoring=opt.scoring, world=dist.world)
+    else:
+        model = load_model(opt.model, dtype=dtype, device=opt.device, scoring=opt.scoring, verbose=dist.is_main)
     cfg = model.config
     n = cfg.num_hidden_layers
     seq_len = opt.seq_len or max(2 * cfg.index_topk, 512)
@@ -71,9 +83,15 @@ def run_search(opt: SearchOptions) -> dict:
         raise SearchError(f"the checkpoint has indexers on only {start.num_full} layers; cannot keep {target}")
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = LossEvaluator(model, cal.batches(opt.batch_size), cache_bytes=int(opt.cache_gb * (1 << 30)))
+    cache_bytes = int(opt.cache_gb * (1 << 30))
+    if opt.backend == "hf":
+        evaluator = model.evaluator(cal.batches(opt.batch_size), cache_bytes=cache_bytes)
+    else:
+        evaluator = LossEvaluator(model, cal.batches(opt.batch_size), cache_bytes=cache_bytes)
     fingerprint = {"model": str(Path(opt.model).resolve()), "calibration": cal.fingerprint, "seq_len": seq_len,
                    "dtype": opt.dtype, "scoring": opt.scoring, "batch_size": opt.batch_size}
+    if opt.backend != "native":  # the two backends agree to fp32 rounding, not bit for bit: no mixed resume
+        fingerprint["backend"] = opt.backend
     result = greedy_search(evaluator, start=start, target_full=None if opt.to_end else target, stages=opt.stages,
                            forced_full=forced, state_path=out / "search_state.json", resume=opt.resume,
                            fingerprint=fingerprint, dist=dist, progress=opt.progress)
@@ -84,7 +102,9 @@ def run_search(opt: SearchOptions) -> dict:
     if "uniform" in opt.baselines:
         baselines["uniform"] = uniform_baselines(evaluator, n, start, opt.progress)
     if "similarity" in opt.baselines:
-        if start.num_full != n:
+        if opt.backend != "native":
+            baselines["similarity"] = {"skipped": "runs on the native backend only"}
+        elif start.num_full != n:
             baselines["similarity"] = {"skipped": "needs an indexer on every layer"}
         else:
             sims = similarity_matrix(model, cal.batches(opt.batch_size), progress=opt.progress)
@@ -97,6 +117,8 @@ def run_search(opt: SearchOptions) -> dict:
             baselines["similarity"] = rows
             baselines["similarity_matrix"] = [[round(float(v), 5) for v in row] for row in sims]
     report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
+    if opt.backend != "native":
+        report["backend"] = {"name": opt.backend, "placement": model.placement()}
     write_outputs(report, out)
     dist.close()
     return report

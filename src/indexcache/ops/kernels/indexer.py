@@ -198,6 +198,12 @@ def mqa_logits_decode(
     require_triton()
     _check(q, k_cache, w, k_scale)
     B, T = k_cache.shape[0], k_cache.shape[1]
+    H = q.shape[1]
+    if H < 16:
+        # a program holds at least 16 rows; with fewer heads it would span several requests, whose caches
+        # differ. Zero heads with zero weight add exactly nothing.
+        q = torch.cat((q, q.new_zeros(B, 16 - H, q.shape[2])), dim=1)
+        w = torch.cat((w, w.new_zeros(B, 16 - H)), dim=1)
     q, k_cache, w = q.contiguous(), k_cache.contiguous(), w.contiguous()
     ks = torch.zeros(B, dtype=torch.int32, device=q.device)
     ke = lengths.to(torch.int32).contiguous()

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import HAVE_TRITON, LAST_COMPILED, require_triton
+from . import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
 
 LOG2E = 1.4426950408889634
 
@@ -35,7 +35,7 @@ if HAVE_TRITON:
         Q, KV, IDX, O, LSE,
         N, H, TOPK, CHUNK, QPB, sm_scale_log2,
         sq_s, sq_h, skv_n, si_s, so_s, so_h, so_p, sl_s, sl_h,
-        DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+        DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
     ):
         s = tl.program_id(0)
         hb = tl.program_id(1)
@@ -62,15 +62,22 @@ if HAVE_TRITON:
             rows = KVs + tl.where(valid, idx, 0).to(tl.int64) * skv_n
             c = tl.load(rows[:, None] + dv[None, :], mask=valid[:, None], other=0.0)  # [BK, DV]
             kr = tl.load(rows[:, None] + DV + dr[None, :], mask=valid[:, None], other=0.0)  # [BK, DR]
-            sc = tl.dot(qn, tl.trans(c))
-            sc = tl.dot(qr, tl.trans(kr), acc=sc)
+            if IEEE:  # fp32 operands: full fp32 products (Triton's default for fp32 is tf32)
+                sc = tl.dot(qn, tl.trans(c), input_precision="ieee")
+                sc = tl.dot(qr, tl.trans(kr), acc=sc, input_precision="ieee")
+            else:
+                sc = tl.dot(qn, tl.trans(c))
+                sc = tl.dot(qr, tl.trans(kr), acc=sc)
             sc = tl.where(valid[None, :], sc * sm_scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing valid yet
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(sc - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
             m_i = m_new
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -171,7 +178,8 @@ def sparse_mla(
         rows_per_group, H, K, chunk, qpb, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
-        DV=d_v, DR=Dk - d_v, BH=bh, BK=block_k, num_warps=num_warps, num_stages=num_stages,
+        DV=d_v, DR=Dk - d_v, BH=bh, BK=block_k, IEEE=q.dtype == torch.float32 and not interpreted(),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if n_split == 1:
         return o[:, :, 0], lse[:, :, 0]

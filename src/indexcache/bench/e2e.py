@@ -1,0 +1,284 @@
+"""``indexcache bench e2e``: prefill and decode speed of the engine with IndexCache, GLM-4.7-Flash-DSA shape.
+
+Random weights in the shape of GLM-4.7-Flash with DSA (47 layers, hidden 2048, 20 heads, MLA with q_lora
+768 / kv_lora 512 / nope 192 / rope 64 / v 256, first layer dense (10240), then MoE top-4 of E routed
+experts (1536) + 1 shared, indexer 32 heads x 128, top-k 2048). ``--experts`` lowers E (64 in the real
+model) so that weights and a 200K cache fit one 80 GB GPU; the compute per token is unchanged, since every
+token still runs 4 routed + 1 shared expert.
+
+For each pattern (all-Full, uniform 1/2, uniform 1/4) and context length:
+
+* **TTFT**: one prefill of a batch-1 prompt of that length, chunked, wall time between synchronisations;
+  CUDA events around every indexer call (projection, scoring, top-k) give the indexer's share of it.
+* **Decode**: batch 1 after that prefill, and a larger batch whose caches are filled with random values at
+  the same length (decode time does not depend on the values; re-running B prefills would take minutes).
+  Steps are replayed from a CUDA graph; the indexer's share is the indexer work of all Full layers
+  captured in its own graph, over the step's time.
+* Cache bytes per token, peak GPU memory, speedups over all-Full, and the Amdahl limit
+  ``1 / (1 - r f)`` of removing a fraction r of the indexers when the indexer takes f of all-Full time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..config import DSAConfig
+from ..pattern import Pattern
+
+GLM47_FLASH_DSA = dict(
+    vocab_size=151552, hidden_size=2048, intermediate_size=10240, moe_intermediate_size=1536,
+    num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20, q_lora_rank=768, kv_lora_rank=512,
+    qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, n_routed_experts=64, num_experts_per_tok=4,
+    n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, index_n_heads=32, index_head_dim=128,
+    index_topk=2048, max_position_embeddings=202752, rope_theta=1000000.0, norm_topk_prob=True,
+    routed_scaling_factor=1.8, architectures=["GlmMoeDsaForCausalLM"], model_type="glm_moe_dsa",
+    indexer_rope_interleave=True, eos_token_id=0, pad_token_id=1, bos_token_id=None,
+)
+
+TARGETS = {"prefill_200k_all_full_s": 15.0, "prefill_200k_quarter_s": 8.0, "decode_200k_b1_quarter_tok_s": 150.0,
+           "quarter_prefill_speedup_within_amdahl": 0.10}
+
+
+def random_model(experts: int, layers: int = 47, seed: int = 0):
+    """The model built on the meta device, cast, then materialised and filled on the GPU (no CPU copy)."""
+    from ..model.dsa import DSAForCausalLM
+
+    cfg = DSAConfig.from_dict(dict(GLM47_FLASH_DSA, n_routed_experts=experts, num_hidden_layers=layers))
+    with torch.device("meta"):
+        model = DSAForCausalLM(cfg)
+    model.to_dtype(torch.bfloat16)
+    model.to_empty(device="cuda")
+    model.tie_weights()
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        for b in model.buffers():
+            b.zero_()
+    return model.eval()
+
+
+class EventTimer:
+    """CUDA events around named regions; totals in ms after a synchronisation."""
+
+    def __init__(self):
+        self.events: dict[str, list] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        yield
+        b.record()
+        self.events.setdefault(name, []).append((a, b))
+
+    def totals(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        return {k: sum(a.elapsed_time(b) for a, b in v) for k, v in self.events.items()}
+
+
+def _fill_random(eng, B: int, length: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for c in list(eng.latent) + list(eng.index_k.values()):
+        c[:B, :length].normal_(0.0, 1.0, generator=g)
+    eng.lengths[:B] = length
+
+
+def _decode_rate(eng, B: int, steps: int) -> float:
+    tok = torch.zeros(B, dtype=torch.long, device="cuda")
+    start = eng.lengths[:B].clone()
+    eng.decode(tok)  # capture (and warm-up)
+    eng.lengths[:B] = start
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.decode(tok)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    eng.lengths[:B] = start
+    return dt
+
+
+def _decode_share(eng, B: int, step_ms: float) -> dict:
+    """The indexer's share of a graph-replayed decode step: the same indexer work (projection, indexer-K
+    cache write, scoring against the cache, top-k) for every Full layer, captured in its own CUDA graph on
+    inputs of the step's shapes and timed the same way; the step itself was timed from its graph."""
+    import triton.testing
+
+    model, cfg = eng.model, eng.cfg
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(1, B, cfg.hidden_size, device="cuda", dtype=eng.dtype, generator=g)
+    qr = torch.randn(1, B, cfg.q_lora_rank, device="cuda", dtype=eng.dtype, generator=g)
+    pos = eng.lengths[:B].long()
+    lengths = eng.lengths[:B] + 1
+    rows = torch.arange(B, device="cuda")
+    ctx = eng._ctx(pos)
+
+    def indexer_only():
+        for i in eng.pattern.full_layers:
+            ind = model.model.layers[i].self_attn.indexer
+            iq, iw, ik = ind.project(x, qr, ctx)
+            eng.index_k[i][rows, pos] = ik[0]  # beyond every length: the caches stay valid
+            eng.ops.decode_select(iq[0], iw[0] * ind.softmax_scale, eng.index_k[i][:B], lengths, eng.topk)
+
+    with torch.no_grad():
+        indexer_only()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            indexer_only()
+        ms = float(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"))
+    return {"indexer_ms": ms, "step_ms": step_ms, "indexer_share": ms / step_ms,
+            "method": "indexer work of all Full layers in its own CUDA graph / the graph-replayed step"}
+
+
+def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 47, chunk: int = 8192,
+        decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None) -> dict:
+    from ..engine import Engine
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench e2e needs a CUDA GPU")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    torch.manual_seed(0)
+    t_init = time.time()
+    model = random_model(experts, layers)
+    log(f"model: {layers} layers, {experts} routed experts, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, built in {time.time() - t_init:.0f} s")
+    named = {"all-Full": Pattern.parse("F" * layers), "uniform 1/2": Pattern.uniform(layers, 2),
+             "uniform 1/4": Pattern.uniform(layers, 4)}
+    if patterns:
+        named = {k: v for k, v in named.items() if k in patterns}
+    max_ctx = max(contexts)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (max_ctx,), device="cuda")
+    result: dict = {
+        "command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": {"shape": "GLM-4.7-Flash with DSA", **{k: v for k, v in GLM47_FLASH_DSA.items()
+                                                       if isinstance(v, int | float)},
+                  "n_routed_experts": experts, "num_hidden_layers": layers,
+                  "note": f"routed experts lowered from 64 to {experts} to fit one GPU; every token still runs "
+                          "4 routed + 1 shared expert, so the compute per token is unchanged",
+                  "params": sum(p.numel() for p in model.parameters())},
+        "chunk": chunk, "decode_steps": decode_steps, "targets": TARGETS, "runs": [],
+    }
+    for name, pat in named.items():
+        # warm-up: compile every kernel variant this pattern's prefill and decode use, outside the timings
+        warm = Engine(model, pat, max_batch=2, max_len=2 * chunk + 64, chunk=chunk)
+        warm.prefill(0, ids[: 2 * chunk])
+        warm.decode(torch.zeros(1, dtype=torch.long, device="cuda"))
+        del warm
+        for ctx in contexts:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            per_req = None
+            eng = Engine(model, pat, max_batch=1, max_len=ctx + decode_steps + 8, chunk=chunk)
+            per_req = eng.cache_bytes_per_token
+            eng.timer = timer = EventTimer()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            eng.prefill(0, ids[:ctx])
+            torch.cuda.synchronize()
+            ttft = time.perf_counter() - t0
+            tot = timer.totals()
+            eng.timer = None
+            row = {"pattern": name, "pattern_str": str(pat), "num_full": len(pat.full_layers), "context": ctx,
+                   "ttft_s": ttft, "prefill_indexer_s": tot.get("indexer", 0.0) / 1e3,
+                   "prefill_attention_s": tot.get("attention", 0.0) / 1e3,
+                   "prefill_indexer_share": tot.get("indexer", 0.0) / 1e3 / ttft,
+                   "cache_bytes_per_token": per_req,
+                   "cache_latent_bytes_per_token": eng.spec.latent_bytes_per_token,
+                   "cache_indexer_bytes_per_token": eng.spec.index_bytes_per_token}
+            dt = _decode_rate(eng, 1, decode_steps)
+            row["decode_b1_ms"] = dt * 1e3
+            row["decode_b1_tok_s"] = 1.0 / dt
+            row["decode_b1"] = _decode_share(eng, 1, dt * 1e3)
+            row["peak_memory_gib_b1"] = torch.cuda.max_memory_allocated() / 2**30
+            del eng
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info()
+            B = max(2, min(large_batch, int(0.8 * free // ((ctx + decode_steps + 8) * per_req))))
+            engb = Engine(model, pat, max_batch=B, max_len=ctx + decode_steps + 8, chunk=chunk)
+            _fill_random(engb, B, ctx)
+            dtb = _decode_rate(engb, B, decode_steps)
+            row.update({"large_batch": B, "decode_large_ms": dtb * 1e3, "decode_large_tok_s": B / dtb,
+                        "decode_large": _decode_share(engb, B, dtb * 1e3),
+                        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+            del engb
+            result["runs"].append(row)
+            log(f"{name:12s} ctx={ctx:>6d}: TTFT {ttft:7.2f} s (indexer {100 * row['prefill_indexer_share']:.0f}%), "
+                f"decode b1 {row['decode_b1_tok_s']:6.1f} tok/s (indexer {100 * row['decode_b1']['indexer_share']:.0f}%"
+                f"), b{B} {row['decode_large_tok_s']:7.1f} tok/s, cache {per_req} B/token, "
+                f"peak {row['peak_memory_gib']:.1f} GiB")
+    _speedups(result)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    try:
+        plot(result, Path(out).with_suffix(".png"))
+    except Exception as e:  # the JSON is what matters; a plotting failure is reported, not fatal
+        log(f"plot failed: {e!r}")
+    print(table(result))
+    return result
+
+
+def _speedups(result: dict) -> None:
+    base = {r["context"]: r for r in result["runs"] if r["pattern"] == "all-Full"}
+    for r in result["runs"]:
+        b = base.get(r["context"])
+        if b is None:
+            continue
+        removed = 1.0 - r["num_full"] / b["num_full"]
+        f = b["prefill_indexer_share"]
+        r["prefill_speedup"] = b["ttft_s"] / r["ttft_s"]
+        r["decode_b1_speedup"] = r["decode_b1_tok_s"] / b["decode_b1_tok_s"]
+        r["decode_large_speedup"] = r["decode_large_tok_s"] / b["decode_large_tok_s"]
+        r["prefill_amdahl_limit"] = 1.0 / (1.0 - removed * f)
+        r["prefill_speedup_vs_amdahl"] = r["prefill_speedup"] / r["prefill_amdahl_limit"]
+
+
+def table(result: dict) -> str:
+    lines = ["| pattern | context | TTFT s | indexer % prefill | prefill speedup | Amdahl limit | decode b1 tok/s "
+             "| indexer % decode | decode speedup | batch | decode tok/s | cache B/token | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(
+            f"| {r['pattern']} | {r['context']} | {r['ttft_s']:.2f} | {100 * r['prefill_indexer_share']:.0f} | "
+            f"{r.get('prefill_speedup', 1):.2f}x | {r.get('prefill_amdahl_limit', 1):.2f}x | "
+            f"{r['decode_b1_tok_s']:.1f} | {100 * r['decode_b1']['indexer_share']:.0f} | "
+            f"{r.get('decode_b1_speedup', 1):.2f}x | {r['large_batch']} | {r['decode_large_tok_s']:.0f} | "
+            f"{r['cache_bytes_per_token']} | {r['peak_memory_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["pattern"] for r in result["runs"]):
+        rs = [r for r in result["runs"] if r["pattern"] == name]
+        ctx = [r["context"] / 1000 for r in rs]
+        axes[0].plot(ctx, [r["ttft_s"] for r in rs], marker="o", label=name)
+        axes[1].plot(ctx, [r["decode_b1_tok_s"] for r in rs], marker="o", label=name)
+    axes[0].set(xlabel="context (K tokens)", ylabel="prefill time, TTFT (s)", title="Prefill")
+    axes[1].set(xlabel="context (K tokens)", ylabel="decode throughput, batch 1 (tok/s)", title="Decode")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"GLM-4.7-Flash-DSA shape ({result['model']['n_routed_experts']} experts), {result['gpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
