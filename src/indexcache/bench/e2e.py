@@ -276,6 +276,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set(xlabel="context (K tokens)", ylabel="prefill time, TTFT (s)", title="Prefill")
     axes[1].set(xlabel="context (K tokens)", ylabel="decode throughput, batch 1 (tok/s)", title="Decode")
     for ax in axes:
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"GLM-4.7-Flash-DSA shape ({result['model']['n_routed_experts']} experts), {result['gpu']}")
