@@ -201,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opt = EvalOptions(
         model=model, patterns=args.pattern or [None], tasks=args.tasks, lengths=args.lengths, samples=args.samples,
         haystack=args.haystack, ppl_data=args.ppl_data or [], ppl_windows=args.ppl_windows, seed=args.seed,
-        device=args.device, dtype=args.dtype, draft=not args.no_draft, progress=not args.quiet,
+        device=args.device, dtype=args.dtype, decode=args.decode, draft=not args.no_draft, progress=not args.quiet,
         command=command_line(getattr(args, "argv", [])),
     )
     report = run_eval(opt)
@@ -439,8 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--decode", default="cache", choices=["cache", "recompute"],
+                   help="cache: the engine's latent/indexer caches (default); recompute: a full forward per step")
     p.add_argument("--no-draft", action="store_true",
-                   help="decode one token per forward (slower, same tokens) instead of verifying context drafts")
+                   help="with --decode recompute: one token per forward instead of verifying context drafts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="JSON report to write")
     p.set_defaults(func=cmd_eval)

@@ -1,0 +1,326 @@
+"""Run the long-context suite on a DSA model: greedy answers per pattern, and perplexity per context length.
+
+Two ways to decode the same greedy tokens:
+
+* ``decode="cache"`` (the default): :class:`indexcache.engine.Engine` prefills the prompt into its latent
+  and indexer caches once, then decodes one token per step against them.
+* ``decode="recompute"``: :meth:`DSAForCausalLM.forward_layers` on the whole sequence at every step, the
+  model's own reference path. To keep that affordable it verifies several tokens per forward: a draft is
+  taken from the context itself (the tokens that followed the latest earlier occurrence of the sequence's
+  last few tokens, as in prompt-lookup decoding), the model scores the sequence with the draft appended,
+  and the draft is accepted up to its first token that differs from the model's own argmax, which is taken
+  instead. The gold answers are never used. Because the model is causal, the tokens chosen are those of a
+  one-token-per-forward loop (``draft=False``).
+
+The paths can differ only where two logits tie to rounding (sums run in another order); the tests check
+that they give the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.text import DataError, load_tokenizer, token_windows
+from ..lm import lm_loss
+from ..pattern import Pattern, parse_spec
+from .tasks import INT, Haystack, Sample, TaskError, chance_levels, make_samples, parse_families, score
+
+
+# -------------------------------------------------------------------------------------------- decoding
+@dataclass
+class Generation:
+    text: str  # the output, cut before its first stop string (leading whitespace kept out of the check)
+    ids: list[int]  # every token generated
+    forwards: int  # passes over the sequence (recompute) or prefills plus decode steps (cache)
+    stopped: str  # "stop", "eos" or "length"
+
+
+def _draft(seq: np.ndarray, max_len: int, max_ngram: int = 8) -> list[int]:
+    """Tokens that followed the latest earlier occurrence of the longest suffix (up to ``max_ngram``) of ``seq``."""
+    if max_len <= 0:
+        return []
+    n_seq = seq.shape[0]
+    for n in range(min(max_ngram, n_seq - 1), 0, -1):
+        suffix = seq[n_seq - n :]
+        # start positions i < n_seq - n of earlier copies of the suffix
+        win = np.lib.stride_tricks.sliding_window_view(seq[: n_seq - 1], n)
+        hits = np.flatnonzero((win == suffix).all(axis=1))
+        if hits.size:
+            i = int(hits[-1]) + n
+            return seq[i : i + max_len].tolist()
+    return []
+
+
+def _last_logits(model, ids: torch.Tensor, pattern: Pattern, last: int) -> torch.Tensor:
+    """Logits of the last ``last`` positions (the LM head runs on those rows only)."""
+    ctx = model.make_context(ids.shape[1])
+    h, _ = model.forward_layers(model.model.embed_tokens(ids), ctx, pattern)
+    return model.head(h[:, -last:])[0].float()
+
+
+def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to its first stop string, searched after any leading whitespace (a base model may open
+    its answer with a line break). The marker :data:`INT` stops right after the first complete integer."""
+    body = text.lstrip()
+    lead = len(text) - len(body)
+    hits = [body.find(s) for s in stop if s and s != INT and s in body]
+    if INT in stop:
+        m = re.match(r"\D*?\d+(?=\D)", body)
+        if m:
+            hits.append(m.end())
+    return (text[: lead + min(hits)], True) if hits else (text, False)
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model,
+    tokenizer,
+    ids: list[int],
+    max_new_tokens: int,
+    pattern: Pattern | str | None = None,
+    stop: tuple[str, ...] = (),
+    eos_id: int | None = None,
+    draft: bool = True,
+) -> Generation:
+    """The model's greedy continuation of ``ids``: at most ``max_new_tokens`` tokens, ending at a stop string
+    (searched after any leading whitespace) or at ``eos_id``."""
+    pat = model.runnable_pattern(pattern)
+    seq = list(ids)
+    new: list[int] = []
+    forwards = 0
+    limit = model.config.max_position_embeddings
+    while len(new) < max_new_tokens:
+        # the last accepted token is a free extra: the draft covers one token fewer than the budget left
+        d = _draft(np.asarray(seq), max_new_tokens - len(new) - 1) if draft else []
+        d = d[: max(0, limit - len(seq) - 1)]
+        x = torch.tensor([seq + d], dtype=torch.long, device=model.device)
+        preds = _last_logits(model, x, pat, len(d) + 1).argmax(-1).tolist()
+        forwards += 1
+        for j, t in enumerate(preds):
+            new.append(t)
+            seq.append(t)
+            if eos_id is not None and t == eos_id:
+                return Generation(_cut(tokenizer.decode(new[:-1]), stop)[0], new, forwards, "eos")
+            text, hit = _cut(tokenizer.decode(new), stop)
+            if hit:
+                return Generation(text, new, forwards, "stop")
+            if len(new) >= max_new_tokens or j >= len(d) or t != d[j]:
+                break
+    return Generation(tokenizer.decode(new), new, forwards, "length")
+
+
+@torch.inference_mode()
+def greedy_generate_cached(
+    engine,
+    tokenizer,
+    ids: list[int],
+    max_new_tokens: int,
+    stop: tuple[str, ...] = (),
+    eos_id: int | None = None,
+) -> Generation:
+    """:func:`greedy_generate` on an :class:`indexcache.engine.Engine` (its pattern): one prefill of ``ids``
+    into slot 0, then one cached decode step per token."""
+    logits = engine.prefill(0, torch.tensor(ids, dtype=torch.long))
+    new: list[int] = []
+    forwards = 1
+    while True:
+        t = int(logits.argmax())
+        new.append(t)
+        if eos_id is not None and t == eos_id:
+            return Generation(_cut(tokenizer.decode(new[:-1]), stop)[0], new, forwards, "eos")
+        text, hit = _cut(tokenizer.decode(new), stop)
+        if hit:
+            return Generation(text, new, forwards, "stop")
+        if len(new) >= max_new_tokens:
+            return Generation(tokenizer.decode(new), new, forwards, "length")
+        logits = engine.decode(torch.tensor([t], dtype=torch.long))[0]
+        forwards += 1
+
+
+def make_engine(model, pattern: Pattern | str | None, max_len: int):
+    """An engine for one request at a time; prefill chunks bound the memory of the indexer logits."""
+    from ..engine import Engine
+
+    return Engine(model, pattern, max_batch=1, max_len=max_len, chunk=2048)
+
+
+def run_sample(model, tokenizer, sample: Sample, pattern: Pattern | str | None = None, draft: bool = True,
+               eos_id: int | None = None, engine=None) -> dict:
+    """Answer every turn of ``sample`` greedily (on ``engine`` when given, else by recomputing); each turn's
+    answer (cut at its stop string) stays in the context before the next turn's query. Returns the outputs,
+    the score and the work done."""
+    ids = tokenizer.encode(sample.prompt).ids
+    outputs, new_tokens, forwards = [], 0, 0
+    for turn in range(sample.turns):
+        if turn:
+            ids = ids + tokenizer.encode(outputs[-1]).ids + tokenizer.encode(sample.followups[turn - 1]).ids
+        if engine is not None:
+            g = greedy_generate_cached(engine, tokenizer, ids, sample.max_new_tokens, sample.stop, eos_id)
+        else:
+            g = greedy_generate(model, tokenizer, ids, sample.max_new_tokens, pattern, sample.stop, eos_id, draft)
+        outputs.append(g.text)
+        new_tokens += len(g.ids)
+        forwards += g.forwards
+    return {"outputs": outputs, "score": score(sample, outputs), "new_tokens": new_tokens, "forwards": forwards}
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+def parse_ppl_spec(spec: str) -> tuple[str, list[str]]:
+    """``[NAME=]PATH[,PATH...]`` -> (name, paths); the name defaults to the first path's file name."""
+    name, _, rest = spec.partition("=") if "=" in spec else ("", "", spec)
+    paths = [p for p in rest.split(",") if p]
+    if not paths:
+        raise DataError(f"--ppl-data {spec!r} names no file")
+    if not name:
+        name = Path(paths[0]).name.split(".")[0]
+    return name, paths
+
+
+def ppl_windows(paths: list[str], tokenizer, seq_len: int, num_windows: int, vocab_size: int) -> torch.Tensor:
+    """``num_windows`` windows of ``seq_len`` tokens, evenly spaced over the files' non-overlapping windows."""
+    windows = torch.cat([token_windows(p, seq_len, tokenizer, vocab_size=vocab_size) for p in paths])
+    pick = np.unique(np.linspace(0, windows.shape[0] - 1, min(num_windows, windows.shape[0])).round().astype(int))
+    return windows[torch.from_numpy(pick)]
+
+
+# ------------------------------------------------------------------------------------------- the suite
+@dataclass
+class EvalOptions:
+    model: str
+    patterns: list[str | None] = field(default_factory=lambda: [None])  # None: the model's own pattern
+    tasks: list[str] | None = None  # None: all families
+    lengths: list[int] = field(default_factory=lambda: [1024])
+    samples: int = 10
+    haystack: str | None = None  # None: the built-in synthetic corpus; "noise"; or a file / directory
+    ppl_data: list[str] = field(default_factory=list)  # [NAME=]PATH[,PATH...]
+    ppl_windows: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    decode: str = "cache"  # cache (the engine) | recompute (full forward per step)
+    draft: bool = True  # recompute only: verify context drafts (same tokens, fewer forwards)
+    progress: bool = True
+    command: str = ""
+
+
+def run_eval(opt: EvalOptions) -> dict:
+    """Generate the samples once per length, then score every pattern on the same samples, and measure
+    perplexity on the same windows. Returns the report (what ``indexcache eval`` writes as JSON)."""
+    from ..checkpoint import load_model
+
+    t_start = time.time()
+    families = parse_families(opt.tasks)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    model = load_model(opt.model, dtype=dtypes[opt.dtype], device=opt.device, verbose=False).eval()
+    cfg = model.config
+    too_long = [L for L in opt.lengths if L > cfg.max_position_embeddings]
+    if too_long:
+        raise TaskError(f"--lengths {too_long} exceed the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}")
+    if opt.decode not in ("cache", "recompute"):
+        raise TaskError(f"unknown decode mode {opt.decode!r} (choose from cache, recompute)")
+    patterns = [model.pattern if s is None else parse_spec(s, cfg.num_hidden_layers) for s in opt.patterns]
+    for p in patterns:
+        model.runnable_pattern(p)  # fail before any work when a pattern needs indexers the model lacks
+    tok = load_tokenizer(opt.model)
+    ppl_sets = [parse_ppl_spec(s) for s in opt.ppl_data]
+    hay = Haystack(opt.haystack) if families else None
+
+    samples: dict[int, list[Sample]] = {}
+    windows: dict[tuple[str, int], torch.Tensor] = {}
+    for L in opt.lengths:
+        samples[L] = make_samples(families, tok, L, opt.samples, opt.seed, hay) if families else []
+        for name, paths in ppl_sets:
+            windows[name, L] = ppl_windows(paths, tok, L, opt.ppl_windows, cfg.vocab_size)
+
+    eos = cfg.raw.get("eos_token_id")
+    eos_id = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
+    # the longest context any turn can reach: the prompt and followups plus every turn's answer, re-encoded
+    # (a byte that is not valid UTF-8 on its own decodes to U+FFFD, which encodes back to up to 3 tokens)
+    everything = [s for ss in samples.values() for s in ss]
+    max_len = max((s.num_tokens + s.turns * (3 * s.max_new_tokens + 8) for s in everything), default=0) + 16
+    results, records = [], []
+    for pat in patterns:
+        engine = make_engine(model, pat, max_len) if opt.decode == "cache" and everything else None
+        for L in opt.lengths:
+            t0 = time.time()
+            row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "tasks": {}}
+            for name, _ in ppl_sets:
+                loss = lm_loss(model, windows[name, L], pat, progress=opt.progress, desc=f"ppl {name} {L}")
+                row["ppl"][name] = math.exp(loss)
+            scores: dict[str, list[float]] = {f: [] for f in families}
+            bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
+            for s in bar:
+                bar.set_postfix_str(s.family, refresh=False)
+                r = run_sample(model, tok, s, pat, opt.draft, eos_id, engine)
+                scores[s.family].append(r["score"])
+                records.append({"pattern": str(pat), "length": L, "family": s.family, "index": s.index,
+                                "score": r["score"], "outputs": r["outputs"], "answers": s.answers,
+                                "num_tokens": s.num_tokens, "new_tokens": r["new_tokens"], "forwards": r["forwards"],
+                                "needles": [[n.char_start, n.char_end, n.token_start, n.token_end] for n in s.needles],
+                                "depths": s.meta.get("depths")})
+            bar.close()
+            row["tasks"] = {f: 100 * sum(v) / len(v) for f, v in scores.items() if v}
+            row["average"] = sum(row["tasks"].values()) / len(row["tasks"]) if row["tasks"] else None
+            row["seconds"] = round(time.time() - t0, 2)
+            results.append(row)
+    return {
+        "command": opt.command, "model": opt.model, "device": opt.device, "dtype": opt.dtype, "seed": opt.seed,
+        "samples_per_task": opt.samples, "lengths": opt.lengths, "tasks": families,
+        "haystack": hay.name if hay else None, "ppl_data": dict(ppl_sets), "ppl_windows": opt.ppl_windows,
+        "decoding": "greedy, " + ("cached (engine)" if opt.decode == "cache" else
+                                  "recomputed, context drafts verified" if opt.draft else "recomputed"),
+        "chance": {str(L): {f: {k: 100 * v for k, v in c.items()} for f, c in chance_levels(samples[L]).items()}
+                   for L in opt.lengths if samples[L]},
+        "results": results, "samples": records, "seconds": round(time.time() - t_start, 2),
+    }
+
+
+def _short(p: Pattern) -> str:
+    s = str(p)
+    return s if len(s) <= 20 else s[:17] + "..."
+
+
+def format_table(report: dict) -> str:
+    """One table per length: a row per pattern, columns PPL per data set, each task family, and the task
+    average (scores x100); the last row gives the chance level of a uniform pick among in-prompt candidates."""
+    lines: list[str] = []
+    for L in report["lengths"]:
+        rows = [r for r in report["results"] if r["length"] == L]
+        ppl_names = list(report["ppl_data"])
+        fams = report["tasks"]
+        heads = ["pattern", "Full"] + [f"ppl:{n}" for n in ppl_names] + fams + (["avg"] if fams else [])
+        table = []
+        for r in rows:
+            cells = [r["pattern"], str(r["num_full"])] + [f"{r['ppl'][n]:.2f}" for n in ppl_names]
+            cells += [f"{r['tasks'][f]:.1f}" for f in fams] + ([f"{r['average']:.1f}"] if fams else [])
+            table.append(cells)
+        ch = report["chance"].get(str(L))
+        if ch:
+            copy = [f"{ch[f]['copy_chance']:.1f}" for f in fams]
+            avg = sum(ch[f]["copy_chance"] for f in fams) / len(fams)
+            table.append(["in-prompt guess", ""] + [""] * len(ppl_names) + copy + [f"{avg:.1f}"])
+        widths = [max(len(h), *(len(c[i]) for c in table)) for i, h in enumerate(heads)]
+        what = f", {report['samples_per_task']} samples per task (scores x100)" if fams else ""
+        lines.append(f"\ncontext {L} tokens{what}")
+        for c in [heads, *table]:
+            cells = [x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths, strict=True))]
+            lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def command_line(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in ["indexcache", *argv])
+
+
+__all__ = ["EvalOptions", "Generation", "command_line", "format_table", "greedy_generate", "greedy_generate_cached",
+           "make_engine", "parse_ppl_spec", "ppl_windows", "run_eval", "run_sample"]
