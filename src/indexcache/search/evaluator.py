@@ -34,11 +34,23 @@ class Counters:
 
 
 class LossEvaluator:
+    """Runs this package's model; a subclass can run another implementation of the same layers by
+    overriding ``_select``, ``_run_layer`` and ``_nll`` (see ``search.hf_backend``)."""
+
     def __init__(self, model: DSAForCausalLM, batches: list[torch.Tensor], cache_bytes: int = 2 << 30,
                  reuse: bool = True):
         self.model = model
-        self.n_layers = model.config.num_hidden_layers
-        self.batches = [b.to(model.device) for b in batches]
+        self._init_cache(model.config.num_hidden_layers, batches, model.device, cache_bytes, reuse)
+        self.ctx = model.make_context(self.batches[0].shape[1])
+        self._pattern: Pattern | None = None
+        with torch.no_grad():
+            self._embedded: State = [(model.model.embed_tokens(b), None) for b in self.batches]
+
+    def _init_cache(self, n_layers: int, batches: list[torch.Tensor], device, cache_bytes: int, reuse: bool) -> None:
+        if not batches:
+            raise ValueError("no calibration batches")
+        self.n_layers = n_layers
+        self.batches = [b.to(device) for b in batches]
         self.reuse = reuse
         self.cache_bytes = cache_bytes
         self.counters = Counters()
@@ -47,9 +59,6 @@ class LossEvaluator:
         seq = self.batches[0].shape[1]
         if any(b.shape[1] != seq for b in self.batches):
             raise ValueError("all calibration batches must have the same sequence length")
-        self.ctx = model.make_context(seq)
-        with torch.no_grad():
-            self._embedded: State = [(model.model.embed_tokens(b), None) for b in self.batches]
 
     # ------------------------------------------------------------------------------- cache
     @staticmethod
@@ -84,21 +93,31 @@ class LossEvaluator:
             self._cache_size -= self._nbytes(self._cache.pop(key))
 
     # ---------------------------------------------------------------------------- evaluate
+    def _select(self, pat: str) -> None:
+        """Make ``pat`` the pattern the next layers run with (validated against the model's indexers)."""
+        self._pattern = self.model.runnable_pattern(pat)
+        self.ctx.pattern = self._pattern
+
+    def _run_layer(self, i: int, state: State) -> State:
+        layer = self.model.model.layers[i]
+        return [layer(h, self.ctx, self._pattern.is_full(i), carry) for h, carry in state]
+
+    def _nll(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        return next_token_nll(self.model.head(h), ids)
+
     @torch.no_grad()
     def loss(self, pattern: Pattern | str) -> float:
         """Mean next-token cross-entropy (nats) over all calibration tokens."""
         pat = str(Pattern.parse(pattern))
-        p = self.model.runnable_pattern(pat)
+        self._select(pat)
         start, state = self._lookup(pat)
-        self.ctx.pattern = p
         for i in range(start, self.n_layers):
-            layer = self.model.model.layers[i]
-            state = [layer(h, self.ctx, p.is_full(i), carry) for h, carry in state]
+            state = self._run_layer(i, state)
             if i + 1 < self.n_layers:
                 self._store(pat[: i + 1], state)
         total, count = 0.0, 0
         for (h, _), ids in zip(state, self.batches, strict=True):
-            nll, n = next_token_nll(self.model.head(h), ids)
+            nll, n = self._nll(h, ids)
             total += nll
             count += n
         n_b = len(self.batches)

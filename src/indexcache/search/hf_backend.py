@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from ..hf import (
 )
 from ..ops.indexer import DEFAULT_BUDGET_BYTES
 from ..pattern import Pattern
-from .evaluator import Counters, LossEvaluator
+from .evaluator import LossEvaluator, State
 from .greedy import SearchError
 
 
@@ -49,23 +48,12 @@ class HFLossEvaluator(LossEvaluator):
 
     def __init__(self, hf_model: nn.Module, batches: list[torch.Tensor], cache_bytes: int = 2 << 30,
                  reuse: bool = True, head_budget_bytes: int = DEFAULT_BUDGET_BYTES):
-        # LossEvaluator.__init__ builds a context for this package's own model; the cache fields are set here
+        # LossEvaluator.__init__ builds a context for this package's own model; only its cache is shared
         model_arch(hf_model)
         self.model = hf_model
-        self.n_layers = len(decoder_layers(hf_model))
-        self.reuse = reuse
-        self.cache_bytes = cache_bytes
         self.head_budget_bytes = head_budget_bytes
-        self.counters = Counters()
-        self._cache = OrderedDict()
-        self._cache_size = 0
-        if not batches:
-            raise ValueError("no calibration batches")
-        device = hf_model.get_input_embeddings().weight.device
-        self.batches = [b.to(device) for b in batches]
-        seq = self.batches[0].shape[1]
-        if any(b.shape[1] != seq for b in self.batches):
-            raise ValueError("all calibration batches must have the same sequence length")
+        self._init_cache(len(decoder_layers(hf_model)), batches, hf_model.get_input_embeddings().weight.device,
+                         cache_bytes, reuse)
         self.indexer_layers = indexer_layers(hf_model)
         embedded, self._layer_kwargs = [], []
         for ids in self.batches:
@@ -74,28 +62,16 @@ class HFLossEvaluator(LossEvaluator):
             self._layer_kwargs.append(_share_equal(kw, self._layer_kwargs))
         self._embedded = embedded
 
-    @torch.no_grad()
-    def loss(self, pattern: Pattern | str) -> float:
-        """Mean next-token cross-entropy (nats) over all calibration tokens."""
-        pat = str(Pattern.parse(pattern))
+    def _select(self, pat: str) -> None:
         # validates the pattern against the model's indexers; keep them all, later candidates need them
         apply_pattern(self.model, pat, drop_shared_indexers=False)
-        start, state = self._lookup(pat)
-        for i in range(start, self.n_layers):
-            state = [forward_layers(self.model, h, kw, i, i + 1, carry)
-                     for (h, carry), kw in zip(state, self._layer_kwargs, strict=True)]
-            if i + 1 < self.n_layers:
-                self._store(pat[: i + 1], state)
-        total, count = 0.0, 0
-        for (h, _), ids in zip(state, self.batches, strict=True):
-            nll, n = head_nll(self.model, h, ids, self.head_budget_bytes)
-            total += nll
-            count += n
-        n_b = len(self.batches)
-        self.counters.evaluations += 1
-        self.counters.layer_forwards += (self.n_layers - start) * n_b
-        self.counters.naive_layer_forwards += self.n_layers * n_b
-        return total / count
+
+    def _run_layer(self, i: int, state: State) -> State:
+        return [forward_layers(self.model, h, kw, i, i + 1, carry)
+                for (h, carry), kw in zip(state, self._layer_kwargs, strict=True)]
+
+    def _nll(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        return head_nll(self.model, h, ids, self.head_budget_bytes)
 
 
 def _share_equal(kwargs: dict, earlier: list[dict]) -> dict:
