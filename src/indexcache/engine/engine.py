@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.dsa import MLA, Context, DSAForCausalLM, MoE
+from ..model.dsa import Context, DSAForCausalLM, MoE
 from ..model.rope import Rope
 from ..pattern import Pattern
 
@@ -213,13 +213,6 @@ class Engine:
             return nullcontext()
         return self.timer(name)
 
-    @staticmethod
-    def _project_out(attn: MLA, out: torch.Tensor) -> torch.Tensor:
-        """[N, H, kv_lora] attention output in latent space -> hidden, through W_uv and o_proj."""
-        w_uv = attn.kv_b_proj.weight.view(attn.n_heads, attn.dn + attn.dv, attn.kv_lora)[:, attn.dn :]
-        o = torch.einsum("nhc,hvc->nhv", out.to(w_uv.dtype), w_uv).reshape(out.shape[0], attn.n_heads * attn.dv)
-        return attn.o_proj(o)
-
     # ------------------------------------------------------------------------------ prefill
     @torch.no_grad()
     def prefill(self, slot: int, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -263,7 +256,7 @@ class Engine:
                                                   self.index_k[i][slot, :p1], ke, self.topk)
             with self._timed("attention"):
                 out = self.ops.prefill_attend(q[0], self.latent[i][slot, :p1], idx, attn.softmax_scale, attn.kv_lora)
-            h = h + self._project_out(attn, out)[None]
+            h = h + attn.project_out(out)[None]
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h[0]
 
@@ -290,7 +283,7 @@ class Engine:
                                                  lengths, self.topk)
             with self._timed("attention"):
                 out = self.ops.decode_attend(q[0], self.latent[i][:B], idx, attn.softmax_scale, attn.kv_lora)
-            h = h + self._project_out(attn, out)[None]
+            h = h + attn.project_out(out)[None]
             hn = layer.post_attention_layernorm(h)
             h = h + (self.static_moe[i](hn) if i in self.static_moe else layer.mlp(hn))
         self.lengths[:B] += 1

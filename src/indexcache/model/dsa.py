@@ -212,8 +212,6 @@ class MLA(nn.Module):
             )
         if ctx.collect is not None:
             ctx.collect(layer=layer, full=full, attn=self, x=x, qr=qr, indices=use_idx, probs=probs, ctx=ctx)
-        w_uv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, self.dn :]
-        out = torch.einsum("bshc,hvc->bshv", out, w_uv).reshape(B, S, self.n_heads * self.dv)
         if trace is not None:
             rec = LayerRecord(source=layer if full else ctx.pattern.source_layer(layer))
             if trace.indices:
@@ -222,7 +220,13 @@ class MLA(nn.Module):
             if probs is not None and trace.attn:
                 rec.attn = probs.detach() if use_idx is None else _scatter_probs(probs, use_idx, T)
             trace.records[layer] = rec
-        return self.o_proj(out), indices
+        return self.project_out(out), indices
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space [..., H, kv_lora] -> hidden [..., hidden]: W_uv, then o_proj."""
+        w_uv = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, self.dn :]
+        o = torch.einsum("...hc,hvc->...hv", out.to(w_uv.dtype), w_uv)
+        return self.o_proj(o.flatten(-2))
 
 
 def _all_visible(B: int, slots: torch.Tensor, T: int) -> torch.Tensor:

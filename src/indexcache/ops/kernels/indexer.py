@@ -144,6 +144,13 @@ def _check(q, k, w, k_scale):
         raise ValueError("fp8 keys need their per-token k_scale")
 
 
+def _logits_out(rows: int, n: int, device: torch.device, clean: bool) -> torch.Tensor:
+    # the kernel writes only the tiles inside its queries' windows; `clean` makes the rest -inf
+    if clean:
+        return torch.full((rows, n), float("-inf"), dtype=torch.float32, device=device)
+    return torch.empty(rows, n, dtype=torch.float32, device=device)
+
+
 def mqa_logits(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,10 +173,7 @@ def mqa_logits(
     S, N = q.shape[0], k.shape[0]
     q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
     ks, ke = ks.to(torch.int32).contiguous(), ke.to(torch.int32).contiguous()
-    if clean:
-        out = torch.full((S, N), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        out = torch.empty(S, N, dtype=torch.float32, device=q.device)
+    out = _logits_out(S, N, q.device, clean)
     if S == 0 or N == 0:
         return out
     _launch(q, k, w, ks, ke, k_scale.float().contiguous() if k_scale is not None else None, out, S, N,
@@ -207,10 +211,7 @@ def mqa_logits_decode(
     q, k_cache, w = q.contiguous(), k_cache.contiguous(), w.contiguous()
     ks = torch.zeros(B, dtype=torch.int32, device=q.device)
     ke = lengths.to(torch.int32).contiguous()
-    if clean:
-        out = torch.full((B, T), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        out = torch.empty(B, T, dtype=torch.float32, device=q.device)
+    out = _logits_out(B, T, q.device, clean)
     if B == 0 or T == 0:
         return out
     sc = k_scale.float().contiguous() if k_scale is not None else None

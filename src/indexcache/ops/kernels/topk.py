@@ -45,6 +45,17 @@ if HAVE_TRITON:
         return b ^ ((b >> 31) & 0x7FFFFFFF)
 
     @triton.jit
+    def _window(KS, KE, r, N):
+        """Row r's key window [ks, ke), clipped to the row."""
+        return tl.maximum(tl.load(KS + r), 0), tl.minimum(tl.load(KE + r), N)
+
+    @triton.jit
+    def _write_whole_window(Or, ks, length, K, KP: tl.constexpr):
+        """A window of at most K keys keeps all of them, then -1."""
+        kk = tl.arange(0, KP)
+        tl.store(Or + kk, tl.where(kk < length, ks + kk, -1), mask=kk < K)
+
+    @triton.jit
     def _digit_pick(hist, need, NB: tl.constexpr):
         """Largest bin b with count(bins >= b) >= need; returns (b, need - count(bins > b))."""
         bins = tl.arange(0, NB)
@@ -109,12 +120,9 @@ if HAVE_TRITON:
         r = tl.program_id(0)
         Xr = X + r.to(tl.int64) * sx_r
         Or = OUT + r.to(tl.int64) * so_r
-        ks = tl.maximum(tl.load(KS + r), 0)
-        ke = tl.minimum(tl.load(KE + r), N)
-        length = ke - ks
-        kk = tl.arange(0, KP)
-        if length <= K:
-            tl.store(Or + kk, tl.where(kk < length, ks + kk, -1), mask=kk < K)
+        ks, ke = _window(KS, KE, r, N)
+        if ke - ks <= K:
+            _write_whole_window(Or, ks, ke - ks, K, KP)
         else:
             _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
@@ -131,12 +139,9 @@ if HAVE_TRITON:
         Xr = X + r.to(tl.int64) * sx_r
         Or = OUT + r.to(tl.int64) * so_r
         Cr = CAND + r.to(tl.int64) * CAP
-        ks = tl.maximum(tl.load(KS + r), 0)
-        ke = tl.minimum(tl.load(KE + r), N)
-        length = ke - ks
-        kk = tl.arange(0, KP)
-        if length <= K:
-            tl.store(Or + kk, tl.where(kk < length, ks + kk, -1), mask=kk < K)
+        ks, ke = _window(KS, KE, r, N)
+        if ke - ks <= K:
+            _write_whole_window(Or, ks, ke - ks, K, KP)
         else:
             # pass 1: the range of the finite values
             vmax = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -204,8 +209,7 @@ if HAVE_TRITON:
                            BLOCK: tl.constexpr):
         r = tl.program_id(0)
         p = tl.program_id(1)
-        ks = tl.maximum(tl.load(KS + r), 0)
-        ke = tl.minimum(tl.load(KE + r), N)
+        ks, ke = _window(KS, KE, r, N)
         if ke - ks > tl.load(STATE + r * 4 + 3):  # rows with <= k keys need no selection
             s0 = ks + p * SEG
             s1 = tl.minimum(s0 + SEG, ke)
@@ -229,15 +233,12 @@ if HAVE_TRITON:
                             BLOCK: tl.constexpr):
         r = tl.program_id(0)
         p = tl.program_id(1)
-        ks = tl.maximum(tl.load(KS + r), 0)
-        ke = tl.minimum(tl.load(KE + r), N)
+        ks, ke = _window(KS, KE, r, N)
         K = tl.load(STATE + r * 4 + 3)
         Or = OUT + r.to(tl.int64) * so_r
-        length = ke - ks
-        if length <= K:
+        if ke - ks <= K:
             if p == 0:
-                kk = tl.arange(0, KP)
-                tl.store(Or + kk, tl.where(kk < length, ks + kk, -1), mask=kk < K)
+                _write_whole_window(Or, ks, ke - ks, K, KP)
         else:
             thr = tl.load(STATE + r * 4)
             need = tl.load(STATE + r * 4 + 1)
