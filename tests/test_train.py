@@ -164,3 +164,24 @@ def test_blockwise_backward_equals_one_backward(tiny):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_synthetic_mix_replaces_part_of_each_batch(tmp_path, monkeypatch):
+    from indexcache.train import trainer
+
+    _data(tmp_path)
+    calls = []
+    real = trainer.retrieval_batch
+
+    def spy(stream, tok, n, seq_len, seed, step, salt=1, **kw):
+        calls.append((n, step, salt))
+        return real(stream, tok, n, seq_len, seed, step, salt, **kw)
+
+    monkeypatch.setattr(trainer, "retrieval_batch", spy)
+    with pytest.raises(ValueError, match="synthetic-mix"):
+        train(_cfg(tmp_path, "bad", "dense", synthetic_mix=1.5))
+    out = train(_cfg(tmp_path, "mix", "dense", steps=4, seq_len=256, batch_size=4, synthetic_mix=0.5))
+    assert [c for c in calls if c[2] == 1] == [(2, s, 1) for s in range(4)]  # 2 of 4 rows, every step
+    assert [c[2] for c in calls].count(2) == 1  # the held-out retrieval windows are built once
+    acc = out["final_eval"]["heldout_answer_acc"]
+    assert 0.0 <= acc <= 1.0 and out["final_eval"]["heldout_answer_loss"] > 0

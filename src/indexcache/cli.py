@@ -271,6 +271,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr,
         indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         indexer_loss_weight=args.indexer_loss_weight, pattern=args.pattern, cross_layer=not args.no_cross_layer,
+        synthetic_mix=args.synthetic_mix, synthetic_kinds=args.synthetic_kinds,
+        synthetic_density=args.synthetic_density,
         seed=args.seed, device=args.device, eval_every=args.eval_every, save_every=args.save_every,
         resume=args.resume, stop_after=args.stop_after, time_limit_s=args.time_limit_min and args.time_limit_min * 60,
         shard_mb=args.shard_mb,
@@ -282,7 +284,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     e = summary["final_eval"]
     print(f"{cfg.stage}: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['seconds']:.0f} s; "
           f"held-out LM loss {e['heldout_lm_loss']:.4f}" + (f", indexer KL {e['heldout_indexer_kl']:.4f}"
-                                                            if "heldout_indexer_kl" in e else ""))
+                                                            if "heldout_indexer_kl" in e else "")
+          + (f"; retrieval answers {e['heldout_answer_acc']:.1%} right" if "heldout_answer_acc" in e else ""))
     if "indexer_recall" in summary:
         r = summary["indexer_recall"]
         print(f"indexer recall (attention mass inside the top-{r['index_topk']}): mean {r['mean_recall']:.3f} "
@@ -476,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--indexer-loss-weight", type=float, default=1.0)
     p.add_argument("--pattern", help="training-aware IndexCache: the pattern to train for (e.g. uniform:4)")
     p.add_argument("--no-cross-layer", action="store_true", help="ablation: distil each indexer on its own layer")
+    p.add_argument("--synthetic-mix", type=float, default=0.0,
+                   help="share of each batch replaced by synthetic retrieval windows (facts, repeats, listings)")
+    p.add_argument("--synthetic-kinds",
+                   help="comma-separated episode kinds: fact,repeat,listing,chain,tally,echo (default all)")
+    p.add_argument("--synthetic-density", type=float, help="structured share of a synthetic window (default 0.15-0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--eval-every", type=positive_int, default=200)

@@ -39,6 +39,7 @@ from ..presets import preset_config
 from ..utils import write_atomic
 from .data import EOS, PAD, fixed_windows, sample_windows, split_documents, tokenize, train_tokenizer
 from .losses import IndexerDistillation
+from .retrieval import KINDS, retrieval_batch
 
 STAGES = ("dense", "warmup", "sparse")
 
@@ -66,6 +67,9 @@ class TrainConfig:
     bias_update_rate: float = 1e-3
     pattern: str | None = None
     cross_layer: bool = True
+    synthetic_mix: float = 0.0  # share of each batch replaced by synthetic retrieval windows (train/retrieval.py)
+    synthetic_kinds: str | None = None  # comma-separated episode kinds (default: all)
+    synthetic_density: float | None = None  # structured share of a synthetic window (default: random 0.15-0.5)
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
@@ -154,8 +158,28 @@ def step_losses(model: DSAForCausalLM, ids: torch.Tensor, stage: str, pattern: P
     return lm, (distill.finish() if distill else None), (distill.terms if distill else {})
 
 
+@torch.no_grad()
+def answer_accuracy(model: DSAForCausalLM, ids: np.ndarray, mask: np.ndarray, dense: bool, device: str,
+                    autocast) -> dict:
+    """Next-token accuracy and loss on the answer tokens of synthetic retrieval windows: the tokens that
+    only a look-up of an earlier part of the window predicts (sparse attention unless ``dense``)."""
+    hits, loss, n = 0, 0.0, 0
+    for row, m in zip(ids, mask, strict=True):
+        x = torch.from_numpy(row).long()[None].to(device)
+        with autocast:
+            logits = model(x, dense=dense)[0, :-1].float()
+        tgt = torch.from_numpy(m[1:]).to(device)
+        lg, y = logits[tgt], x[0, 1:][tgt]
+        hits += int((lg.argmax(-1) == y).sum())
+        loss += float(F.cross_entropy(lg, y, reduction="sum"))
+        n += int(tgt.sum())
+    return {"heldout_answer_acc": hits / max(n, 1), "heldout_answer_loss": loss / max(n, 1)}
+
+
 # ------------------------------------------------------------------------------------------- train
 def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(training token stream, held-out token stream, held-out file names); the tokenizer is written to
+    ``model_dir`` (trained for a dense run from scratch, copied from ``init`` otherwise)."""
     from tokenizers import Tokenizer
 
     train_txt, test_txt, held_names = split_documents(cfg.data, cfg.heldout, cfg.seed)
@@ -198,6 +222,8 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
     if cfg.stage != "dense" and cfg.init is None:
         raise ValueError(f"stage {cfg.stage!r} starts from a trained model: pass --init MODEL_DIR")
+    if not 0.0 <= cfg.synthetic_mix <= 1.0:
+        raise ValueError(f"--synthetic-mix is a share of the batch, in [0, 1]; got {cfg.synthetic_mix}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
@@ -205,6 +231,12 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     train_ids, test_ids, held_names = _prepare_data(cfg, out, model_dir)
+    tokenizer = None
+    kinds = tuple(cfg.synthetic_kinds.split(",")) if cfg.synthetic_kinds else KINDS
+    if cfg.synthetic_mix > 0:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     if cfg.init is not None:
         pat = None
         if cfg.pattern is not None:
@@ -239,6 +271,9 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"--resume: no {state_file} to resume from")
 
     held_batches = fixed_windows(test_ids, cfg.eval_windows, cfg.seq_len)
+    held_synthetic = None
+    if tokenizer is not None:  # retrieval windows built on the held-out books, the same every evaluation
+        held_synthetic = retrieval_batch(test_ids, tokenizer, 4, cfg.seq_len, cfg.seed, 0, salt=2)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if str(cfg.device).startswith("cuda")
                 else torch.autocast("cpu", enabled=False))
     t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
@@ -256,10 +291,13 @@ def train(cfg: TrainConfig) -> dict:
                 lm, il, _ = step_losses(model, ids[None].to(cfg.device), cfg.stage, pattern, cfg.cross_layer)
                 lm_sum += float(lm)
                 idx_sum += float(il) if il is not None else 0.0
-        model.train()
         e = {"step": step, "heldout_lm_loss": lm_sum / len(held_batches)}
         if cfg.stage != "dense":
             e["heldout_indexer_kl"] = idx_sum / len(held_batches)
+        if held_synthetic is not None:
+            e.update(answer_accuracy(model, *held_synthetic, dense=cfg.stage == "dense", device=cfg.device,
+                                     autocast=autocast))
+        model.train()
         evals.append(e)
         return e
 
@@ -271,7 +309,13 @@ def train(cfg: TrainConfig) -> dict:
         f = lr_factor(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
-        ids = sample_windows(train_ids, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
+        ids = sample_windows(train_ids, cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        n_syn = round(cfg.synthetic_mix * cfg.batch_size)
+        if n_syn:  # spread over the batch, so every micro-batch gets its share
+            rows = torch.arange(n_syn) * cfg.batch_size // n_syn
+            ids[rows] = torch.from_numpy(retrieval_batch(train_ids, tokenizer, n_syn, cfg.seq_len, cfg.seed, step,
+                                                         kinds=kinds, density=cfg.synthetic_density)[0])
+        ids = ids.to(cfg.device)
         micro = ids.split(cfg.micro_batch or cfg.batch_size)
         opt.zero_grad(set_to_none=True)
         lm_sum, il_sum = 0.0, None

@@ -1,0 +1,78 @@
+"""Synthetic retrieval windows for training: exact length, determinism, answers that are look-ups, and no
+overlap with the evaluation suite's prompts."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexcache.data.synthetic import corpus
+from indexcache.evals import tasks
+from indexcache.train import retrieval
+from indexcache.train.data import tokenize
+from indexcache.train.retrieval import retrieval_batch, retrieval_window
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "dsa-mini"
+
+
+@pytest.fixture(scope="module")
+def tok_stream():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    return tok, tokenize(corpus(120_000, seed=3), tok)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+def test_windows_have_the_length_and_are_deterministic(tok_stream):
+    tok, stream = tok_stream
+    a_ids, a_mask = retrieval_batch(stream, tok, 3, 1024, seed=7, step=4)
+    b_ids, b_mask = retrieval_batch(stream, tok, 3, 1024, seed=7, step=4)
+    c_ids, _ = retrieval_batch(stream, tok, 3, 1024, seed=7, step=5)
+    assert a_ids.shape == (3, 1024) and a_mask.shape == (3, 1024)
+    assert np.array_equal(a_ids, b_ids) and np.array_equal(a_mask, b_mask)
+    assert not np.array_equal(a_ids, c_ids)
+    assert all(0.0 < m.mean() < 0.6 for m in a_mask)  # every window asks something, none is all answers
+
+
+def test_every_answer_is_a_look_up_of_earlier_text(tok_stream):
+    tok, stream = tok_stream
+    checked = 0
+    for i in range(12):
+        ids, mask = retrieval_window(stream, tok, 1024, np.random.default_rng([11, i]), density=0.4)
+        for s, e in _runs(mask):
+            before = tok.decode(ids[:s].tolist())
+            answer = tok.decode(ids[s:e].tolist())
+            n = e - s + 1  # the answer with the token before it
+            verbatim = any(np.array_equal(ids[j : j + n], ids[s - 1 : e]) for j in range(s - n + 1))
+            if not verbatim:  # a multi-value or chain answer: every word of it was given before
+                for word in re.findall(r"[A-Za-z0-9-]+", answer):
+                    assert word == "and" or word in before, (word, answer)
+            checked += 1
+    assert checked > 50
+
+
+def test_templates_and_words_are_not_the_evaluation_suites():
+    ours = set(retrieval.WORDS + retrieval.COLOURS + retrieval.FIRST + retrieval.LAST
+               + [w for t in retrieval.THINGS + retrieval.PLACE_NOUN for w in t.split()])
+    assert not ours & (set(tasks.ADJECTIVES) | set(tasks.NOUNS))
+    src = Path(retrieval.__file__).read_text().split('"""', 2)[2]  # the code, not the module docstring
+    for phrase in ("magic number", "pass key", "VAR ", ": I will ask"):
+        assert phrase not in src
+
+
+def test_too_short_a_stream_is_refused(tok_stream):
+    tok, stream = tok_stream
+    with pytest.raises(ValueError, match="too short"):
+        retrieval_window(stream[:1000], tok, 1024, np.random.default_rng(0))
+
+
+def test_a_window_too_short_for_any_episode_is_refused(tok_stream):
+    tok, stream = tok_stream
+    with pytest.raises(ValueError, match="too short for retrieval"):
+        retrieval_window(stream, tok, 8, np.random.default_rng(0))
