@@ -7,17 +7,22 @@
 #            repeats, listings mixed into the books at 256 to 4096 tokens; no copying was learnt
 #   echo     mini-dense7 -> mini-echo: 3/4 of each batch the bare copy task; copying appears near step 450
 #   finish   mini-echo -> mini-dense8 (all kinds at 2048 tokens) -> indexer warm-up -> sparse stage
-#            (mini-sparse3 = models/dsa-mini), then the task suite at 1K and 2K tokens
+#            (mini-sparse3), then the task suite at 1K tokens
+#   targeted mini-dense8 -> mini-dense9 (all eleven kinds, the five added ones aimed at the task shapes
+#            mini-sparse3 failed) -> warm-up -> sparse stage (mini-sparse4), task suite at 1K
+#   focus    mini-sparse4 -> mini-dense10 (fact, repeat and the five added kinds, some with a solved example
+#            first) -> short warm-up -> longer sparse stage (mini-sparse5 = models/dsa-mini), task suite at 1K
 set -euo pipefail
-step=${1:?usage: OUT=dir bash bench/retrieval_curriculum.sh mixed|echo|finish INIT_MODEL}
+step=${1:?usage: OUT=dir bash bench/retrieval_curriculum.sh mixed|echo|finish|targeted|focus INIT_MODEL}
 init=${2:?usage}
 tmp=$(mktemp -d)
 common="--save-every 100000"
+first="--synthetic-kinds fact,repeat,listing,chain,tally,echo"  # the kinds that existed then
 case $step in
 mixed)
   bash bench/train_stage.sh "$tmp" \
-    mini-dense2 "--stage dense --init $init --synthetic-mix 0.5 --steps 560 --batch-size 8 --seq-len 4096 --lr 1.5e-3 --warmup-steps 20 --eval-every 140 $common"
-  echo "then, each from the previous model: mini-dense3 (--synthetic-mix 0.75 --steps 1000 --batch-size 32 --seq-len 1024 --lr 2e-3), mini-dense4 (0.75, 800 x 128 x 256, 2e-3), mini-dense5 (0.5, 250 x 16 x 2048, 1e-3), mini-dense6 (0.75, 400 x 64 x 512, 1e-3), mini-dense7 (0.5, 300 x 16 x 2048, 1e-3)"
+    mini-dense2 "--stage dense --init $init --synthetic-mix 0.5 $first --steps 560 --batch-size 8 --seq-len 4096 --lr 1.5e-3 --warmup-steps 20 --eval-every 140 $common"
+  echo "then, each from the previous model and with $first: mini-dense3 (--synthetic-mix 0.75 --steps 1000 --batch-size 32 --seq-len 1024 --lr 2e-3), mini-dense4 (0.75, 800 x 128 x 256, 2e-3), mini-dense5 (0.5, 250 x 16 x 2048, 1e-3), mini-dense6 (0.75, 400 x 64 x 512, 1e-3), mini-dense7 (0.5, 300 x 16 x 2048, 1e-3)"
   keep=(mini-dense2) ;;
 echo)
   bash bench/train_stage.sh "$tmp" \
@@ -25,17 +30,30 @@ echo)
   keep=(mini-echo) ;;
 finish)
   bash bench/train_stage.sh "$tmp" \
-    mini-dense8 "--stage dense --init $init --synthetic-mix 0.5 --steps 400 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 --eval-every 125 $common" \
-    mini-warm3:mini-dense8 "--stage warmup --init runs/mini-dense8/model --synthetic-mix 0.5 --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --warmup-steps 6 --eval-every 30 $common" \
-    mini-sparse3:mini-dense8 "--stage sparse --init runs/mini-warm3/model --synthetic-mix 0.5 --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 30 $common"
+    mini-dense8 "--stage dense --init $init --synthetic-mix 0.5 $first --steps 400 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 --eval-every 125 $common" \
+    mini-warm3:mini-dense8 "--stage warmup --init runs/mini-dense8/model --synthetic-mix 0.5 $first --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --warmup-steps 6 --eval-every 30 $common" \
+    mini-sparse3:mini-dense8 "--stage sparse --init runs/mini-warm3/model --synthetic-mix 0.5 $first --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 30 $common"
   keep=(mini-dense8 mini-sparse3) ;;
+targeted)
+  bash bench/train_stage.sh "$tmp" \
+    mini-dense9 "--stage dense --init $init --synthetic-mix 0.6 --steps 500 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 --eval-every 250 $common" \
+    mini-warm4:mini-dense9 "--stage warmup --init runs/mini-dense9/model --synthetic-mix 0.5 --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --warmup-steps 6 --eval-every 30 $common" \
+    mini-sparse4:mini-dense9 "--stage sparse --init runs/mini-warm4/model --synthetic-mix 0.5 --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 30 $common"
+  keep=(mini-dense9 mini-sparse4) ;;
+focus)
+  bash bench/train_stage.sh "$tmp" \
+    mini-dense10 "--stage dense --init $init --synthetic-mix 0.6 --synthetic-kinds fact,repeat,secret,group,roster,track,rank --steps 500 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 --eval-every 250 $common" \
+    mini-warm5:mini-dense10 "--stage warmup --init runs/mini-dense10/model --synthetic-mix 0.5 --steps 30 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --warmup-steps 3 --eval-every 30 $common" \
+    mini-sparse5:mini-dense10 "--stage sparse --init runs/mini-warm5/model --synthetic-mix 0.5 --steps 100 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 50 $common"
+  keep=(mini-dense10 mini-sparse5) ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 for k in "${keep[@]}"; do mv "$tmp/$k".tgz.part-* "$OUT"/; done
 mv "$tmp/gpu.txt" "$OUT"/
 tar czf "$OUT/logs-$step.tgz" -C runs --exclude model --exclude state.pt --exclude tokens.npz \
   $(cd runs && ls -d mini-* 2>/dev/null)
-if [ "$step" = finish ]; then
-  PYTHONPATH=src timeout 200 python3 -m indexcache.cli eval runs/mini-sparse3/model --haystack .data/gutenberg \
+if [ "$step" != mixed ] && [ "$step" != echo ]; then
+  final=${keep[-1]}
+  PYTHONPATH=src timeout 200 python3 -m indexcache.cli eval "runs/$final/model" --haystack .data/gutenberg \
     --lengths 1024 --samples 20 --device cuda --quiet --out "$OUT/eval-1k.json" | tail -30 || true
 fi

@@ -285,7 +285,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{cfg.stage}: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['seconds']:.0f} s; "
           f"held-out LM loss {e['heldout_lm_loss']:.4f}" + (f", indexer KL {e['heldout_indexer_kl']:.4f}"
                                                             if "heldout_indexer_kl" in e else "")
-          + (f"; retrieval answers {e['heldout_answer_acc']:.1%} right" if "heldout_answer_acc" in e else ""))
+          + (f"; retrieval answers {e['heldout_answer_acc']:.1%} right" if "heldout_answer_acc" in e else "")
+          + (f" ({e['heldout_answer_acc_new']:.1%} on the later kinds)" if "heldout_answer_acc_new" in e else ""))
     if "indexer_recall" in summary:
         r = summary["indexer_recall"]
         print(f"indexer recall (attention mass inside the top-{r['index_topk']}): mean {r['mean_recall']:.3f} "
@@ -482,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-mix", type=float, default=0.0,
                    help="share of each batch replaced by synthetic retrieval windows (facts, repeats, listings)")
     p.add_argument("--synthetic-kinds",
-                   help="comma-separated episode kinds: fact,repeat,listing,chain,tally,echo (default all)")
+                   help="comma-separated episode kinds: fact,repeat,listing,chain,tally,echo,secret,group,roster,"
+                        "track,rank (default all)")
     p.add_argument("--synthetic-density", type=float, help="structured share of a synthetic window (default 0.15-0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -17,6 +17,16 @@ items spliced in at random places, each item later queried or repeated:
     echo      24-64 random tokens and, at once, the same tokens again: the bare copying task, on which a
               model that has not yet learnt to copy learns it in a few hundred steps (a curriculum's
               first stage: ``--synthetic-kinds echo``), where the diluted signal of the others does not
+    secret    one value with no key, stated (often twice) and asked for later: "The vault code is 4821."
+    group     several values of one key, stated apart, then all of them in order: "..., 77, 5108 and 9."
+    roster    a long table of ``coined-word: number`` lines, then some of its keys again, one per line
+    track     two interleaved chains ``LET QX = 4821.`` / ``LET ZB = QX.``, then the names of one chain
+    rank      coined or plain words with a few of them frequent, then the top ones, most frequent first
+
+The first six kinds made the first curriculum (``bench/retrieval_curriculum.sh``); naming exactly those six
+in ``--synthetic-kinds`` draws the same windows as then. The last five aim at the answer shapes the first
+curriculum's model could not produce: a lone number after a restated secret, a list of values, a look-up in
+a table of made-up words, the names along a chain, the most frequent words of a list.
 
 Templates, word lists and seeds are disjoint from the evaluation suite's (:mod:`indexcache.evals.tasks`;
 a test checks the word lists), so the suite measures whether the skill transfers, not memorised prompts.
@@ -27,8 +37,10 @@ from __future__ import annotations
 
 import numpy as np
 
-KINDS = ("fact", "repeat", "listing", "chain", "tally", "echo")
-KIND_WEIGHTS = (0.4, 0.3, 0.12, 0.07, 0.06, 0.05)
+KINDS = ("fact", "repeat", "listing", "chain", "tally", "echo", "secret", "group", "roster", "track", "rank")
+# the first six keep their weights, so that naming only them draws what the first curriculum drew
+KIND_WEIGHTS = (0.4, 0.3, 0.12, 0.07, 0.06, 0.05, 0.12, 0.1, 0.12, 0.08, 0.08)
+FIRST_KINDS = KINDS[:6]
 
 ATTRIBUTES = ("locker number", "door code", "ticket number", "account number", "room number", "access code",
               "serial number", "order number", "house number", "badge number", "safe combination",
@@ -155,7 +167,154 @@ def _tally(rng: np.random.Generator) -> _Episode:
     return ep
 
 
-BUILDERS = {"fact": _fact, "listing": _listing, "chain": _chain, "tally": _tally}
+SECRET_MOD = "vault cellar gate signal harbour archive spare master winning entry tower garden locker".split()
+SECRET_HEAD = "code number word figure combination cipher tag password".split()
+LETTERS = list("abcdefghijklmnopqrstuvwxyz")
+CAPITALS = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _coined(rng: np.random.Generator, lo: int = 4, hi: int = 8) -> str:
+    """A made-up lowercase word of random letters (tokenized into several pieces, like any rare name)."""
+    return "".join(rng.choice(LETTERS, int(rng.integers(lo, hi + 1))))
+
+
+def _number(rng: np.random.Generator, lo_digits: int = 1, hi_digits: int = 7) -> str:
+    d = int(rng.integers(lo_digits, hi_digits + 1))
+    return str(int(rng.integers(10 ** (d - 1), 10**d)))
+
+
+def _secret(rng: np.random.Generator) -> _Episode:
+    """A lone value without a key, said once or restated around itself, then asked for."""
+    ep = _Episode()
+    # names from a large space: a model that memorised a few of them would not learn to look them up
+    mod = [str(rng.choice(SECRET_MOD)), str(rng.choice(WORDS)), _coined(rng, 3, 6)][int(rng.integers(3))]
+    name = f"{mod} {rng.choice(SECRET_HEAD)}"
+    v = _number(rng, 1, 6) if rng.random() < 0.85 else str(rng.choice(WORDS))
+    said = [f"The {name} is {v}.", f"The {name} is {v}. Do not forget it: {v} is the {name}.",
+            f"Note this down, the {name} is {v}. Again, {v} is the {name}.",
+            f"Here is the {name}: {v}. Keep {v} in mind."][int(rng.integers(4))]
+    ep.add(f"\n{said}\n", 0)
+    asked = [f"\nWhat is the {name}? The {name} is", f"\nThe {name} is",
+             f"\nTell me the {name}. The {name} is", f"\nQ: What was the {name}?\nA: The {name} is"]
+    ep.add(asked[int(rng.integers(len(asked)))], 1, f" {v}.\n")
+    return ep
+
+
+def _group(rng: np.random.Generator) -> _Episode:
+    """Several values of one key, stated in separate sentences, then all of them in the order given."""
+    ep = _Episode()
+    attr, key = str(rng.choice(ATTRIBUTES)), _key(rng)
+    vals = list(dict.fromkeys(_number(rng, 3, 7) for _ in range(int(rng.integers(2, 6)))))
+    for v in vals:
+        line = [f"One {attr} of {key} is {v}.", f"{key} has the {attr} {v}.", f"A {attr} for {key}: {v}."]
+        ep.add(f"\n{line[int(rng.integers(3))]}\n", 0)
+    joined = ", ".join(vals) if rng.random() < 0.5 else _join(vals)
+    lead = [f"\nEvery {attr} of {key}, in order:", f"\nThe {attr}s given for {key} are:",
+            f"\nList the {attr}s of {key}. They are"][int(rng.integers(3))]
+    ep.add(lead, 1, f" {joined}.\n")
+    return ep
+
+
+def _roster(rng: np.random.Generator) -> _Episode:
+    """A table of made-up words and their numbers, one per line, then some of the words again."""
+    ep = _Episode()
+    n = int(np.exp(rng.uniform(np.log(6), np.log(200))))
+    keys = list(dict.fromkeys(_coined(rng) for _ in range(n)))
+    if rng.random() < 0.3:
+        keys = [k.capitalize() for k in keys]
+    vals = [_number(rng, 2, 5) for _ in keys]
+    head = ["", "Register:\n", "Numbers by name:\n", "Each name has its number.\n"][int(rng.integers(4))]
+    ep.add("\n" + head + "".join(f"{k}: {v}\n" for k, v in zip(keys, vals, strict=True)), 0)
+    order = rng.permutation(len(keys))[: int(rng.integers(1, min(len(keys), 8) + 1))]
+    ep.add(["\n", "\nAgain, some of them:\n", "\nLook-ups from the register:\n"][int(rng.integers(3))], 1)
+    for i in order:
+        ep.add(f"{keys[i]}:", 1, f" {vals[i]}\n")
+    return ep
+
+
+def _track(rng: np.random.Generator) -> _Episode:
+    """Two chains of assignments, their lines interleaved in order, then the names of one chain; a third of
+    the time a smaller solved example in the same wording comes first (as a prompt that shows its format)."""
+    ep = _Episode()
+    style, lead_style = int(rng.integers(4)), int(rng.integers(3))
+    word = str(rng.choice(["REG", "CELL", "SLOT", "BOX"]))
+    if rng.random() < 1 / 3:
+        _track_lines(ep, rng, style, lead_style, word, max_hops=3, solved=True)
+    _track_lines(ep, rng, style, lead_style, word, max_hops=5, solved=False)
+    return ep
+
+
+def _track_lines(ep: _Episode, rng: np.random.Generator, style: int, lead_style: int, word: str, max_hops: int,
+                 solved: bool) -> None:
+    hops = [int(rng.integers(1, max_hops + 1)) for _ in range(2)]
+    pool = list(dict.fromkeys("".join(rng.choice(CAPITALS, int(rng.integers(3, 6)))) for _ in range(16)))
+    if len(pool) < sum(hops) + 2:
+        hops = [1, 1]
+    chains, at = [], 0
+    for h in hops:
+        chains.append(pool[at : at + h + 1])
+        at += h + 1
+    vals = list(dict.fromkeys(_number(rng, 4, 5) for _ in range(2)))
+    if len(vals) < 2:
+        vals.append(str(int(vals[0]) + 1))
+
+    def line(b: str, a: str, value: bool = False) -> str:
+        ref = a if value else f"{word} {a}"
+        return [f"LET {b} = {a}.", f"{b} := {a};", f"Copy {a} into {b}.", f"{word} {b} = {ref}."][style]
+
+    lines = [[line(c[0], v, value=True)] + [line(c[i + 1], c[i]) for i in range(len(c) - 1)]
+             for c, v in zip(chains, vals, strict=True)]
+    # interleave the two chains at random, each in its own order
+    take = rng.permutation([0] * len(lines[0]) + [1] * len(lines[1]))
+    pos = [0, 0]
+    for t in take:
+        ep.add(f"\n{lines[t][pos[t]]}\n", 0)
+        pos[t] += 1
+    q = int(rng.integers(2))
+    lead = [f"\nNames that hold {vals[q]}:", f"\nQ: Which names end up with {vals[q]}?\nA: {len(chains[q])} names:",
+            f"\nAfter these steps, {vals[q]} is in"][lead_style]
+    answer = " " + " ".join(chains[q]) + "\n"
+    if solved:  # stated with its answer, before the episode's own lines
+        ep.add(lead + answer, 0)
+    else:
+        ep.add(lead, 1, answer)
+
+
+def _rank(rng: np.random.Generator) -> _Episode:
+    """A list of words, a few of them clearly more frequent than the rest, then the top ones by count."""
+    ep = _Episode()
+    numbered, coined = rng.random() < 0.5, rng.random() < 0.5
+    block = ""
+    for solved in [True] * int(rng.random() < 1 / 3) + [False]:  # maybe a solved list of the same form first
+        text, question, answer = _rank_list(rng, numbered, coined, small=solved)
+        if solved:
+            block += text + question + answer + "\n"
+        else:
+            ep.add(block + text, 0)
+            ep.add(question, 1, answer)
+    return ep
+
+
+def _rank_list(rng: np.random.Generator, numbered: bool, coined: bool, small: bool) -> tuple[str, str, str]:
+    n_words = int(rng.integers(5, 10)) if small else int(rng.integers(8, 30))
+    pool = list(dict.fromkeys(_coined(rng, 5, 7) for _ in range(n_words))) if coined else \
+        [str(w) for w in rng.permutation(WORDS)[:n_words]]
+    k = int(rng.integers(1, 4))
+    top_counts = sorted(rng.choice(np.arange(4, 13), k, replace=False).tolist(), reverse=True)
+    counts = top_counts + [int(rng.integers(1, 3)) for _ in pool[k:]]
+    words = [w for w, c in zip(pool, counts, strict=True) for _ in range(c)]
+    words = [str(w) for w in rng.permutation(words)]
+    if numbered:
+        return ("\nList: " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)) + "\n",
+                f"\nThe {k} most frequent words, most frequent first:",
+                " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(pool[:k])) + "\n")
+    return "\nText: " + " ".join(words) + "\n", f"\nIts {k} commonest words:", " " + " ".join(pool[:k]) + "\n"
+
+
+BLOCKS = ("listing", "tally", "roster", "rank")  # laid out as one block of statements, then one of queries
+ORDERED = ("group", "track")  # statements at their own places, in the order written
+BUILDERS = {"fact": _fact, "listing": _listing, "chain": _chain, "tally": _tally, "secret": _secret,
+            "group": _group, "roster": _roster, "track": _track, "rank": _rank}
 
 
 def retrieval_window(stream: np.ndarray, tokenizer, seq_len: int, rng: np.random.Generator,
@@ -204,13 +363,13 @@ def retrieval_window(stream: np.ndarray, tokenizer, seq_len: int, rng: np.random
             enc = [np.array(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
             answers = iter(enc[len(ep.items):])
             items = []
-            if kind in ("listing", "tally"):  # a block, then its queries as one block, each in order
+            if kind in BLOCKS:  # a block, then its queries as one block, each in order
                 t0 = float(rng.uniform(0, 0.9))
                 times = {0: t0, 1: float(rng.uniform(t0, 1))}
             else:  # statements before ``split``, queries after it, each at its own place
                 split = float(rng.uniform(0.1, 0.9))
             for j, ((_, ans, group), ids) in enumerate(zip(ep.items, enc, strict=False)):
-                if kind in ("listing", "tally"):
+                if kind in BLOCKS:
                     t = times[group] + 1e-9 * j
                 else:
                     t = float(rng.uniform(0, split) if group == 0 else rng.uniform(split, 1))
@@ -219,6 +378,11 @@ def retrieval_window(stream: np.ndarray, tokenizer, seq_len: int, rng: np.random
                     a = next(answers)
                     ids, mask = np.concatenate([ids, a]), np.concatenate([mask, np.ones(a.shape[0], bool)])
                 items.append((t, ids, mask))
+            if kind in ORDERED:  # the statements keep the order they were written in
+                first = sorted(t for (t, _, _), (_, _, g) in zip(items, ep.items, strict=True) if g == 0)
+                stated = iter(first)
+                items = [(next(stated) if g == 0 else t, ids, m)
+                         for (t, ids, m), (_, _, g) in zip(items, ep.items, strict=True)]
         size = sum(i[1].shape[0] for i in items)
         if used + size > seq_len * 0.9:
             if placed:
@@ -255,4 +419,4 @@ def retrieval_batch(stream: np.ndarray, tokenizer, n: int, seq_len: int, seed: i
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-__all__ = ["retrieval_window", "retrieval_batch", "KINDS"]
+__all__ = ["retrieval_window", "retrieval_batch", "KINDS", "FIRST_KINDS"]

@@ -39,7 +39,7 @@ from ..presets import preset_config
 from ..utils import write_atomic
 from .data import EOS, PAD, fixed_windows, sample_windows, split_documents, tokenize, train_tokenizer
 from .losses import IndexerDistillation
-from .retrieval import KINDS, retrieval_batch
+from .retrieval import FIRST_KINDS, KINDS, retrieval_batch
 
 STAGES = ("dense", "warmup", "sparse")
 
@@ -273,7 +273,11 @@ def train(cfg: TrainConfig) -> dict:
     held_batches = fixed_windows(test_ids, cfg.eval_windows, cfg.seq_len)
     held_synthetic = None
     if tokenizer is not None:  # retrieval windows built on the held-out books, the same every evaluation
-        held_synthetic = retrieval_batch(test_ids, tokenizer, 4, cfg.seq_len, cfg.seed, 0, salt=2)
+        # the first curriculum's kinds (comparable across all runs) and, apart, the kinds added after it
+        held_synthetic = {"": retrieval_batch(test_ids, tokenizer, 4, cfg.seq_len, cfg.seed, 0, salt=2,
+                                              kinds=FIRST_KINDS),
+                          "_new": retrieval_batch(test_ids, tokenizer, 4, cfg.seq_len, cfg.seed, 0, salt=3,
+                                                  kinds=KINDS[len(FIRST_KINDS):])}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if str(cfg.device).startswith("cuda")
                 else torch.autocast("cpu", enabled=False))
     t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
@@ -295,8 +299,10 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.stage != "dense":
             e["heldout_indexer_kl"] = idx_sum / len(held_batches)
         if held_synthetic is not None:
-            e.update(answer_accuracy(model, *held_synthetic, dense=cfg.stage == "dense", device=cfg.device,
-                                     autocast=autocast))
+            for suffix, (s_ids, s_mask) in held_synthetic.items():
+                acc = answer_accuracy(model, s_ids, s_mask, dense=cfg.stage == "dense", device=cfg.device,
+                                      autocast=autocast)
+                e.update({k + suffix: v for k, v in acc.items()})
         model.train()
         evals.append(e)
         return e

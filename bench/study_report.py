@@ -1,0 +1,201 @@
+"""Gather the study's evaluation JSONs into one table (markdown + JSON) and draw its figures.
+
+    python bench/study_report.py --paper-overlap ../shared/reference/indexcache_fig4_overlap_estimate.csv
+
+Reads results/study/eval-*.json (from bench/study.sh), results/search/dsa-mini*/report.json and
+results/overlap/dsa-mini/overlap.csv; writes results/study/study.json, results/study/table.md,
+docs/img/study_tasks.png and docs/img/overlap_vs_paper.png (the paper's panel only when its recovered
+matrix is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt", "cwe", "fwe",
+            "mqar"]
+SHORT = ["single", "m-key", "m-value", "m-query", "passkey", "vt", "cwe", "fwe", "mqar"]
+
+
+def _label_patterns() -> dict[str, list[tuple[str, str]]]:
+    """pattern -> [(method, retention)] for the bundled model's rows, from the search reports (two methods
+    can pick the same pattern: its row is then listed under each)."""
+    labels: dict[str, list[tuple[str, str]]] = {"F" * 16: [("all Full", "1")]}
+    for r, freq in (("1/2", 2), ("1/4", 4), ("1/8", 8)):
+        labels["".join("F" if i % freq == 0 else "S" for i in range(16))] = [("uniform", r)]
+    for name, method in (("dsa-mini", "greedy (books)"), ("dsa-mini-retrieval", "greedy (retrieval)")):
+        f = ROOT / "results" / "search" / name / "report.json"
+        if not f.exists():
+            continue
+        rep = json.loads(f.read_text())
+        for t in rep["trajectory"]:
+            for r, n in (("1/2", 8), ("1/4", 4), ("1/8", 2)):
+                if t["num_full"] == n:
+                    labels.setdefault(t["pattern"], []).append((method, r))
+        if name == "dsa-mini":
+            for s in rep["baselines"]["similarity"]:
+                if s["num_full"] == 8:
+                    labels.setdefault(s["pattern"], []).append(("similarity DP", "1/2"))
+    return labels
+
+
+def gather() -> list[dict]:
+    labels = _label_patterns()
+    variants = {"aware-h2": ("training-aware", "1/2"), "aware-q2": ("training-aware", "1/4"),
+                "ablate-h2": ("training-aware w/o cross-layer loss", "1/2")}
+    rows = []
+    for f in sorted((ROOT / "results" / "study").glob("eval-*.json")):
+        rep = json.loads(f.read_text())
+        variant = f.stem.removeprefix("eval-")
+        for r in rep["results"]:
+            if variant in variants:
+                model, methods = variant, [variants[variant]]
+            else:
+                model, methods = "dsa-mini", labels.get(r["pattern"], [("other", "?")])
+            for method, ret in methods:
+                rows.append({"model": model, "method": method, "retention": ret, "pattern": r["pattern"],
+                             "num_full": r["num_full"], "length": r["length"], "ppl": r["ppl"],
+                             "tasks": r["tasks"], "average": r["average"], "file": str(f.relative_to(ROOT)),
+                             "command": rep["command"]})
+    order = ["all Full", "uniform", "greedy (books)", "greedy (retrieval)", "similarity DP", "training-aware",
+             "training-aware w/o cross-layer loss"]
+    rows.sort(key=lambda r: (r["length"], r["model"] != "dsa-mini", order.index(r["method"])
+                             if r["method"] in order else 99, -r["num_full"]))
+    return rows
+
+
+def table(rows: list[dict], chance: dict) -> str:
+    head = ("| model | method | kept | pattern | held-out PPL | WikiText PPL | " + " | ".join(SHORT) + " | avg |\n"
+            "|---|---|---|---|---:|---:|" + "---:|" * (len(SHORT) + 1) + "\n")
+    out = []
+    for length in sorted({r["length"] for r in rows}):
+        out.append(f"\n**{length} tokens** (20 samples per family; scores x100)\n\n" + head)
+        for r in (r for r in rows if r["length"] == length):
+            cells = " | ".join(f"{r['tasks'][f]:.1f}" for f in FAMILIES)
+            out.append(f"| {r['model']} | {r['method']} | {r['retention']} | `{r['pattern']}` | "
+                       f"{r['ppl']['heldout']:.1f} | {r['ppl']['wikitext']:.1f} | {cells} | {r['average']:.1f} |\n")
+        c = chance.get(str(length))
+        if c:
+            out.append("| | random guess | | | | | " + " | ".join(f"{c[f]['chance']:.2g}" for f in FAMILIES) + " | |\n")
+            out.append("| | guess among the prompt's candidates | | | | | "
+                       + " | ".join(f"{c[f]['copy_chance']:.1f}" for f in FAMILIES) + " | |\n")
+    return "".join(out)
+
+
+def plot_tasks(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(len(lengths), 2, figsize=(11, 4.2 * len(lengths)), dpi=110, squeeze=False)
+    axes = axes.ravel()
+    styles = {"uniform": ("tab:blue", "o-"), "greedy (books)": ("tab:orange", "s-"),
+              "greedy (retrieval)": ("tab:green", "^-"), "similarity DP": ("tab:purple", "D"),
+              "training-aware": ("tab:red", "*"), "training-aware w/o cross-layer loss": ("tab:gray", "X")}
+    for li, length in enumerate(lengths):
+        rs = [r for r in rows if r["length"] == length]
+        full = next((r for r in rs if r["method"] == "all Full"), None)
+        for k, (key, ylabel) in enumerate((("average", "task average (x100)"), ("ppl", "held-out perplexity"))):
+            ax = axes[2 * li + k]
+            for method, (color, marker) in styles.items():
+                pts = sorted((r for r in rs if r["method"] == method), key=lambda r: r["num_full"])
+                if not pts:
+                    continue
+                if full is not None and marker.endswith("-"):  # the curves end at the all-Full model
+                    pts = pts + [full]
+                ys = [p["average"] if key == "average" else p["ppl"]["heldout"] for p in pts]
+                ax.plot([p["num_full"] for p in pts], ys, marker, color=color, label=method, ms=8)
+            if full is not None:
+                y = full["average"] if key == "average" else full["ppl"]["heldout"]
+                ax.axhline(y, color="black", lw=0.8, ls="--", label="all Full")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([2, 4, 8, 16], ["2 (1/8)", "4 (1/4)", "8 (1/2)", "16"])
+            ax.set_xlabel("Full layers (of 16)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{length} tokens")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("dsa-mini: which layers keep their indexer")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_overlap(ours: np.ndarray, paper: np.ndarray | None, blocks: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    mats = [("dsa-mini (16 layers, k=256, 4 x 1024 tokens)", ours, blocks)]
+    if paper is not None:
+        # the paper's greedy 1/4 Full layers of its 30B model (its Appendix B; the red blocks of its Fig. 4)
+        mats.append(("paper, 30B DSA (47 layers, k=2048, 200K tokens)", paper,
+                     [0, 2, 4, 9, 13, 16, 17, 20, 23, 28, 32, 37]))
+    fig, axes = plt.subplots(1, len(mats), figsize=(6 * len(mats), 5.2), dpi=110)
+    axes = np.atleast_1d(axes)
+    for ax, (title, m, starts) in zip(axes, mats, strict=True):
+        im = ax.imshow(m, cmap="viridis", vmin=0.3, vmax=1, origin="upper")
+        ends = starts[1:] + [m.shape[0]]
+        for s, e in zip(starts, ends, strict=True):
+            ax.add_patch(Rectangle((s - 0.5, s - 0.5), e - s, e - s, fill=False, edgecolor="red", lw=1.3))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer j")
+        ax.set_ylabel("layer i")
+    fig.colorbar(im, ax=list(axes), label="top-k overlap |T_i ∩ T_j| / k")
+    fig.suptitle("cross-layer top-k overlap; red: sharing blocks of a greedy 1/4 pattern (ours: retrieval "
+                 "calibration)")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def overlap_stats(m: np.ndarray) -> dict:
+    n = m.shape[0]
+    by_d = {d: float(np.mean([m[i, i + d] for i in range(n - d)])) for d in (1, 2, 4, 8) if d < n}
+    off = m[~np.eye(n, dtype=bool)]
+    return {"adjacent_mean": by_d[1], "by_distance": by_d, "min": float(off.min())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--paper-overlap", help="the paper's recovered 47x47 overlap matrix (CSV, no header)")
+    args = p.parse_args()
+    rows = gather()
+    first = json.loads((ROOT / rows[0]["file"]).read_text()) if rows else {}
+    chance = {}
+    for f in sorted((ROOT / "results" / "study").glob("eval-bundled-*-FFFFFFFFFFFFFFFF.json")):
+        chance.update(json.loads(f.read_text())["chance"])
+    ours = np.loadtxt(ROOT / "results" / "overlap" / "dsa-mini" / "overlap.csv", delimiter=",", skiprows=1)[:, 1:]
+    paper = np.loadtxt(args.paper_overlap, delimiter=",") if args.paper_overlap else None
+    # our panel draws the blocks of the search that keeps the tasks (retrieval calibration), if it was run
+    search = ROOT / "results" / "search" / "dsa-mini-retrieval" / "report.json"
+    if not search.exists():
+        search = ROOT / "results" / "search" / "dsa-mini" / "report.json"
+    rep = json.loads(search.read_text())
+    q = next(t["pattern"] for t in rep["trajectory"] if t["num_full"] == 4)
+    blocks = [i for i, c in enumerate(q) if c == "F"]
+    stats = {"ours": overlap_stats(ours)}
+    if paper is not None:
+        stats["paper"] = overlap_stats(paper)
+    out = ROOT / "results" / "study"
+    (out / "study.json").write_text(json.dumps({"rows": rows, "chance": chance, "overlap": stats,
+                                                "device": first.get("device")}, indent=1) + "\n")
+    (out / "table.md").write_text(table(rows, chance))
+    img = ROOT / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    plot_tasks(rows, img / "study_tasks.png")
+    plot_overlap(ours, paper, blocks, img / "overlap_vs_paper.png")
+    print(table(rows, chance))
+    print(json.dumps(stats, indent=1))
+
+
+if __name__ == "__main__":
+    main()
