@@ -17,6 +17,15 @@ step=${1:?usage: OUT=dir bash bench/retrieval_curriculum.sh mixed|echo|finish|ta
 init=${2:?usage}
 tmp=$(mktemp -d)
 common="--save-every 100000"
+dsa() {  # TAG "DENSE ARGS" "WARM-UP ARGS" "SPARSE ARGS": mini-denseTAG -> mini-warmTAG -> mini-sparseTAG,
+  # 8 x 2048-token batches after the dense stage; the second TAG names the warm-up and sparse runs
+  local d=$1 s=$2
+  bash bench/train_stage.sh "$tmp" \
+    "mini-dense$d" "--stage dense --init $init $3 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 $common" \
+    "mini-warm$s:mini-dense$d" "--stage warmup --init runs/mini-dense$d/model $4 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --eval-every 30 $common" \
+    "mini-sparse$s:mini-dense$d" "--stage sparse --init runs/mini-warm$s/model $5 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 $common"
+  keep=("mini-dense$d" "mini-sparse$s")
+}
 first="--synthetic-kinds fact,repeat,listing,chain,tally,echo"  # the kinds that existed then
 case $step in
 mixed)
@@ -29,23 +38,17 @@ echo)
     mini-echo "--stage dense --init $init --synthetic-mix 0.75 --synthetic-kinds echo --synthetic-density 0.95 --steps 2400 --batch-size 64 --seq-len 256 --lr 1e-3 --warmup-steps 10 --eval-every 300 $common"
   keep=(mini-echo) ;;
 finish)
-  bash bench/train_stage.sh "$tmp" \
-    mini-dense8 "--stage dense --init $init --synthetic-mix 0.5 $first --steps 400 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 --eval-every 125 $common" \
-    mini-warm3:mini-dense8 "--stage warmup --init runs/mini-dense8/model --synthetic-mix 0.5 $first --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --warmup-steps 6 --eval-every 30 $common" \
-    mini-sparse3:mini-dense8 "--stage sparse --init runs/mini-warm3/model --synthetic-mix 0.5 $first --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 30 $common"
-  keep=(mini-dense8 mini-sparse3) ;;
+  dsa 8 3 "--synthetic-mix 0.5 $first --steps 400 --eval-every 125" \
+    "--synthetic-mix 0.5 $first --steps 60 --warmup-steps 6" \
+    "--synthetic-mix 0.5 $first --steps 60 --eval-every 30" ;;
 targeted)
-  bash bench/train_stage.sh "$tmp" \
-    mini-dense9 "--stage dense --init $init --synthetic-mix 0.6 --steps 500 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 --eval-every 250 $common" \
-    mini-warm4:mini-dense9 "--stage warmup --init runs/mini-dense9/model --synthetic-mix 0.5 --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --warmup-steps 6 --eval-every 30 $common" \
-    mini-sparse4:mini-dense9 "--stage sparse --init runs/mini-warm4/model --synthetic-mix 0.5 --steps 60 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 30 $common"
-  keep=(mini-dense9 mini-sparse4) ;;
+  dsa 9 4 "--synthetic-mix 0.6 --steps 500 --eval-every 250" \
+    "--synthetic-mix 0.5 --steps 60 --warmup-steps 6" \
+    "--synthetic-mix 0.5 --steps 60 --eval-every 30" ;;
 focus)
-  bash bench/train_stage.sh "$tmp" \
-    mini-dense10 "--stage dense --init $init --synthetic-mix 0.6 --synthetic-kinds fact,repeat,secret,group,roster,track,rank --steps 500 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 --eval-every 250 $common" \
-    mini-warm5:mini-dense10 "--stage warmup --init runs/mini-dense10/model --synthetic-mix 0.5 --steps 30 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --warmup-steps 3 --eval-every 30 $common" \
-    mini-sparse5:mini-dense10 "--stage sparse --init runs/mini-warm5/model --synthetic-mix 0.5 --steps 100 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 50 $common"
-  keep=(mini-dense10 mini-sparse5) ;;
+  dsa 10 5 "--synthetic-mix 0.6 --synthetic-kinds fact,repeat,secret,group,roster,track,rank --steps 500 --eval-every 250" \
+    "--synthetic-mix 0.5 --steps 30 --warmup-steps 3" \
+    "--synthetic-mix 0.5 --steps 100 --eval-every 50" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 for k in "${keep[@]}"; do mv "$tmp/$k".tgz.part-* "$OUT"/; done

@@ -81,6 +81,15 @@ def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 @torch.inference_mode()
+def _ended(tokenizer, new: list[int], forwards: int, stop: tuple[str, ...], eos_id: int | None
+           ) -> Generation | None:
+    """The finished generation if the last token of ``new`` is end-of-text or completes a stop string."""
+    if eos_id is not None and new[-1] == eos_id:
+        return Generation(_cut(tokenizer.decode(new[:-1]), stop)[0], new, forwards, "eos")
+    text, hit = _cut(tokenizer.decode(new), stop)
+    return Generation(text, new, forwards, "stop") if hit else None
+
+
 def greedy_generate(
     model,
     tokenizer,
@@ -108,11 +117,8 @@ def greedy_generate(
         for j, t in enumerate(preds):
             new.append(t)
             seq.append(t)
-            if eos_id is not None and t == eos_id:
-                return Generation(_cut(tokenizer.decode(new[:-1]), stop)[0], new, forwards, "eos")
-            text, hit = _cut(tokenizer.decode(new), stop)
-            if hit:
-                return Generation(text, new, forwards, "stop")
+            if (done := _ended(tokenizer, new, forwards, stop, eos_id)) is not None:
+                return done
             if len(new) >= max_new_tokens or j >= len(d) or t != d[j]:
                 break
     return Generation(tokenizer.decode(new), new, forwards, "length")
@@ -135,11 +141,8 @@ def greedy_generate_cached(
     while True:
         t = int(logits.argmax())
         new.append(t)
-        if eos_id is not None and t == eos_id:
-            return Generation(_cut(tokenizer.decode(new[:-1]), stop)[0], new, forwards, "eos")
-        text, hit = _cut(tokenizer.decode(new), stop)
-        if hit:
-            return Generation(text, new, forwards, "stop")
+        if (done := _ended(tokenizer, new, forwards, stop, eos_id)) is not None:
+            return done
         if len(new) >= max_new_tokens:
             return Generation(tokenizer.decode(new), new, forwards, "length")
         logits = engine.decode(torch.tensor([t], dtype=torch.long))[0]
