@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Throughput and sanity of the three training stages on one GPU (short runs).
-# Needs the token cache of runs/mini-dense (made on a CPU machine by the dense stage's data step) and
+# Reuses the token cache of runs/mini-dense (made on a CPU machine by the dense stage's data step) and needs
 # the books under .data/gutenberg. Usage: bash bench/train_smoke.sh OUT_DIR
 set -euo pipefail
 out=${1:?usage: train_smoke.sh OUT_DIR}
@@ -8,8 +8,8 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 run() { python3 -m indexcache.cli train "$@" --data .data/gutenberg --device cuda --eval-every 1000000; }
 s=runs/smoke
-rm -rf $s && mkdir -p $s/dense && cp -r runs/mini-dense/. $s/dense/
-run $s/dense --stage dense --steps 40 --batch-size 8 --micro-batch 4 --seq-len 4096 --warmup-steps 5 2>&1 | tail -3
+rm -rf $s && mkdir -p $s
+run $s/dense --token-cache runs/mini-dense/tokens.npz --stage dense --steps 40 --batch-size 8 --micro-batch 4 --seq-len 4096 --warmup-steps 5 2>&1 | tail -3
 run $s/warm --stage warmup --init $s/dense/model --steps 20 --batch-size 8 --micro-batch 4 --seq-len 4096 --lr 1e-3 2>&1 | tail -3
 run $s/sparse --stage sparse --init $s/warm/model --steps 20 --batch-size 8 --micro-batch 4 --seq-len 4096 --lr 3e-4 2>&1 | tail -3
 run $s/aware --stage warmup --init $s/dense/model --steps 20 --batch-size 8 --micro-batch 4 --seq-len 4096 --lr 1e-3 \

@@ -12,13 +12,13 @@ while [ $# -ge 2 ]; do
   spec=$1; args=$2; shift 2
   name=${spec%%:*}; from=""
   [[ $spec == *:* ]] && from=${spec#*:}
-  mkdir -p "runs/$name"
+  cache=()
   if [ -n "$from" ] && [ -f "runs/$from/tokens.npz" ]; then
-    cp "runs/$from/tokens.npz" "runs/$name/"  # same books and tokenizer: reuse the token cache
+    cache=(--token-cache "runs/$from/tokens.npz")  # same books and tokenizer: reuse the token cache
   fi
   echo "== indexcache train runs/$name $args"
   # shellcheck disable=SC2086
-  python3 -m indexcache.cli train "runs/$name" $args --data .data/gutenberg --device cuda --shard-mb 15 2>&1 \
+  python3 -m indexcache.cli train "runs/$name" $args "${cache[@]}" --data .data/gutenberg --device cuda --shard-mb 15 2>&1 \
     | tr '\r' '\n' | grep -v -E "it/s\]|s/it\]" | tail -6
   tar czf - -C runs --exclude state.pt --exclude tokens.npz "$name" | split -b 15M - "$out/$name.tgz.part-"
 done

@@ -233,11 +233,58 @@ def test_save_failure_leaves_no_partial_directory(glm_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
 
 
-def test_save_over_an_existing_directory_and_a_stale_backup(glm_dir, tmp_path):
+def test_save_replaces_only_its_own_output(glm_dir, tmp_path):
+    from indexcache.errors import OutputError
+
     model = load_model(glm_dir, verbose=False)
     out = save_model(model, tmp_path / "ckpt")
-    (tmp_path / "ckpt.old").mkdir()  # left behind by an interrupted save
-    (tmp_path / "ckpt.old" / "junk").write_text("x")
-    save_model(model, out, pattern="FSFSFS")
+    (tmp_path / "ckpt.old").mkdir()  # a user's directory that happens to carry the old backup name
+    (tmp_path / "ckpt.old" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="pass --overwrite to replace it"):
+        save_model(model, out, pattern="FSFSFS")
+    save_model(model, out, pattern="FSFSFS", overwrite=True)
     assert json.loads((out / "config.json").read_text())["index_topk_pattern"] == "FSFSFS"
-    assert not (tmp_path / "ckpt.old").exists()
+    assert (tmp_path / "ckpt.old" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.old"]  # no backup or temporary left
+    (out / "notes.txt").write_text("added by the user")  # our directory, now holding a file we did not write
+    with pytest.raises(OutputError, match=r"holds files indexcache did not write \(notes.txt\)"):
+        save_model(model, out, overwrite=True)
+    assert (out / "notes.txt").exists() and (out / "config.json").exists()
+
+
+def test_save_never_touches_a_foreign_target(glm_dir, tmp_path):
+    from indexcache.errors import OutputError
+
+    model = load_model(glm_dir, verbose=False)
+    proj = tmp_path / "myproject"
+    (proj / "src").mkdir(parents=True)
+    (proj / "notes.txt").write_text("n")
+    (proj / "src" / "a.py").write_text("print(1)")
+    afile = tmp_path / "afile"
+    afile.write_text("data")
+    for target in (proj, afile):
+        for overwrite in (False, True):
+            with pytest.raises(OutputError):
+                save_model(model, target, overwrite=overwrite)
+    assert (proj / "notes.txt").read_text() == "n" and (proj / "src" / "a.py").read_text() == "print(1)"
+    assert afile.read_text() == "data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "myproject"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_model(model, empty)  # an empty directory loses nothing
+    assert (empty / "config.json").exists()
+
+
+def test_saved_files_get_the_users_umask(glm_dir, tmp_path):
+    import os
+    import stat
+
+    model = load_model(glm_dir, verbose=False)
+    old = os.umask(0o022)
+    try:
+        out = save_model(model, tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes

@@ -321,7 +321,8 @@ def test_cli_search_backend_hf(capsys, tmp_path):
     capsys.readouterr()
     rc = main(["search", *common, "--out", str(tmp_path / "x"), "--device-map", "auto"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--device-map needs --backend hf" in err and err.count("\n") == 1
+    assert rc == 2 and "--device-map spreads a transformers model: it needs --backend hf" in err
+    assert err.count("\n") == 1
 
 
 def test_device_map_with_accelerate(tmp_path):

@@ -147,6 +147,16 @@ def test_three_stages_train_and_resume(tmp_path):
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), n
     assert resumed["final_eval"] == full["final_eval"]
+    # a refused resume names what differs; a finished run is not retrained without --overwrite
+    from indexcache.errors import OutputError
+
+    with pytest.raises(OutputError, match="cannot resume.*steps: 8 then, 9 now"):
+        train(_cfg(tmp_path, "sparse_b", "sparse", **dict(kw, resume=True, steps=9)))
+    with pytest.raises(OutputError, match="pass --overwrite to replace it or --resume to continue it"):
+        train(_cfg(tmp_path, "sparse_b", "sparse", **kw))
+    with pytest.raises(OutputError, match="--resume: no .*state.pt to resume from"):
+        train(_cfg(tmp_path, "sparse_c", "sparse", **dict(kw, resume=True)))
+    assert not (tmp_path / "sparse_c").exists()  # a refusal writes nothing
 
 
 def test_blockwise_backward_equals_one_backward(tiny):

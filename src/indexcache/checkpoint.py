@@ -10,12 +10,10 @@ weights of Shared layers (a GLM-5.2-style checkpoint).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,8 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import DSAConfig
+from .errors import CheckpointError
 from .model.dsa import DSAForCausalLM
 from .ops.fp8 import block_dequant
+from .outputs import check_output_dir, new_temp_dir, publish_dir
 from .pattern import Pattern, PatternError, _ranges
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,8 +36,6 @@ _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
 DEFAULT_SHARD_BYTES = 4 << 30
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint we cannot load as asked; the message names the files/tensors at fault."""
 
 
 def _notice(msg: str) -> None:
@@ -242,22 +240,27 @@ def save_model(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     copy_tokenizer_from: str | Path | None = None,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+    command: str = "",
 ) -> Path:
     """Write ``model`` as a transformers checkpoint with ``pattern`` (default: the model's) in config.json.
 
-    The directory is written in a temporary sibling and renamed into place, so a failure never leaves
-    a half-written checkpoint behind.
+    The directory is written in a temporary sibling and renamed into place, so a failure never leaves a
+    half-written checkpoint behind. ``extra(tmp_dir)`` may add files (a tokenizer, engine flags) before
+    that. An existing ``out_dir`` is replaced only when this toolkit wrote it and ``overwrite`` is set; a
+    directory holding anything else is never touched (:mod:`indexcache.outputs`).
     """
     out_dir = Path(out_dir)
     cfg = model.config
     pat = model.pattern if pattern is None else Pattern.parse(pattern)
     pat.validate(num_layers=cfg.num_hidden_layers, indexer_layers=model.indexer_layers)
+    check_output_dir(out_dir, "output directory", overwrite=overwrite)
     if cfg.arch == "deepseek_v32" and (drop_shared_indexers or len(model.indexer_layers) < cfg.num_hidden_layers):
         _notice("transformers' DeepseekV32ForCausalLM builds an indexer on every layer and has no sharing: "
                 "layers saved without indexer weights would be randomly initialised there")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = new_temp_dir(out_dir)
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -282,29 +285,16 @@ def save_model(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
         conf = cfg.to_dict(pat)
-        if dtype is not None:
-            conf["dtype"] = str(dtype).removeprefix("torch.")
-        else:
-            conf["dtype"] = str(model.dtype).removeprefix("torch.")
+        conf["dtype"] = str(dtype if dtype is not None else model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         tok_src = copy_tokenizer_from or getattr(model, "source_dir", None)
         if tok_src is not None:
             for f in TOKENIZER_FILES:
                 if (Path(tok_src) / f).exists():
                     shutil.copy2(Path(tok_src) / f, tmp / f)
-        if out_dir.exists():
-            backup = out_dir.with_name(out_dir.name + ".old")
-            if backup.exists():  # left by an earlier interrupted save
-                shutil.rmtree(backup)
-            os.replace(out_dir, backup)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(backup, out_dir)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        if extra is not None:
+            extra(tmp)
+        publish_dir(tmp, out_dir, overwrite=overwrite, command=command)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

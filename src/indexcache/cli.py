@@ -1,4 +1,11 @@
-"""``indexcache`` command line. Errors are one line on stderr and exit code 2."""
+"""``indexcache`` command line.
+
+Every option is checked before any model or data loads: argparse types check each value's type and
+range, then one pre-flight check per command (:data:`PREFLIGHT`) checks the files that must exist (or
+must not), reads the model's ``config.json`` and turns every pattern argument into a :class:`Pattern`
+with the one parser all commands share (:func:`indexcache.pattern.parse_spec`). Errors are one line on
+stderr and exit code 2; every message names the option and what it accepts.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,145 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from .pattern import CONVENTIONS, Pattern, PatternError, parse_spec
+from .errors import IndexCacheError, OptionError, PatternError
+from .pattern import CONVENTIONS, SPEC_FORMS, Pattern, parse_spec
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), so every refusal reads the same."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------------------------- value types
+def _number(text: str, kind: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+            accepted: str = "") -> float | int:
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
+    if v != v or (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+        raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+    return v
 
 
 def positive_int(text: str) -> int:
+    return _number(text, int, 1, accepted="a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    return _number(text, int, 0, accepted="a whole number >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, 0.0, lo_open=True, accepted="a number > 0")
+
+
+def nonneg_float(text: str) -> float:
+    return _number(text, float, 0.0, accepted="a number >= 0")
+
+
+def fraction(text: str) -> float:
+    return _number(text, float, 0.0, 1.0, lo_open=True, accepted="a number in (0, 1]")
+
+
+def share(text: str) -> float:
+    return _number(text, float, 0.0, 1.0, accepted="a number in [0, 1]")
+
+
+def token_count(text: str) -> int:
+    """``8192``, ``8K`` or ``1.5K``: a positive number of tokens."""
+    t = text.strip()
+    scale = 1000 if t[-1:].lower() == "k" else 1
+    v = _number(t[:-1] if scale > 1 else t, float, 0.0, lo_open=True,
+                accepted="a positive token count such as 8192 or 8K")
+    if v * scale != int(v * scale):
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text!r}")
+    return int(v * scale)
+
+
+def token_counts(text: str) -> list[int]:
+    return [token_count(x) for x in text.split(",") if x.strip()]
+
+
+def layer_list(text: str) -> list[int]:
+    """``0,39``: layer numbers."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or not all(x.isdigit() for x in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 0,39, got {text!r}")
+    return [int(x) for x in items]
+
+
+# -------------------------------------------------------------------------------- pre-flight helpers
+def model_config(path: str, option: str = "MODEL"):
+    """The DSAConfig of a model directory, refusing anything that is not one (before any weight is read)."""
+    from .config import DSAConfig
+
+    p = Path(path)
+    if not p.exists():
+        raise OptionError(f"{option} {path} does not exist; give a model directory (config.json + safetensors)")
+    if not p.is_dir():
+        raise OptionError(f"{option} {path} is a file, not a model directory (a directory holding config.json "
+                          "and safetensors weights)")
+    if not (p / "config.json").is_file():
+        raise OptionError(f"{option} {path} is not a model directory: it has no config.json")
+    return DSAConfig.from_file(p)
+
+
+def model_weights(path: str, option: str = "MODEL") -> None:
+    from .checkpoint import INDEX_FILE, SINGLE_FILE
+
+    if not (Path(path) / SINGLE_FILE).is_file() and not (Path(path) / INDEX_FILE).is_file():
+        raise OptionError(f"{option} {path} has a config.json but no weights ({SINGLE_FILE} or {INDEX_FILE})")
+
+
+def data_path(path: str, option: str = "--data") -> None:
+    """A data file or directory exists and, for text, is text (the first MiB is read)."""
+    import gzip
+    import lzma
+
+    from .data.text import decode_text
+
+    p = Path(path)
+    if not p.exists():
+        raise OptionError(f"{option} {path} does not exist; give a text file, a directory of .txt/.txt.xz/.txt.gz "
+                          "books, a .jsonl with a 'text' field, or a token-id .npy")
+    if p.is_dir() or p.suffix == ".npy":
+        return
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(p.suffix, open)
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+        with opener(p, "rb") as f:
+            head = f.read(1 << 20)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise OptionError(f"{option} {path} cannot be read: {e}") from None
+    if len(head) == 1 << 20:  # a cut may split a multi-byte character: drop the incomplete tail
+        head = head[: max(head.rfind(b"\n"), 0)] or head[:-4]
+    decode_text(head, f"{option} {path}")
+
+
+def pattern_arg(spec: str | None, cfg, option: str = "--pattern") -> Pattern | None:
+    if spec is None:
+        return None
+    try:
+        return parse_spec(spec, cfg.num_hidden_layers)
+    except PatternError as e:
+        raise PatternError(f"{option} {spec}: {e}") from None
+
+
+def _out_dir(args: argparse.Namespace, resume_file: str | None = None) -> None:
+    from .outputs import check_output_dir
+
+    check_output_dir(args.out, "--out" if args.cmd != "train" else "OUT", overwrite=args.overwrite,
+                     resume_file=resume_file, resume=getattr(args, "resume", False))
+
+
+def _out_file(args: argparse.Namespace) -> None:
+    from .outputs import check_output_file
+
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
 
 
 def _fmt_count(n: float) -> str:
@@ -28,98 +162,127 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _print_exports(p: Pattern) -> None:
-    print("\nconfig.json patch (transformers):")
-    print("  " + json.dumps(p.config_patch()))
+def _exports_text(p: Pattern) -> str:
     flags = p.engine_flags()
-    print("SGLang:")
-    print("  " + flags["sglang"])
-    print("vLLM:")
-    print("  " + flags["vllm"])
+    return (f"\nconfig.json patch (transformers):\n  {json.dumps(p.config_patch())}\n"
+            f"SGLang:\n  {flags['sglang']}\nvLLM:\n  {flags['vllm']}")
 
 
 # ------------------------------------------------------------------------------------------ pattern
-def cmd_pattern(args: argparse.Namespace) -> int:
-    indexer_layers = None
-    n = args.num_layers
+def check_pattern(args: argparse.Namespace) -> None:
+    args.indexer_layers = None
     if args.model:
-        from .checkpoint import TensorSource, checkpoint_indexer_layers
-        from .config import DSAConfig
+        args.cfg = model_config(args.model, "--model")
+        if args.num_layers is not None and args.num_layers != args.cfg.num_hidden_layers:
+            raise OptionError(f"--num-layers {args.num_layers} contradicts --model, which has "
+                              f"{args.cfg.num_hidden_layers} decoder layers; give one of them")
+        args.num_layers = args.cfg.num_hidden_layers
+        from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorSource, checkpoint_indexer_layers
 
-        cfg = DSAConfig.from_file(args.model)
-        n = cfg.num_hidden_layers
-        indexer_layers = checkpoint_indexer_layers(TensorSource(args.model).names(), n)
+        if (Path(args.model) / SINGLE_FILE).exists() or (Path(args.model) / INDEX_FILE).exists():
+            args.indexer_layers = checkpoint_indexer_layers(TensorSource(args.model).names(), args.num_layers)
     if args.freq is None and (args.offset is not None or args.convention != "official"):
         raise PatternError("--convention and --offset describe a uniform pattern: give --freq too")
     if args.freq is not None:
-        if n is None:
-            raise PatternError("--freq needs --num-layers or --model")
-        p = Pattern.uniform(n, args.freq, args.convention, args.offset)
+        if args.pattern:
+            raise PatternError("give a PATTERN or --freq, not both")
+        if args.num_layers is None:
+            raise PatternError("--freq needs the layer count: give --num-layers N or --model DIR")
+        args.parsed = Pattern.uniform(args.num_layers, args.freq, args.convention, args.offset)
     elif args.pattern:
-        p = parse_spec(args.pattern, n) if n is not None else Pattern.parse(args.pattern)
+        args.parsed = parse_spec(args.pattern, args.num_layers)
     elif args.model:
-        p = cfg.pattern
-        p.origin = cfg.pattern_source
+        args.parsed = args.cfg.pattern
+        args.parsed.origin = args.cfg.pattern_source
     else:
-        raise PatternError("give a PATTERN, --freq with --num-layers, or --model")
-    stages = [int(x) for x in args.stage_starts.split(",")] if args.stage_starts else None
-    p.validate(num_layers=n, stage_starts=stages, indexer_layers=indexer_layers)
+        raise PatternError(f"give a PATTERN ({SPEC_FORMS}), --freq with --num-layers, or --model DIR")
+    args.parsed.validate(num_layers=args.num_layers, stage_starts=args.stage_starts,
+                         indexer_layers=args.indexer_layers)
+
+
+def cmd_pattern(args: argparse.Namespace) -> int:
+    p, n = args.parsed, args.num_layers or len(args.parsed)
     if args.json:
         print(json.dumps(dict(p.describe(), uniform_matches=p.match_uniform(), config_patch=p.config_patch(),
                               sglang=p.sglang_override(), vllm=p.vllm_override()), indent=2))
         return 0
-    print(p.describe_text())
+    lines = [p.describe_text()]
     matches = p.match_uniform()
-    print(f"uniform   {', '.join(matches) if matches else 'no uniform freq/offset reproduces it'}")
-    if indexer_layers is not None and len(indexer_layers) < n:
-        print(f"note      the checkpoint ships indexer weights only on {len(indexer_layers)} layers; "
-              "only those can be Full")
-    _print_exports(p)
+    lines.append(f"uniform   {', '.join(matches) if matches else 'no uniform freq/offset reproduces it'}")
+    if args.indexer_layers is not None and len(args.indexer_layers) < n:
+        lines.append(f"note      the checkpoint ships indexer weights only on {len(args.indexer_layers)} layers; "
+                     "only those can be Full")
+    print("\n".join(lines) + _exports_text(p))
     return 0
 
 
 # --------------------------------------------------------------------------------------------- info
+def check_info(args: argparse.Namespace) -> None:
+    args.cfg = model_config(args.model)
+    model_weights(args.model)
+    args.parsed = pattern_arg(args.pattern, args.cfg)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import TensorSource, checkpoint_indexer_layers
-    from .config import DSAConfig
     from .stats import count_parameters, flops
 
-    cfg = DSAConfig.from_file(args.model)
-    pat = parse_spec(args.pattern, cfg.num_hidden_layers) if args.pattern else cfg.pattern
+    cfg = args.cfg
+    pat = args.parsed or cfg.pattern
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    # everything is read and computed before anything is printed: a corrupt shard prints only its error
     src = TensorSource(args.model)
-    shipped = checkpoint_indexer_layers(src.names(), cfg.num_hidden_layers)
-    pat.validate(indexer_layers=shipped)
-    print(f"model        {args.model}")
-    print(f"architecture {cfg.architecture} ({cfg.arch})")
-    print(f"layers       {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_moe} dense MLP, {n_moe} MoE"
-          + (f", +{cfg.num_mtp_layers} MTP ignored" if cfg.num_mtp_layers else "") + ")")
-    print(f"hidden       {cfg.hidden_size}, {cfg.num_attention_heads} heads, q_lora {cfg.q_lora_rank}, "
-          f"kv_lora {cfg.kv_lora_rank}, qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, v {cfg.v_head_dim}")
+    try:
+        shipped = checkpoint_indexer_layers(src.names(), cfg.num_hidden_layers)
+        pat.validate(indexer_layers=shipped)
+        counts = count_parameters(cfg, {n: src.shape(n) for n in src.names()}, pat)
+    finally:
+        src.close()
+    lines = [
+        f"model        {args.model}",
+        f"architecture {cfg.architecture} ({cfg.arch})",
+        f"layers       {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_moe} dense MLP, {n_moe} MoE"
+        + (f", +{cfg.num_mtp_layers} MTP ignored" if cfg.num_mtp_layers else "") + ")",
+        f"hidden       {cfg.hidden_size}, {cfg.num_attention_heads} heads, q_lora {cfg.q_lora_rank}, "
+        f"kv_lora {cfg.kv_lora_rank}, qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, v {cfg.v_head_dim}",
+    ]
     if n_moe:
-        print(f"moe          {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok} "
-              f"(groups {cfg.n_group}, top groups {cfg.topk_group}) + {cfg.n_shared_experts} shared, "
-              f"inter {cfg.moe_intermediate_size}")
+        lines.append(f"moe          {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok} "
+                     f"(groups {cfg.n_group}, top groups {cfg.topk_group}) + {cfg.n_shared_experts} shared, "
+                     f"inter {cfg.moe_intermediate_size}")
     rope = "interleaved" if cfg.indexer_rope_interleave else "half-split"
-    print(f"indexer      {cfg.index_n_heads} heads x {cfg.index_head_dim}, top-{cfg.index_topk}, {rope} RoPE; "
-          f"weights on {len(shipped)}/{cfg.num_hidden_layers} layers")
-    print(f"rope         {cfg.rope.rope_type} theta={cfg.rope.theta:g}"
-          + (f" factor={cfg.rope.factor:g}" if cfg.rope.rope_type != "default" else ""))
-    print(f"pattern      {pat}  ({pat.num_full} Full; {'given' if args.pattern else cfg.pattern_source})")
-    counts = count_parameters(cfg, {n: src.shape(n) for n in src.names()}, pat)
+    lines.append(f"indexer      {cfg.index_n_heads} heads x {cfg.index_head_dim}, top-{cfg.index_topk}, {rope} RoPE; "
+                 f"weights on {len(shipped)}/{cfg.num_hidden_layers} layers")
+    lines.append(f"rope         {cfg.rope.rope_type} theta={cfg.rope.theta:g}"
+                 + (f" factor={cfg.rope.factor:g}" if cfg.rope.rope_type != "default" else ""))
+    lines.append(f"pattern      {pat}  ({pat.num_full} Full; {'given' if args.parsed else cfg.pattern_source})")
     parts = ", ".join(f"{k} {_fmt_count(v)}" for k, v in counts.items() if k not in ("total", "active_per_token") and v)
-    print(f"parameters   {_fmt_count(counts['total'])} total, {_fmt_count(counts['active_per_token'])} "
-          f"active per token ({parts}; read from the checkpoint headers)")
+    lines.append(f"parameters   {_fmt_count(counts['total'])} total, {_fmt_count(counts['active_per_token'])} "
+                 f"active per token ({parts}; read from the checkpoint headers)")
     for L in args.context:
         f_pat, f_full = flops(cfg, L, pat), flops(cfg, L, Pattern.all_full(cfg.num_hidden_layers))
-        print(f"context {L:>7}: prefill {_fmt_count(f_pat['prefill']['total'])}FLOP, indexer "
-              f"{f_pat['prefill']['indexer_share']:.1%} (all-Full {f_full['prefill']['indexer_share']:.1%}); "
-              f"decode step {_fmt_count(f_pat['decode']['total'])}FLOP, indexer "
-              f"{f_pat['decode']['indexer_share']:.1%} (all-Full {f_full['decode']['indexer_share']:.1%})")
+        lines.append(f"context {L:>7}: prefill {_fmt_count(f_pat['prefill']['total'])}FLOP, indexer "
+                     f"{f_pat['prefill']['indexer_share']:.1%} (all-Full {f_full['prefill']['indexer_share']:.1%}); "
+                     f"decode step {_fmt_count(f_pat['decode']['total'])}FLOP, indexer "
+                     f"{f_pat['decode']['indexer_share']:.1%} (all-Full {f_full['decode']['indexer_share']:.1%})")
+    print("\n".join(lines))
     return 0
 
 
 # --------------------------------------------------------------------------------------------- loss
+def check_loss(args: argparse.Namespace) -> None:
+    args.cfg = model_config(args.model)
+    model_weights(args.model)
+    data_path(args.data)
+    args.parsed = [pattern_arg(s, args.cfg) for s in args.pattern or []]
+    _check_length(args.seq_len, args.cfg, "--seq-len")
+
+
+def _check_length(n: int, cfg, option: str) -> None:
+    if n > cfg.max_position_embeddings:
+        raise OptionError(f"{option} {n} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+
+
 def cmd_loss(args: argparse.Namespace) -> int:
     import math
 
@@ -131,8 +294,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
     tok = None if args.data.endswith(".npy") else load_tokenizer(args.model)
     windows = token_windows(args.data, args.seq_len, tok, args.max_seqs, model.config.vocab_size)
     results = []
-    for spec in args.pattern or [None]:
-        pat = model.pattern if spec is None else parse_spec(spec, model.config.num_hidden_layers)
+    for pat in args.parsed or [model.pattern]:
         model.runnable_pattern(pat)
         loss = lm_loss(model, windows, pat, args.batch_size, progress=not args.json, desc=str(pat))
         results.append({"pattern": str(pat), "num_full": pat.num_full, "loss": loss, "ppl": math.exp(loss)})
@@ -151,16 +313,57 @@ def cmd_loss(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- search
+BASELINES = ("uniform", "similarity")
+
+
+def _calibration_checks(args: argparse.Namespace) -> None:
+    cfg = args.cfg
+    if args.data is not None:
+        data_path(args.data)
+    seq = args.seq_len or max(2 * cfg.index_topk, 512)
+    _check_length(seq, cfg, "--seq-len" if args.seq_len else "the default --seq-len")
+    if seq <= cfg.index_topk:
+        raise OptionError(f"--seq-len {seq} is not longer than index_topk {cfg.index_topk}: every query would keep "
+                          "all its tokens and every pattern would give the same loss; use a larger --seq-len")
+
+
+def check_search(args: argparse.Namespace) -> None:
+    from .search.greedy import stage_starts
+
+    args.cfg = model_config(args.model)
+    model_weights(args.model)
+    n = args.cfg.num_hidden_layers
+    if args.keep is not None and args.num_full is not None:
+        raise OptionError("give --keep or --num-full, not both")
+    if args.num_full is not None and args.num_full > n:
+        raise OptionError(f"--num-full {args.num_full} exceeds the model's {n} layers")
+    bad = [f for f in args.force_full if f >= n]
+    if bad:
+        raise OptionError(f"--force-full layer {bad[0]} is outside the model's {n} layers (0-{n - 1})")
+    stage_starts(n, args.stages)
+    names = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise OptionError(f"--baselines {args.baselines}: unknown baseline {unknown[0]!r} "
+                          f"(give a comma list of {', '.join(BASELINES)}, or none)")
+    args.baseline_list = names
+    if args.device_map is not None and args.backend != "hf":
+        raise OptionError("--device-map spreads a transformers model: it needs --backend hf")
+    _calibration_checks(args)
+    _out_dir(args, resume_file="search_state.json")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    from .evals.runner import command_line
     from .search.run import SearchOptions, run_search
 
     opt = SearchOptions(
         model=args.model, out=args.out, data=args.data, num_samples=args.num_samples, seq_len=args.seq_len,
         seed=args.seed, batch_size=args.batch_size, keep=args.keep, num_full=args.num_full, to_end=args.to_end,
-        stages=args.stages, force_full=_int_list(args.force_full), resume=args.resume, device=args.device,
-        dtype=args.dtype, scoring=args.scoring, cache_gb=args.cache_gb,
-        baselines=[] if args.baselines == "none" else args.baselines.split(","),
-        backend=args.backend, device_map=args.device_map,
+        stages=args.stages, force_full=args.force_full, resume=args.resume, device=args.device,
+        dtype=args.dtype, scoring=args.scoring, cache_gb=args.cache_gb, baselines=args.baseline_list,
+        backend=args.backend, device_map=args.device_map, overwrite=args.overwrite,
+        command=command_line(args.argv),
     )
     report = run_search(opt)
     if not report:  # not the main rank of a torchrun job
@@ -171,16 +374,44 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"selected {sel['num_full']}/{report['num_layers']} Full: {sel['pattern']}  loss {sel['loss']:.5f}")
     print(f"work: {c['layer_forwards']} layer-forwards = {c['ratio_vs_naive']:.3f}x a search without prefix reuse; "
           f"{report['seconds']:.1f} s")
-    _print_exports(Pattern.parse(sel["pattern"]))
+    print(_exports_text(Pattern.parse(sel["pattern"])))
     print(f"\nwrote {args.out}/report.json, loss_curve.png, summary.md, config_patch.json, engine_flags.txt")
+    print(next_steps(args, sel["pattern"]))
     return 0
 
 
+def next_steps(args: argparse.Namespace, pattern: str) -> str:
+    """What to do with a searched pattern, and the warning a synthetic calibration deserves."""
+    lines = []
+    if args.data is None:
+        lines.append("note: this search calibrated on the built-in synthetic corpus, which is out of distribution "
+                     "for a real model; for real decisions pass --data with text like the model's (and longer "
+                     "--seq-len, more --num-samples).")
+    given = f" {args.model}" if args.model_given else ""
+    lines += [
+        "next:",
+        f"  check it on the long-context tasks:  indexcache eval{given} --pattern all-full --pattern {pattern} "
+        "--out eval.json",
+        f"  write a model that carries it:       indexcache export {args.model} --pattern {pattern} "
+        "--out MODEL-indexcache",
+    ]
+    return "\n".join(lines)
+
+
+def check_overlap(args: argparse.Namespace) -> None:
+    args.cfg = model_config(args.model)
+    model_weights(args.model)
+    args.parsed = pattern_arg(args.pattern, args.cfg)
+    _calibration_checks(args)
+    _out_dir(args)
+
+
 def cmd_overlap(args: argparse.Namespace) -> int:
+    from .evals.runner import command_line
     from .search.run import run_overlap
 
-    mat = run_overlap(args.model, args.out, args.data, args.num_samples, args.seq_len, args.seed, args.pattern,
-                      args.device)
+    mat = run_overlap(args.model, args.out, args.data, args.num_samples, args.seq_len, args.seed, args.parsed,
+                      args.device, overwrite=args.overwrite, command=command_line(args.argv))
     n = mat.shape[0]
     adj = sum(float(mat[i + 1, i]) for i in range(n - 1)) / max(n - 1, 1)
     print(f"{n}x{n} overlap: mean adjacent-layer overlap {adj:.3f}, minimum {float(mat.min()):.3f}")
@@ -189,37 +420,41 @@ def cmd_overlap(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- eval
+def check_eval(args: argparse.Namespace) -> None:
+    from .evals.runner import parse_ppl_spec
+    from .evals.tasks import parse_families
+
+    args.cfg = model_config(args.model)
+    model_weights(args.model)
+    args.parsed = [pattern_arg(s, args.cfg) for s in args.pattern or []]
+    families = parse_families(args.tasks)
+    if not families and not args.ppl_data:
+        raise OptionError("--tasks none leaves nothing to evaluate: give --ppl-data too, or some task families")
+    for L in args.lengths:
+        _check_length(L, args.cfg, "--lengths")
+    for spec in args.ppl_data or []:
+        for p in parse_ppl_spec(spec)[1]:
+            data_path(p, "--ppl-data")
+    if families and args.haystack is not None and args.haystack != "noise":
+        data_path(args.haystack, "--haystack")
+    _out_file(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .evals.runner import EvalOptions, command_line, format_table, run_eval
-    from .utils import write_atomic
+    from .outputs import write_report
 
-    model = args.model or default_model()
-    if model is None:
-        raise ValueError("give a MODEL directory (no bundled model here)")
     opt = EvalOptions(
-        model=model, patterns=args.pattern or [None], tasks=args.tasks, lengths=args.lengths, samples=args.samples,
-        haystack=args.haystack, ppl_data=args.ppl_data or [], ppl_windows=args.ppl_windows, seed=args.seed,
-        device=args.device, dtype=args.dtype, decode=args.decode, draft=not args.no_draft, progress=not args.quiet,
-        command=command_line(getattr(args, "argv", [])),
+        model=args.model, patterns=args.parsed or [None], tasks=args.tasks, lengths=args.lengths,
+        samples=args.samples, haystack=args.haystack, ppl_data=args.ppl_data or [], ppl_windows=args.ppl_windows,
+        seed=args.seed, device=args.device, dtype=args.dtype, decode=args.decode, draft=not args.no_draft,
+        progress=not args.quiet, command=command_line(args.argv),
     )
     report = run_eval(opt)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda p: p.write_text(json.dumps(report, indent=1)))
+    write_report(Path(args.out), report)
     print(format_table(report))
-    print(f"\n{report['seconds']:.0f} s; wrote {out}")
+    print(f"\n{report['seconds']:.0f} s; wrote {args.out}")
     return 0
-
-
-def _int_list(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PatternError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -233,36 +468,73 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-# ------------------------------------------------------------------------------------------- export
-def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of indexcache at --out (never anything else)")
 
+
+# ------------------------------------------------------------------------------------------- export
+def check_export(args: argparse.Namespace) -> None:
+    args.cfg = model_config(args.model)
+    model_weights(args.model)
+    args.parsed = pattern_arg(args.pattern, args.cfg)
+    _out_dir(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_model, save_model
-    from .config import DSAConfig
+    from .evals.runner import command_line
 
-    cfg = DSAConfig.from_file(args.model)
-    pat = parse_spec(args.pattern, cfg.num_hidden_layers)
+    cfg, pat = args.cfg, args.parsed
     names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     own = cfg.raw.get("dtype") or cfg.raw.get("torch_dtype") or "float32"
     dtype = names.get(own if args.dtype == "keep" else args.dtype, torch.float32)
     model = load_model(args.model, pattern=pat, verbose=False)  # fp32 in memory: nothing is lost
-    out = save_model(model, args.out, pattern=pat, drop_shared_indexers=args.drop_shared_indexers, dtype=dtype,
-                     copy_tokenizer_from=args.model)
     flags = pat.engine_flags()
-    (Path(out) / "engine_flags.txt").write_text(
-        f"# pattern {pat} ({pat.num_full}/{cfg.num_hidden_layers} Full)\n"
-        f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
-    print(pat.describe_text())
-    _print_exports(pat)
+
+    def engine_flags(tmp: Path) -> None:
+        (tmp / "engine_flags.txt").write_text(
+            f"# pattern {pat} ({pat.num_full}/{cfg.num_hidden_layers} Full)\n"
+            f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
+
+    out = save_model(model, args.out, pattern=pat, drop_shared_indexers=args.drop_shared_indexers, dtype=dtype,
+                     copy_tokenizer_from=args.model, overwrite=args.overwrite, extra=engine_flags,
+                     command=command_line(args.argv))
+    print(pat.describe_text() + _exports_text(pat))
     dropped = "; Shared layers' indexer weights dropped" if args.drop_shared_indexers else ""
     print(f"\nwrote {out}: config.json carries indexer_types + index_topk_pattern{dropped}; engine_flags.txt")
     return 0
 
 
 # -------------------------------------------------------------------------------------------- train
+def check_train(args: argparse.Namespace) -> None:
+    data_path(args.data)
+    if args.stage != "dense" and args.init is None:
+        raise OptionError(f"--stage {args.stage} continues a trained model: give --init MODEL_DIR")
+    if args.init is not None:
+        cfg = model_config(args.init, "--init")
+        model_weights(args.init, "--init")
+        pattern_arg(args.pattern, cfg)
+        _check_length(args.seq_len, cfg, "--seq-len")
+    elif args.pattern is not None:
+        raise OptionError("--pattern trains a model for sharing in the warmup and sparse stages: give --init too")
+    if args.token_cache is not None and not Path(args.token_cache).is_file():
+        raise OptionError(f"--token-cache {args.token_cache} does not exist; give an earlier run's tokens.npz")
+    if args.micro_batch is not None and args.micro_batch > args.batch_size:
+        raise OptionError(f"--micro-batch {args.micro_batch} exceeds --batch-size {args.batch_size}")
+    if args.synthetic_kinds:
+        from .train.retrieval import KINDS
+
+        unknown = [k for k in args.synthetic_kinds.split(",") if k and k not in KINDS]
+        if unknown:
+            raise OptionError(f"--synthetic-kinds: unknown kind {unknown[0]!r} (choose from {', '.join(KINDS)})")
+    _out_dir(args, resume_file="state.pt")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .evals.runner import command_line
     from .train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -275,7 +547,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         synthetic_density=args.synthetic_density,
         seed=args.seed, device=args.device, eval_every=args.eval_every, save_every=args.save_every,
         resume=args.resume, stop_after=args.stop_after, time_limit_s=args.time_limit_min and args.time_limit_min * 60,
-        shard_mb=args.shard_mb,
+        shard_mb=args.shard_mb, overwrite=args.overwrite, command=command_line(args.argv), token_cache=args.token_cache,
     )
     summary = train(cfg)
     if "stopped_at" in summary:
@@ -296,23 +568,54 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------- bench
+def check_bench(args: argparse.Namespace) -> None:
+    if args.what == "kernels":
+        from .bench.kernels import PARTS
+
+        unknown = [p for p in args.parts.split(",") if p not in PARTS]
+        if unknown:
+            raise OptionError(f"--parts: unknown kernel group {unknown[0]!r} (choose from {', '.join(PARTS)})")
+    _out_file(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "kernels":
         from .bench.kernels import run as run_kernels
 
         run_kernels(args.out, parts=tuple(args.parts.split(",")))
         return 0
-    if args.what == "e2e":
-        from .bench.e2e import run as run_e2e
+    from .bench.e2e import run as run_e2e
 
-        contexts = [int(float(c[:-1]) * 1000) if c.lower().endswith("k") else int(c) for c in args.contexts.split(",")]
-        run_e2e(args.out, contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
-                decode_steps=args.decode_steps, large_batch=args.large_batch)
-        return 0
-    raise ValueError(f"unknown benchmark {args.what!r}")
+    run_e2e(args.out, args.contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
+            decode_steps=args.decode_steps, large_batch=args.large_batch)
+    return 0
 
 
 # ------------------------------------------------------------------------------------- generate
+def check_generate(args: argparse.Namespace) -> None:
+    from .data.text import decode_text, load_tokenizer
+
+    args.cfg = model_config(args.model)
+    model_weights(args.model)
+    args.parsed = pattern_arg(args.pattern, args.cfg)
+    p = Path(args.prompt_file)
+    if not p.is_file():
+        raise OptionError(f"--prompt-file {args.prompt_file} " + ("is a directory; give a text file" if p.is_dir()
+                                                                 else "does not exist; give a UTF-8 text file"))
+    text = decode_text(p.read_bytes(), f"--prompt-file {args.prompt_file}")
+    args.prompt_ids = load_tokenizer(args.model).encode(text).ids
+    if not args.prompt_ids:
+        raise OptionError(f"--prompt-file {args.prompt_file} tokenizes to nothing; give a non-empty prompt")
+    need = len(args.prompt_ids) + args.max_new_tokens
+    limit = args.cfg.max_position_embeddings
+    if need > limit:
+        raise OptionError(f"--prompt-file holds {len(args.prompt_ids):,} tokens; with --max-new-tokens "
+                          f"{args.max_new_tokens} that is {need:,}, beyond the model's max_position_embeddings "
+                          f"{limit:,}: shorten the prompt")
+    if args.max_len is not None and args.max_len < need:
+        raise OptionError(f"--max-len {args.max_len} is shorter than the prompt plus --max-new-tokens ({need})")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -320,15 +623,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .data.text import load_tokenizer
     from .engine import Engine
 
-    text = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
     tok = load_tokenizer(args.model)
-    ids = tok.encode(text).ids
-    if not ids:
-        raise ValueError(f"{args.prompt_file} tokenizes to nothing")
+    ids = args.prompt_ids
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_model(args.model, dtype=dtype, device=args.device, verbose=False)
     max_len = args.max_len or len(ids) + args.max_new_tokens
-    eng = Engine(model, args.pattern, max_batch=1, max_len=max_len, chunk=args.chunk)
+    eng = Engine(model, args.parsed, max_batch=1, max_len=max_len, chunk=args.chunk)
     eos = model.config.raw.get("eos_token_id")
     eos = eos if isinstance(eos, int) else None
     out: list[int] = []
@@ -348,10 +648,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------- random-model
+def check_random_model(args: argparse.Namespace) -> None:
+    from .presets import PRESETS
+
+    if args.pattern is not None:
+        args.parsed = parse_spec(args.pattern, PRESETS[args.preset]["num_hidden_layers"])
+    else:
+        args.parsed = None
+    _out_dir(args)
+
+
 def cmd_random_model(args: argparse.Namespace) -> int:
+    from .evals.runner import command_line
     from .presets import make_random_checkpoint
 
-    out = make_random_checkpoint(args.out, args.arch, args.preset, args.seed, args.pattern)
+    out = make_random_checkpoint(args.out, args.arch, args.preset, args.seed, args.parsed, overwrite=args.overwrite,
+                                 command=command_line(args.argv))
     print(f"wrote a random {args.arch} ({args.preset}) checkpoint with a byte-level tokenizer to {out}")
     return 0
 
@@ -363,26 +675,35 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+PREFLIGHT = {
+    "pattern": check_pattern, "info": check_info, "loss": check_loss, "search": check_search,
+    "overlap": check_overlap, "eval": check_eval, "export": check_export, "train": check_train,
+    "bench": check_bench, "generate": check_generate, "random-model": check_random_model,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="indexcache", description="IndexCache tools for DSA models")
+    ap = Parser(prog="indexcache", description="IndexCache tools for DSA models")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("pattern", help="parse, build, validate and export a layer pattern")
-    p.add_argument("pattern", nargs="?", help="FSSF..., a JSON indexer_types list, all-full, or uniform:FREQ[:CONV]")
+    p.add_argument("pattern", nargs="?", help=f"the pattern: {SPEC_FORMS}")
     p.add_argument("--num-layers", type=positive_int, help="number of decoder layers (MTP excluded)")
     p.add_argument("--model", help="a model directory: its layer count, its own pattern, its indexer weights")
     p.add_argument("--freq", type=positive_int, help="build a uniform pattern with this frequency")
     p.add_argument("--convention", default="official", choices=list(CONVENTIONS),
                    help="how freq/offset map to layers (default: official)")
-    p.add_argument("--offset", type=int, help="offset for --convention transformers (default 2)")
-    p.add_argument("--stage-starts", help="comma-separated first layers of pipeline stages (must be Full)")
+    p.add_argument("--offset", type=nonneg_int, help="offset for --convention transformers (default 2)")
+    p.add_argument("--stage-starts", type=layer_list, help="comma-separated first layers of pipeline stages "
+                   "(must be Full)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pattern)
 
     p = sub.add_parser("info", help="architecture, pattern, parameters and indexer FLOP share")
     p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
     p.add_argument("--pattern", help="pattern to analyse instead of the checkpoint's own")
-    p.add_argument("--context", type=int, nargs="+", default=[10_000, 60_000, 120_000, 200_000])
+    p.add_argument("--context", type=token_count, nargs="+", default=[10_000, 60_000, 120_000, 200_000],
+                   help="context lengths in tokens (8192 or 8K)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("loss", help="mean LM loss on a text/jsonl/.npy file, per pattern")
@@ -398,20 +719,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="greedy IndexCache layer search (training-free) with baselines")
     p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
-    p.add_argument("--out", default="runs/search")
+    p.add_argument("--out", default="runs/search", help="output directory (default runs/search)")
+    _add_overwrite(p)
     _add_calibration_args(p)
-    p.add_argument("--keep", type=float, help="fraction of indexers to keep (default 0.25)")
+    p.add_argument("--keep", type=fraction, help="fraction of indexers to keep, in (0, 1] (default 0.25)")
     p.add_argument("--num-full", type=positive_int, help="number of Full layers to keep")
     p.add_argument("--to-end", action="store_true", help="continue the trajectory to the end (still selects --keep)")
     p.add_argument("--stages", type=positive_int, default=1, help="pipeline blocks: their first layers stay Full, "
                    "one flip per block per step")
-    p.add_argument("--force-full", help="comma-separated layers that must stay Full")
+    p.add_argument("--force-full", type=layer_list, default=[], help="comma-separated layers that must stay Full")
     p.add_argument("--baselines", default="uniform,similarity", help="uniform,similarity or none")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--resume", action="store_true", help="continue from OUT/search_state.json")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
-    p.add_argument("--cache-gb", type=float, default=2.0, help="memory for cached prefix states")
+    p.add_argument("--cache-gb", type=positive_float, default=2.0, help="memory for cached prefix states (GiB, > 0)")
     p.add_argument("--backend", choices=["native", "hf"], default="native",
                    help="native: this package's model; hf: the model's transformers class with the pattern applied")
     p.add_argument("--device-map", help="with --backend hf: transformers device_map to spread the model over "
@@ -420,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("overlap", help="cross-layer top-k overlap of the all-Full model (csv + heatmap)")
     p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
-    p.add_argument("--out", default="runs/overlap")
+    p.add_argument("--out", default="runs/overlap", help="output directory (default runs/overlap)")
+    _add_overwrite(p)
     _add_calibration_args(p)
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
     p.set_defaults(func=cmd_overlap)
@@ -431,8 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the model's own)")
     p.add_argument("--tasks", nargs="+", help="task families, space- or comma-separated: all (default), none, niah, "
                    "niah_single, niah_multikey, niah_multivalue, niah_multiquery, passkey, vt, cwe, fwe, mqar")
-    p.add_argument("--lengths", type=positive_int, nargs="+", default=[1024],
-                   help="context lengths in tokens of the model's tokenizer (default 1024)")
+    p.add_argument("--lengths", type=token_count, nargs="+", default=[1024],
+                   help="context lengths in tokens of the model's tokenizer (default 1024; 4096 or 4K)")
     p.add_argument("--samples", type=positive_int, default=10, help="samples per task and length (default 10)")
     p.add_argument("--haystack", help="filler text: a text file or directory of books, or 'noise' "
                    "(default: the built-in synthetic corpus)")
@@ -449,12 +772,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --decode recompute: one token per forward instead of verifying context drafts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="JSON report to write")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a model directory that carries a pattern, plus engine flags")
     p.add_argument("model")
-    p.add_argument("--pattern", required=True, help="FSSF..., uniform:FREQ[:CONV], or a JSON indexer_types list")
-    p.add_argument("--out", required=True)
+    p.add_argument("--pattern", required=True, help=f"the pattern: {SPEC_FORMS}")
+    p.add_argument("--out", required=True, help="the model directory to write (new, or one indexcache wrote)")
+    _add_overwrite(p)
     p.add_argument("--drop-shared-indexers", action="store_true",
                    help="leave out the indexer weights of Shared layers (GLM-5.2 style)")
     p.add_argument("--dtype", default="keep", choices=["keep", "bfloat16", "float16", "float32"],
@@ -462,46 +787,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="train a small DSA model: dense pretraining, indexer warm-up, sparse stage")
-    p.add_argument("out")
+    p.add_argument("out", help="the run's directory (new, or one indexcache wrote)")
+    _add_overwrite(p)
     p.add_argument("--stage", required=True, choices=["dense", "warmup", "sparse"])
     p.add_argument("--data", required=True, help="directory of .txt/.txt.xz books, a text file, or a .jsonl")
     p.add_argument("--init", help="model directory to start from (required for warmup and sparse)")
-    p.add_argument("--preset", default="mini", help="architecture preset for --stage dense (default mini)")
-    p.add_argument("--heldout", type=positive_int, default=3, help="whole files (books) held out for evaluation")
+    p.add_argument("--preset", default="mini", choices=["tiny", "small", "mini"],
+                   help="architecture preset for --stage dense (default mini)")
+    p.add_argument("--heldout", type=nonneg_int, default=3, help="whole files (books) held out for evaluation")
     p.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE vocabulary trained for --stage dense")
     p.add_argument("--seq-len", type=positive_int, default=4096)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--micro-batch", type=positive_int, help="micro-batch size (gradient accumulation) to bound memory")
     p.add_argument("--steps", type=positive_int, default=1000)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--indexer-lr", type=float, help="learning rate of the indexers in the sparse stage")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--indexer-loss-weight", type=float, default=1.0)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--indexer-lr", type=positive_float, help="learning rate of the indexers in the sparse stage")
+    p.add_argument("--warmup-steps", type=nonneg_int, default=50)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    p.add_argument("--indexer-loss-weight", type=nonneg_float, default=1.0)
     p.add_argument("--pattern", help="training-aware IndexCache: the pattern to train for (e.g. uniform:4)")
     p.add_argument("--no-cross-layer", action="store_true", help="ablation: distil each indexer on its own layer")
-    p.add_argument("--synthetic-mix", type=float, default=0.0,
-                   help="share of each batch replaced by synthetic retrieval windows (facts, repeats, listings)")
+    p.add_argument("--synthetic-mix", type=share, default=0.0,
+                   help="share of each batch replaced by synthetic retrieval windows, in [0, 1]")
     p.add_argument("--synthetic-kinds",
                    help="comma-separated episode kinds: fact,repeat,listing,chain,tally,echo,secret,group,roster,"
                         "track,rank (default all)")
-    p.add_argument("--synthetic-density", type=float, help="structured share of a synthetic window (default 0.15-0.5)")
+    p.add_argument("--synthetic-density", type=fraction,
+                   help="structured share of a synthetic window, in (0, 1] (default 0.15-0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--eval-every", type=positive_int, default=200)
     p.add_argument("--save-every", type=positive_int, default=200)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=positive_int, help="save and stop at this step (continue with --resume)")
-    p.add_argument("--time-limit-min", type=float, help="save and stop after this many minutes")
+    p.add_argument("--time-limit-min", type=positive_float, help="save and stop after this many minutes")
     p.add_argument("--shard-mb", type=positive_int, default=4096, help="safetensors shard size of the saved model")
+    p.add_argument("--token-cache", help="an earlier run's tokens.npz to reuse when it matches this run's tokenizer "
+                   "and books (saves tokenizing them again)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="GPU benchmarks that print tables and write JSON")
     p.add_argument("what", choices=["kernels", "e2e"],
                    help="kernels: ceilings, then each Triton kernel at anchor shapes; e2e: engine prefill/decode")
     p.add_argument("--out", required=True, help="JSON file to write")
+    _add_overwrite(p)
     p.add_argument("--parts", default="indexer,topk,sparse_mla", help="comma list of kernel groups (kernels)")
-    p.add_argument("--contexts", default="10K,60K,120K,200K", help="context lengths (e2e)")
+    p.add_argument("--contexts", type=token_counts, default=[10_000, 60_000, 120_000, 200_000],
+                   help="context lengths, comma-separated (e2e; default 10K,60K,120K,200K)")
     p.add_argument("--experts", type=positive_int, default=16, help="routed experts (e2e; the real model has 64)")
     p.add_argument("--layers", type=positive_int, default=47, help="decoder layers (e2e)")
     p.add_argument("--chunk", type=positive_int, default=8192, help="prefill chunk (e2e)")
@@ -511,14 +843,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with the engine (chunked prefill, cached decode)")
     p.add_argument("model", help="model directory (with its tokenizer)")
-    p.add_argument("--prompt-file", required=True)
+    p.add_argument("--prompt-file", required=True, help="a UTF-8 text file holding the prompt")
     p.add_argument("--pattern", default=None, help="IndexCache pattern (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (>= 0)")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cuda when a GPU is present, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chunk", type=positive_int, default=4096, help="prefill chunk")
     p.add_argument("--max-len", type=positive_int, default=None, help="cache length (default: prompt + new)")
@@ -526,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("random-model", help="write a random DSA checkpoint (demos and tests)")
     p.add_argument("out")
+    _add_overwrite(p)
     p.add_argument("--arch", default="glm_moe_dsa", choices=["glm_moe_dsa", "deepseek_v32"])
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--seed", type=int, default=0)
@@ -536,50 +869,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_model() -> str | None:
     """The bundled trained model, when running from a checkout of the repository."""
-    from pathlib import Path
-
     p = Path(__file__).resolve().parents[2] / "models" / "dsa-mini"
     return str(p) if (p / "config.json").exists() else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .search.greedy import SearchError
-
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad option (one line already printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # reports record their exact command line
+    prog = f"indexcache {args.cmd}"
+    if args.cmd == "generate" and args.device is None:
+        args.device = "cuda" if _cuda() else "cpu"
     device = getattr(args, "device", "cpu") or "cpu"
     if str(device).startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            print(f"indexcache {args.cmd}: error: --device {device} but no CUDA device is available", file=sys.stderr)
+            print(f"{prog}: error: --device {device} but no CUDA device is available", file=sys.stderr)
             return 2
-    if args.cmd in ("search", "overlap", "info") and args.model is None:
+    args.model_given = getattr(args, "model", None) is not None
+    if args.cmd in ("search", "overlap", "info", "eval") and args.model is None:
         args.model = default_model()
         if args.model is None:
-            print(f"indexcache {args.cmd}: error: give a MODEL directory (no bundled model here)", file=sys.stderr)
+            print(f"{prog}: error: give a MODEL directory (no bundled model here)", file=sys.stderr)
             return 2
     try:
+        PREFLIGHT[args.cmd](args)  # every option and file checked before any model or data loads
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (PatternError, ConfigError, CheckpointError, DataError, SearchError, ValueError) as e:
-        print(f"indexcache {args.cmd}: error: {e}", file=sys.stderr)
+    except (IndexCacheError, ValueError) as e:  # ValueError: the library's own checks of its arguments
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # anything else still gets one line; INDEXCACHE_DEBUG=1 shows the traceback
         if os.environ.get("INDEXCACHE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"indexcache {args.cmd}: error: {type(e).__name__}: {msg} (INDEXCACHE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"{prog}: error: {type(e).__name__}: {msg} (INDEXCACHE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
 from .pattern import Pattern, PatternError
 
 ARCHITECTURES = {
@@ -59,8 +60,6 @@ ARCH_DEFAULTS = {
 SUPPORTED_ROPE = ("default", "linear", "yarn")
 
 
-class ConfigError(ValueError):
-    """A config.json we cannot model; the message names the problem in one line."""
 
 
 @dataclass
@@ -293,17 +292,25 @@ class DSAConfig:
 
 
 def detect_architecture(d: dict) -> str:
+    """The architecture a config declares. ``architectures`` and ``model_type`` must agree: a config that
+    names another class (``LlamaForCausalLM``) is refused even when its ``model_type`` is a DSA one."""
     archs = d.get("architectures") or []
-    for a in archs:
-        if a in ARCHITECTURES:
-            return ARCHITECTURES[a]
+    if not isinstance(archs, list):
+        raise ConfigError(f"architectures must be a list of class names, got {archs!r}")
     mt = d.get("model_type")
+    supported = ", ".join(f"{a} ({m})" for a, m in ARCHITECTURES.items())
+    known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
+    if archs and not known:
+        raise ConfigError(f"unknown architecture {archs} (model_type {mt!r}): indexcache reads {supported}")
+    if len(set(known)) > 1:
+        raise ConfigError(f"config lists architectures of two kinds, {archs}: give one")
+    if known and mt is not None and mt != known[0]:
+        raise ConfigError(f"config contradicts itself: architectures {archs} is {known[0]}, but model_type is {mt!r}")
+    if known:
+        return known[0]
     if mt in ARCHITECTURES.values():
         return mt
-    raise ConfigError(
-        f"unknown architecture {archs or None} (model_type {mt!r}): indexcache reads "
-        + ", ".join(f"{a} ({m})" for a, m in ARCHITECTURES.items())
-    )
+    raise ConfigError(f"unknown architecture {archs or None} (model_type {mt!r}): indexcache reads {supported}")
 
 
 def parse_rope(d: dict, max_pos: int) -> RopeConfig:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import HFModelError
 from .ops.fp8 import fake_quant_fp8, hadamard_transform
 from .ops.indexer import DEFAULT_BUDGET_BYTES, indexer_scores
 from .pattern import Pattern, PatternError, _ranges
@@ -47,10 +48,6 @@ _ROPE_FUNCTION = {"glm_moe_dsa": "apply_rotary_pos_emb_interleave", "deepseek_v3
 _STATE_ATTR = "_indexcache_pattern_state"
 _SCORING_ATTR = "_indexcache_scoring"
 SCORING_MODES = ("exact", "fp8")
-
-
-class HFModelError(ValueError):
-    """A transformers model (or an operation on it) that this module cannot handle; one-line message."""
 
 
 # ------------------------------------------------------------------------------------------ lookup

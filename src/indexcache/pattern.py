@@ -16,6 +16,8 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .errors import PatternError
+
 FULL, SHARED = "F", "S"
 
 # convention name -> the rule it applies
@@ -28,8 +30,6 @@ CONVENTIONS: dict[str, str] = {
 DEFAULT_TRANSFORMERS_OFFSET = 2
 
 
-class PatternError(ValueError):
-    """A pattern that cannot be used: the message names the problem in one line."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,8 @@ class Pattern:
             raise PatternError(f"unknown convention {convention!r} (known: {', '.join(CONVENTIONS)})")
         if convention != "transformers" and offset is not None:
             raise PatternError(f"convention {convention!r} takes no offset (use 'transformers' for a custom offset)")
+        if offset is not None and (not isinstance(offset, int) or offset < 0):
+            raise PatternError(f"offset must be a whole number >= 0, got {offset!r}")
         if convention == "official":
             full = [max(i - 1, 0) % freq == 0 for i in range(num_layers)]
             origin = f"uniform freq={freq} ({CONVENTIONS['official']})"
@@ -354,14 +356,25 @@ def _ranges(xs: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def parse_spec(spec: str, num_layers: int) -> Pattern:
-    """A pattern from a command-line spec, checked against ``num_layers``:
+SPEC_FORMS = "FSSF... (one F/S per layer), a JSON indexer_types list, all-full, or uniform:FREQ[:CONVENTION[:OFFSET]]"
+
+
+def parse_spec(spec: str, num_layers: int | None) -> Pattern:
+    """A pattern from a command-line or config spec, checked against ``num_layers``: the one parser every
+    command uses.
 
     ``FSSF...`` | a JSON ``indexer_types`` list | ``all-full`` | ``uniform:FREQ[:CONVENTION[:OFFSET]]``
-    (e.g. ``uniform:4``, ``uniform:4:glm52``, ``uniform:2:transformers:3``).
+    (e.g. ``uniform:4``, ``uniform:4:glm52``, ``uniform:2:transformers:3``). The rule forms need
+    ``num_layers``; an explicit string is checked against it when it is given.
     """
-    text = spec.strip()
+    if isinstance(spec, Pattern):
+        return spec.validate(num_layers=num_layers)
+    text = str(spec).strip()
     low = text.lower()
+    rule = low in ("all-full", "full", "dense") or low.startswith("uniform:")
+    if rule and num_layers is None:
+        raise PatternError(f"pattern {text!r} is a rule, not a per-layer string: it needs the layer count "
+                           "(give --num-layers N or --model DIR)")
     if low in ("all-full", "full", "dense"):
         return Pattern.all_full(num_layers)
     if low.startswith("uniform:"):
@@ -370,7 +383,12 @@ def parse_spec(spec: str, num_layers: int) -> Pattern:
             freq = int(parts[0])
             offset = int(parts[2]) if len(parts) > 2 else None
         except (ValueError, IndexError):
-            raise PatternError(f"bad uniform spec {spec!r} (expected uniform:FREQ[:CONVENTION[:OFFSET]])") from None
+            raise PatternError(f"bad uniform spec {spec!r} (expected uniform:FREQ[:CONVENTION[:OFFSET]] with whole "
+                               "numbers, e.g. uniform:4 or uniform:2:transformers:3)") from None
+        if len(parts) > 3:
+            raise PatternError(f"bad uniform spec {spec!r}: at most FREQ, CONVENTION and OFFSET after 'uniform:'")
         conv = parts[1] if len(parts) > 1 else "official"
         return Pattern.uniform(num_layers, freq, conv, offset)
+    if text and text[0].upper() not in (FULL, SHARED) and not text.startswith("["):
+        raise PatternError(f"cannot read pattern {spec!r}: give {SPEC_FORMS}")
     return Pattern.parse(text).validate(num_layers=num_layers)

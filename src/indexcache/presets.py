@@ -81,9 +81,10 @@ def make_random_checkpoint(
     preset: str = "tiny",
     seed: int = 0,
     pattern: Pattern | str | None = None,
+    overwrite: bool = False,
+    command: str = "",
     **overrides,
 ) -> Path:
+    """A random checkpoint with a byte-level tokenizer, written atomically (:func:`save_model`)."""
     model = DSAForCausalLM(preset_config(preset, arch, pattern, **overrides)).init_random(seed)
-    out = save_model(model, out_dir)
-    byte_tokenizer_files(out)
-    return out
+    return save_model(model, out_dir, extra=byte_tokenizer_files, overwrite=overwrite, command=command)

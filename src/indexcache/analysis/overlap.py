@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from ..model.dsa import DSAForCausalLM, Trace
 from ..ops.indexer import DEFAULT_BUDGET_BYTES
 from ..pattern import Pattern
@@ -21,7 +22,7 @@ def overlap_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], progr
     cfg = model.config
     n, k = cfg.num_hidden_layers, cfg.index_topk
     if len(model.indexer_layers) != n:
-        raise ValueError("overlap needs an indexer on every layer (load the model all-Full)")
+        raise DataError("overlap needs an indexer on every layer (load the model all-Full)")
     total = torch.zeros(n, n, dtype=torch.float64)
     queries = 0
     full = Pattern.all_full(n)
@@ -30,7 +31,7 @@ def overlap_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], progr
         model(ids.to(model.device), pattern=full, trace=trace)
         S = ids.shape[1]
         if S <= k:
-            raise ValueError(f"sequences of {S} tokens are not longer than index_topk={k}: all sets are equal")
+            raise DataError(f"sequences of {S} tokens are not longer than index_topk={k}: all sets are equal")
         idx = torch.stack([trace.records[i].indices[:, k:] for i in range(n)])  # [N, B, S-k, k], all valid
         B, Sq = idx.shape[1], idx.shape[2]
         step = max(1, budget_bytes // max(n * B * S * 5, 1))  # bool masks and their float copy
@@ -72,5 +73,5 @@ def plot_heatmap(matrix: torch.Tensor, path: Path, pattern: Pattern | None = Non
     ax.set_ylabel("layer i")
     ax.set_title(title or f"cross-layer top-k overlap ({n} layers)")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # path may be a temporary name without .png
     plt.close(fig)

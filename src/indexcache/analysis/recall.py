@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import DataError
 from ..model.dsa import DSAForCausalLM, Trace
 
 
@@ -23,7 +24,7 @@ def indexer_recall(model: DSAForCausalLM, batches: Sequence[torch.Tensor]) -> di
         ids = ids.to(model.device)
         S = ids.shape[1]
         if S <= k:
-            raise ValueError(f"sequences of {S} tokens are not longer than index_topk={k}")
+            raise DataError(f"sequences of {S} tokens are not longer than index_topk={k}")
         tr = Trace(indices=True, attn=True, layers=set(layers))
         model(ids, dense=True, trace=tr)
         far = torch.arange(k, S, device=ids.device)

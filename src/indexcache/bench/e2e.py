@@ -20,7 +20,6 @@ For each pattern (all-Full, uniform 1/2, uniform 1/4) and context length:
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 from ..config import DSAConfig
+from ..errors import OptionError
+from ..outputs import write_report
 from ..pattern import Pattern
 
 GLM47_FLASH_DSA = dict(
@@ -145,7 +146,7 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
     from ..engine import Engine
 
     if not torch.cuda.is_available():
-        raise RuntimeError("bench e2e needs a CUDA GPU")
+        raise OptionError("bench e2e needs a CUDA GPU: run it on a machine with one")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -222,8 +223,7 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
                 f"), b{B} {row['decode_large_tok_s']:7.1f} tok/s, cache {per_req} B/token, "
                 f"peak {row['peak_memory_gib']:.1f} GiB")
     _speedups(result)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1))
+    write_report(Path(out), result)
     try:
         plot(result, Path(out).with_suffix(".png"))
     except Exception as e:  # the JSON is what matters; a plotting failure is reported, not fatal

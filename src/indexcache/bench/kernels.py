@@ -11,7 +11,6 @@ copy counting read + write).
 # ruff: noqa: B023  (every timed lambda runs inside the loop iteration that made it)
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OptionError
 from ..ops.kernels import resources
+from ..outputs import write_report
 
 TARGETS = {
     "indexer_fp8_tflops": 1000.0,
@@ -300,9 +301,12 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(out: str | Path, parts: tuple[str, ...] = ("indexer", "topk", "sparse_mla")) -> dict:
+PARTS = ("indexer", "topk", "sparse_mla")
+
+
+def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
     if not torch.cuda.is_available():
-        raise RuntimeError("bench kernels needs a CUDA GPU")
+        raise OptionError("bench kernels needs a CUDA GPU: run it on a machine with one")
     dev = torch.device("cuda")
     torch.manual_seed(0)
 
@@ -331,8 +335,7 @@ def run(out: str | Path, parts: tuple[str, ...] = ("indexer", "topk", "sparse_ml
             result[part] = fn(dev, result["ceilings"], log)
             log(f"{part} done in {time.time() - t0:.0f} s")
             torch.cuda.empty_cache()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1))
+    write_report(Path(out), result)
     if all(p in result for p in ("indexer", "topk", "sparse_mla")):
         print(summary_table(result))
     return result

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Unusable data; the message says what and where."""
+from ..errors import DataError
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -28,16 +26,31 @@ def load_tokenizer(model_dir: str | Path):
 TEXT_SUFFIXES = (".txt", ".txt.xz", ".txt.gz")
 
 
-def _read(path: Path) -> str:
-    """A text file, decompressing .xz / .gz."""
+def read_text_file(path: Path) -> str:
+    """A text file, decompressing .xz / .gz; refuses binary data (a NUL byte) and text that is not UTF-8."""
     opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix)
     try:
         if opener is not None:
-            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8", errors="replace")
+            with opener(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError, lzma.LZMAError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
+    return decode_text(raw, path)
+
+
+def decode_text(raw: bytes, path: str | Path) -> str:
+    """UTF-8 text; a NUL byte or more than 0.1% undecodable bytes means the file is not text."""
+    if b"\x00" in raw:
+        raise DataError(f"{path} is not a text file (it holds NUL bytes): give a UTF-8 text file, a directory of "
+                        ".txt/.txt.xz/.txt.gz books, a .jsonl with a 'text' field, or a token-id .npy")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > max(8, len(text) // 1000):
+        raise DataError(f"{path} is not UTF-8 text ({bad} bytes do not decode): convert it to UTF-8, or give a "
+                        "token-id .npy")
+    return text
 
 
 def list_text_files(path: Path) -> list[Path]:
@@ -54,10 +67,10 @@ def read_texts(path: str | Path) -> list[str]:
         files = list_text_files(path)
         if not files:
             raise DataError(f"directory {path} holds no .txt, .txt.xz or .txt.gz files")
-        return [_read(f) for f in files]
+        return [read_text_file(f) for f in files]
     if path.name.endswith((".jsonl", ".jsonl.xz", ".jsonl.gz")):
         texts = []
-        for i, line in enumerate(_read(path).splitlines(), 1):
+        for i, line in enumerate(read_text_file(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -68,7 +81,7 @@ def read_texts(path: str | Path) -> list[str]:
                 raise DataError(f"{path}:{i} has no string 'text' field")
             texts.append(obj["text"])
         return texts
-    return [_read(path)]
+    return [read_text_file(path)]
 
 
 def token_windows(

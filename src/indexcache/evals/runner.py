@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from ..data.text import DataError, load_tokenizer, token_windows
 from ..lm import lm_loss
 from ..pattern import Pattern, parse_spec
-from .tasks import INT, Haystack, Sample, TaskError, chance_levels, make_samples, parse_families, score
+from .tasks import INT, Haystack, Sample, TaskError, TooShortError, chance_levels, make_sample, parse_families, score
 
 
 # -------------------------------------------------------------------------------------------- decoding
@@ -199,7 +200,7 @@ def ppl_windows(paths: list[str], tokenizer, seq_len: int, num_windows: int, voc
 @dataclass
 class EvalOptions:
     model: str
-    patterns: list[str | None] = field(default_factory=lambda: [None])  # None: the model's own pattern
+    patterns: list[Pattern | None] = field(default_factory=lambda: [None])  # None: the model's own pattern
     tasks: list[str] | None = None  # None: all families
     lengths: list[int] = field(default_factory=lambda: [1024])
     samples: int = 10
@@ -231,6 +232,8 @@ def run_eval(opt: EvalOptions) -> dict:
                         f"{cfg.max_position_embeddings}")
     if opt.decode not in ("cache", "recompute"):
         raise TaskError(f"unknown decode mode {opt.decode!r} (choose from cache, recompute)")
+    if not families and not opt.ppl_data:
+        raise TaskError("nothing to evaluate: --tasks none measures perplexity only, so give --ppl-data too")
     patterns = [model.pattern if s is None else parse_spec(s, cfg.num_hidden_layers) for s in opt.patterns]
     for p in patterns:
         model.runnable_pattern(p)  # fail before any work when a pattern needs indexers the model lacks
@@ -240,10 +243,21 @@ def run_eval(opt: EvalOptions) -> dict:
 
     samples: dict[int, list[Sample]] = {}
     windows: dict[tuple[str, int], torch.Tensor] = {}
+    skipped: list[dict] = []
     for L in opt.lengths:
-        samples[L] = make_samples(families, tok, L, opt.samples, opt.seed, hay) if families else []
+        samples[L] = []
+        for fam in families:
+            try:
+                samples[L] += [make_sample(fam, tok, L, i, opt.seed, hay) for i in range(opt.samples)]
+            except TooShortError as e:  # one family that cannot fit must not sink the others
+                skipped.append({"family": fam, "length": L, "reason": str(e)})
+                if opt.progress:
+                    print(f"indexcache: skipping {fam} at {L} tokens: {e}", file=sys.stderr)
         for name, paths in ppl_sets:
             windows[name, L] = ppl_windows(paths, tok, L, opt.ppl_windows, cfg.vocab_size)
+    if not ppl_sets and not any(samples.values()):
+        raise TaskError(f"no task family fits --lengths {' '.join(map(str, opt.lengths))}: "
+                        + "; ".join(s["reason"] for s in skipped))
 
     eos = cfg.raw.get("eos_token_id")
     eos_id = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
@@ -284,8 +298,18 @@ def run_eval(opt: EvalOptions) -> dict:
                                   "recomputed, context drafts verified" if opt.draft else "recomputed"),
         "chance": {str(L): {f: {k: 100 * v for k, v in c.items()} for f, c in chance_levels(samples[L]).items()}
                    for L in opt.lengths if samples[L]},
-        "results": results, "samples": records, "seconds": round(time.time() - t_start, 2),
+        "skipped": skipped, "notes": notes(cfg, opt.lengths), "results": results, "samples": records,
+        "seconds": round(time.time() - t_start, 2),
     }
+
+
+def notes(cfg, lengths: list[int]) -> list[str]:
+    """What a reader of the table must know: at or below index_topk every query keeps all its tokens."""
+    short = [L for L in lengths if L <= cfg.index_topk]
+    if not short:
+        return []
+    return [f"at {', '.join(map(str, short))} tokens (<= index_topk {cfg.index_topk}) every query keeps all the "
+            "tokens it sees, so patterns cannot change the scores or perplexity there"]
 
 
 def _short(p: Pattern) -> str:
@@ -305,12 +329,13 @@ def format_table(report: dict) -> str:
         table = []
         for r in rows:
             cells = [r["pattern"], str(r["num_full"])] + [f"{r['ppl'][n]:.2f}" for n in ppl_names]
-            cells += [f"{r['tasks'][f]:.1f}" for f in fams] + ([f"{r['average']:.1f}"] if fams else [])
+            cells += [f"{r['tasks'][f]:.1f}" if f in r["tasks"] else "-" for f in fams]
+            cells += [f"{r['average']:.1f}" if r["average"] is not None else "-"] if fams else []
             table.append(cells)
         ch = report["chance"].get(str(L))
         if ch:
-            copy = [f"{ch[f]['copy_chance']:.1f}" for f in fams]
-            avg = sum(ch[f]["copy_chance"] for f in fams) / len(fams)
+            copy = [f"{ch[f]['copy_chance']:.1f}" if f in ch else "-" for f in fams]
+            avg = sum(c["copy_chance"] for c in ch.values()) / len(ch)
             table.append(["in-prompt guess", ""] + [""] * len(ppl_names) + copy + [f"{avg:.1f}"])
         widths = [max(len(h), *(len(c[i]) for c in table)) for i, h in enumerate(heads)]
         what = f", {report['samples_per_task']} samples per task (scores x100)" if fams else ""
@@ -318,6 +343,10 @@ def format_table(report: dict) -> str:
         for c in [heads, *table]:
             cells = [x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths, strict=True))]
             lines.append("  ".join(cells))
+        for sk in report.get("skipped", []):
+            if sk["length"] == L:
+                lines.append(f"  - {sk['family']} skipped: {sk['reason']}")
+    lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
 
 

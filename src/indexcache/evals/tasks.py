@@ -48,6 +48,7 @@ from pathlib import Path
 
 from ..data.synthetic import corpus
 from ..data.text import DataError, read_texts
+from ..errors import TaskError
 
 FAMILIES = (
     "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt", "cwe", "fwe", "mqar",
@@ -71,10 +72,6 @@ NOUNS = (
     "parcel pepper pigeon pillow puzzle quarry rabbit river saddle shadow signal spoon statue thimble tower "
     "trumpet tunnel valley violin wagon walnut whistle window"
 ).split()
-
-
-class TaskError(ValueError):
-    """A task cannot be built as asked (unknown family, length too short for its fixed text, ...)."""
 
 
 # ------------------------------------------------------------------------------------------- samples
@@ -574,6 +571,10 @@ def _token_span(offsets: list[tuple[int, int]], a: int, b: int) -> tuple[int, in
     return t0, t1
 
 
+class TooShortError(TaskError):
+    """A family whose fixed text (instructions, needles, queries) does not fit the requested length."""
+
+
 def make_sample(family: str, tokenizer, length: int, index: int = 0, seed: int = 0,
                 haystack: Haystack | None = None) -> Sample:
     """One sample of ``family`` whose prompt plus followups hold ``length`` tokens of ``tokenizer`` (to within
@@ -591,7 +592,7 @@ def make_sample(family: str, tokenizer, length: int, index: int = 0, seed: int =
     tol = max(3, length // 400)
     base_draft, base = build(0 if per_unit == 1.0 else 1)
     if base > length - tol:
-        raise TaskError(f"{family} needs more than {length} tokens for its fixed text ({base} tokens)")
+        raise TooShortError(f"{family} needs more than {length} tokens for its fixed text ({base} tokens)")
     size = max(1, int((length - base) / per_unit)) if per_unit != 1.0 else length - base
     seen: dict[int, tuple[_Draft, int]] = {}
     best: tuple[_Draft, int] | None = None
@@ -670,7 +671,7 @@ def chance_levels(samples: list[Sample]) -> dict[str, dict[str, float]]:
 
 
 __all__ = [
-    "DEPTHS", "FAMILIES", "INT", "Haystack", "Needle", "Sample", "TaskError", "chance_levels", "first_int_match",
-    "make_sample", "make_samples", "parse_families", "pseudo_words", "score", "string_match_all",
+    "DEPTHS", "FAMILIES", "INT", "Haystack", "Needle", "Sample", "TaskError", "TooShortError", "chance_levels",
+    "first_int_match", "make_sample", "make_samples", "parse_families", "pseudo_words", "score", "string_match_all",
     "string_match_part",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DataError
 from ..lm import next_token_nll
 from ..model.dsa import DSAForCausalLM
 from ..pattern import Pattern
@@ -48,7 +49,7 @@ class LossEvaluator:
 
     def _init_cache(self, n_layers: int, batches: list[torch.Tensor], device, cache_bytes: int, reuse: bool) -> None:
         if not batches:
-            raise ValueError("no calibration batches")
+            raise DataError("no calibration batches")
         self.n_layers = n_layers
         self.batches = [b.to(device) for b in batches]
         self.reuse = reuse
@@ -58,7 +59,7 @@ class LossEvaluator:
         self._cache_size = 0
         seq = self.batches[0].shape[1]
         if any(b.shape[1] != seq for b in self.batches):
-            raise ValueError("all calibration batches must have the same sequence length")
+            raise DataError("all calibration batches must have the same sequence length")
 
     # ------------------------------------------------------------------------------- cache
     @staticmethod

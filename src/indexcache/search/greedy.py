@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,13 +25,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import SearchError
+from ..outputs import write_atomic
 from ..pattern import FULL, SHARED, Pattern
-from ..utils import write_atomic
 from .evaluator import LossEvaluator
-
-
-class SearchError(RuntimeError):
-    pass
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -150,10 +148,14 @@ def greedy_search(
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
             raise SearchError(f"{state_path} is not a search state this version can read ({e})") from None
         if not same:
-            raise SearchError(f"{state_path} was written by a search with other settings; "
-                              "run without --resume (or with the same model, data and options)")
+            raise SearchError(f"cannot resume: {state_path} was written by a search with other settings "
+                              f"({fingerprint_diff(saved.get('fingerprint') or {}, fp)}); run with the same model, "
+                              "data and options, or without --resume")
         prior = [result.counters]  # work done before the interruption still counts
         t0 -= result.seconds
+    elif resume and dist.is_main:
+        print(f"indexcache: --resume: no {state_path.name if state_path else 'search state'} in "
+              f"{state_path.parent if state_path else 'the output directory'}; starting a new search", file=sys.stderr)
     if result is None:
         first = evaluator.loss(start_p) if dist.is_main else None  # evaluated (and counted) once
         result = GreedyResult(num_layers=n, start_pattern=str(start_p), all_full_loss=dist.gather(first)[0],
@@ -197,9 +199,21 @@ def greedy_search(
             evaluator.prune(lambda key, p=pat: _reachable(key, p, forced))
         save()
     bar.close()
-    result.done = True
-    save()
+    if not result.done:  # a finished state read back by --resume stays as it is (its baselines included)
+        result.done = True
+        save()
     return result
+
+
+def fingerprint_diff(saved: dict, now: dict) -> str:
+    """``key: saved -> now`` for every setting that differs (long values shortened)."""
+
+    def short(v) -> str:
+        t = json.dumps(v)
+        return t if len(t) <= 40 else t[:37] + "..."
+
+    keys = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k) != now.get(k)]
+    return "; ".join(f"{k}: {short(saved.get(k))} then, {short(now.get(k))} now" for k in keys) or "unreadable"
 
 
 def _reachable(key: str, pattern: str, forced: Sequence[int]) -> bool:

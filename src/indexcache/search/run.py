@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..data import load_calibration
+from ..outputs import OutputDir, check_output_dir, write_atomic
 from ..pattern import CONVENTIONS, Pattern, PatternError
 from .evaluator import LossEvaluator
 from .greedy import Dist, GreedyResult, SearchError, greedy_search, stage_starts
@@ -40,6 +41,8 @@ class SearchOptions:
     progress: bool = True
     backend: str = "native"  # "native": this package's model; "hf": the transformers class (search/hf_backend.py)
     device_map: str | None = None  # with backend "hf": transformers' device_map (auto, a device, JSON, .json file)
+    overwrite: bool = False  # replace an earlier search's outputs in ``out``
+    command: str = ""  # the command line, recorded in the output directory's manifest
 
 
 def target_full(n: int, keep: float | None, num_full: int | None) -> int:
@@ -53,7 +56,11 @@ def target_full(n: int, keep: float | None, num_full: int | None) -> int:
     return max(1, round(n * keep))
 
 
+STATE_FILE = "search_state.json"
+
+
 def run_search(opt: SearchOptions) -> dict:
+    check_output_dir(opt.out, "--out", overwrite=opt.overwrite, resume_file=STATE_FILE, resume=opt.resume)
     dist = Dist.from_env(opt.device)
     if opt.device.startswith("cuda") and dist.world > 1:
         opt.device = f"cuda:{dist.rank}"
@@ -81,8 +88,10 @@ def run_search(opt: SearchOptions) -> dict:
         raise SearchError(f"--keep/--num-full asks for {target} Full layers but {len(forced)} are forced Full")
     if target > start.num_full:
         raise SearchError(f"the checkpoint has indexers on only {start.num_full} layers; cannot keep {target}")
-    out = Path(opt.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = OutputDir(opt.out, opt.command)
+    if dist.is_main:
+        out.open(fresh=not opt.resume)
+        out.record(STATE_FILE)
     cache_bytes = int(opt.cache_gb * (1 << 30))
     if opt.backend == "hf":
         evaluator = model.evaluator(cal.batches(opt.batch_size), cache_bytes=cache_bytes)
@@ -92,13 +101,48 @@ def run_search(opt: SearchOptions) -> dict:
                    "dtype": opt.dtype, "scoring": opt.scoring, "batch_size": opt.batch_size}
     if opt.backend != "native":  # the two backends agree to fp32 rounding, not bit for bit: no mixed resume
         fingerprint["backend"] = opt.backend
+    state_path = out.path / STATE_FILE
     result = greedy_search(evaluator, start=start, target_full=None if opt.to_end else target, stages=opt.stages,
-                           forced_full=forced, state_path=out / "search_state.json", resume=opt.resume,
+                           forced_full=forced, state_path=state_path, resume=opt.resume,
                            fingerprint=fingerprint, dist=dist, progress=opt.progress)
-    baselines: dict = {}
     if not dist.is_main:
         dist.close()
         return {}
+    wanted = {"requested": sorted(opt.baselines), "target": target}
+    baselines = saved_baselines(state_path, wanted) if opt.resume else None
+    if baselines is None:
+        baselines = compute_baselines(opt, model, evaluator, cal, start, target, forced)
+        save_baselines(state_path, wanted, baselines)
+    report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
+    if opt.backend != "native":
+        report["backend"] = {"name": opt.backend, "placement": model.placement()}
+    write_outputs(report, out)
+    dist.close()
+    return report
+
+
+def saved_baselines(state_path: Path, wanted: dict) -> dict | None:
+    """The baselines a finished search already computed for the same request (a resumed, finished run
+    reports them again without recomputing)."""
+    try:
+        saved = json.loads(state_path.read_text()).get("baselines")
+    except (OSError, ValueError):
+        return None
+    if isinstance(saved, dict) and saved.get("for") == wanted:
+        return saved["rows"]
+    return None
+
+
+def save_baselines(state_path: Path, wanted: dict, baselines: dict) -> None:
+    state = json.loads(state_path.read_text())
+    state["baselines"] = {"for": wanted, "rows": baselines}
+    write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=2)))
+
+
+def compute_baselines(opt: SearchOptions, model, evaluator, cal, start: Pattern, target: int,
+                      forced: list[int]) -> dict:
+    n = model.config.num_hidden_layers
+    baselines: dict = {}
     if "uniform" in opt.baselines:
         baselines["uniform"] = uniform_baselines(evaluator, n, start, opt.progress)
     if "similarity" in opt.baselines:
@@ -116,12 +160,7 @@ def run_search(opt: SearchOptions) -> dict:
                     rows.append({"pattern": str(p), "num_full": m, "similarity": score, "loss": evaluator.loss(p)})
             baselines["similarity"] = rows
             baselines["similarity_matrix"] = [[round(float(v), 5) for v in row] for row in sims]
-    report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
-    if opt.backend != "native":
-        report["backend"] = {"name": opt.backend, "placement": model.placement()}
-    write_outputs(report, out)
-    dist.close()
-    return report
+    return baselines
 
 
 def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress: bool) -> list[dict]:
@@ -168,14 +207,14 @@ def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResul
     }
 
 
-def write_outputs(report: dict, out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+def write_outputs(report: dict, out: OutputDir) -> None:
+    out.write_text("report.json", json.dumps(report, indent=2) + "\n")
     sel = Pattern.parse(report["selected"]["pattern"])
-    (out / "config_patch.json").write_text(json.dumps(sel.config_patch(), indent=2) + "\n")
+    out.write_text("config_patch.json", json.dumps(sel.config_patch(), indent=2) + "\n")
     flags = sel.engine_flags()
-    (out / "engine_flags.txt").write_text(f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
-    plot_loss_curve(report, out / "loss_curve.png")
-    (out / "summary.md").write_text(summary_markdown(report))
+    out.write_text("engine_flags.txt", f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
+    out.write("loss_curve.png", lambda p: plot_loss_curve(report, p))
+    out.write_text("summary.md", summary_markdown(report))
 
 
 def summary_markdown(r: dict) -> str:
@@ -186,7 +225,8 @@ def summary_markdown(r: dict) -> str:
         f"# IndexCache greedy search: {Path(r['model']).name}",
         "",
         f"- model: `{r['model']}` ({r['architecture']}, {r['num_layers']} layers, index_topk {r['index_topk']})",
-        f"- calibration: {cal['num_samples']} x {cal['seq_len']} tokens from {cal['source']} (seed {cal['seed']})",
+        f"- calibration: {cal['num_samples']} x {cal['seq_len']} tokens from {cal['source']}, windows drawn with "
+        f"seed {cal['seed']}",
         f"- all-Full loss: {r['all_full_loss']:.5f}",
         f"- **selected ({sel['num_full']} Full, retention {sel['retention']:.3f})**: `{sel['pattern']}`, "
         f"loss {sel['loss']:.5f} ({sel['loss'] - r['all_full_loss']:+.5f})",
@@ -259,33 +299,33 @@ def plot_loss_curve(r: dict, path: Path) -> None:
     ax.invert_xaxis()
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # path may be a temporary name without .png
     plt.close(fig)
 
 
 def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, seq_len: int | None, seed: int,
-                pattern: str | None, device: str = "cpu", progress: bool = True) -> torch.Tensor:
+                pattern: Pattern | None, device: str = "cpu", progress: bool = True, overwrite: bool = False,
+                command: str = "") -> torch.Tensor:
     from ..analysis.overlap import overlap_matrix, plot_heatmap, write_csv
-    from ..pattern import parse_spec
 
+    check_output_dir(out, "--out", overwrite=overwrite)
     model = load_model(model_dir, device=device)
     cfg = model.config
     seq_len = seq_len or max(2 * cfg.index_topk, 512)
     cal = load_calibration(model_dir, data, num_samples, seq_len, seed, cfg.index_topk, cfg.vocab_size)
+    pat = None if pattern is None else Pattern.parse(pattern).validate(num_layers=cfg.num_hidden_layers)
     mat = overlap_matrix(model, cal.batches(1), progress=progress)
-    o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
-    write_csv(mat, o / "overlap.csv")
-    pat = parse_spec(pattern, cfg.num_hidden_layers) if pattern else None
-    plot_heatmap(mat, o / "overlap.png", pat)
+    o = OutputDir(out, command).open(fresh=True)
+    o.write("overlap.csv", lambda p: write_csv(mat, p))
+    o.write("overlap.png", lambda p: plot_heatmap(mat, p, pat))
     n = cfg.num_hidden_layers
     adjacent = [float(mat[i + 1, i]) for i in range(n - 1)]
     summary = {"num_layers": n, "index_topk": cfg.index_topk, "calibration": {
         "source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len, "seed": seed},
         "mean_adjacent_overlap": sum(adjacent) / max(len(adjacent), 1),
-        "min_overlap": float(mat.min()), "pattern": pattern and str(pat)}
+        "min_overlap": float(mat.min()), "pattern": pat and str(pat)}
     if pat is not None:
         shared = [float(mat[i, pat.source_layer(i)]) for i in pat.shared_layers]
         summary["mean_shared_to_source_overlap"] = sum(shared) / len(shared) if shared else math.nan
-    (o / "overlap.json").write_text(json.dumps(summary, indent=2) + "\n")
+    o.write_text("overlap.json", json.dumps(summary, indent=2) + "\n")
     return mat

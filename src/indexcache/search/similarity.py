@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import SearchError
 from ..model.dsa import DSAForCausalLM
 from ..ops.sparse_mla import mla_attention
 from ..pattern import FULL, SHARED, Pattern
@@ -27,7 +28,7 @@ def similarity_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], pr
     cfg = model.config
     n = cfg.num_hidden_layers
     if len(model.indexer_layers) != n:
-        raise ValueError("the similarity baseline needs an indexer on every layer (an all-Full model)")
+        raise SearchError("the similarity baseline needs an indexer on every layer (an all-Full model)")
     sims = torch.zeros(n, n, dtype=torch.float64)
     count = 0
     for ids in tqdm(batches, desc="similarity", unit="batch", disable=not progress, leave=False):
@@ -36,7 +37,7 @@ def similarity_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], pr
         ctx.pattern = Pattern.all_full(n)
         far = ctx.slots >= cfg.index_topk  # queries that see more than index_topk tokens
         if not far.any():
-            raise ValueError(f"sequences of {ids.shape[1]} tokens are not longer than index_topk={cfg.index_topk}")
+            raise SearchError(f"sequences of {ids.shape[1]} tokens are not longer than index_topk={cfg.index_topk}")
         h = model.model.embed_tokens(ids)
         history: list[torch.Tensor] = []
         for i, layer in enumerate(model.model.layers):
@@ -75,7 +76,7 @@ def similarity_dp(sims: torch.Tensor, num_full: int, forced_full: Sequence[int] 
     n = len(s)
     forced = sorted({0, *forced_full})
     if not len(forced) <= num_full <= n:
-        raise ValueError(f"num_full must be between {len(forced)} and {n}, got {num_full}")
+        raise SearchError(f"num_full must be between {len(forced)} and {n}, got {num_full}")
     # block[j][i]: similarity of layers j+1 .. i-1 sharing layer j's indices (i = next Full or n)
     block = [[0.0] * (n + 1) for _ in range(n)]
     for j in range(n):
@@ -107,7 +108,7 @@ def similarity_dp(sims: torch.Tensor, num_full: int, forced_full: Sequence[int] 
         if total > best:
             best, last = total, i
     if last < 0:
-        raise ValueError("no pattern satisfies the forced-Full layers with that many Full layers")
+        raise SearchError("no pattern satisfies the forced-Full layers with that many Full layers")
     chars = [SHARED] * n
     m, i = num_full, last
     while i >= 0:

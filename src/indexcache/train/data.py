@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.text import DataError, _read, list_text_files, read_texts
+from ..data.text import DataError, list_text_files, read_text_file, read_texts
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -24,8 +24,8 @@ def split_documents(path: str | Path, heldout: int, seed: int = 0) -> tuple[list
         if len(files) <= heldout:
             raise DataError(f"{path} has {len(files)} text files; cannot hold out {heldout} of them")
         held = set(random.Random(seed).sample(range(len(files)), heldout))
-        train = [_read(f) for i, f in enumerate(files) if i not in held]
-        test = [_read(f) for i, f in enumerate(files) if i in held]
+        train = [read_text_file(f) for i, f in enumerate(files) if i not in held]
+        test = [read_text_file(f) for i, f in enumerate(files) if i in held]
         return train, test, [files[i].name for i in sorted(held)]
     docs = read_texts(path)
     if len(docs) <= heldout:

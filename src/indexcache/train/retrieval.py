@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import DataError
+
 KINDS = ("fact", "repeat", "listing", "chain", "tally", "echo", "secret", "group", "roster", "track", "rank")
 # the first six keep their weights, so that naming only them draws what the first curriculum drew
 KIND_WEIGHTS = (0.4, 0.3, 0.12, 0.07, 0.06, 0.05, 0.12, 0.1, 0.12, 0.08, 0.08)
@@ -325,11 +327,11 @@ def retrieval_window(stream: np.ndarray, tokenizer, seq_len: int, rng: np.random
     window."""
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
-        raise ValueError(f"unknown retrieval episode kinds {sorted(unknown)} (choose from {', '.join(KINDS)})")
+        raise DataError(f"unknown retrieval episode kinds {sorted(unknown)} (choose from {', '.join(KINDS)})")
     weights = np.array([w for k, w in zip(KINDS, KIND_WEIGHTS, strict=True) if k in kinds])
     chosen = [k for k in KINDS if k in kinds]
     if stream.shape[0] <= 2 * seq_len:
-        raise ValueError(f"the token stream ({stream.shape[0]} tokens) is too short for windows of {seq_len}")
+        raise DataError(f"the token stream ({stream.shape[0]} tokens) is too short for windows of {seq_len}")
     density = float(rng.uniform(0.15, 0.5)) if density is None else density
     budget = int(density * seq_len)
     # (time in [0, 1], token ids, answer mask) per item; episodes keep their queries after their statements
@@ -389,7 +391,7 @@ def retrieval_window(stream: np.ndarray, tokenizer, seq_len: int, rng: np.random
                 break
             tries += 1
             if tries == 50:
-                raise ValueError(f"windows of {seq_len} tokens are too short for retrieval episodes")
+                raise DataError(f"windows of {seq_len} tokens are too short for retrieval episodes")
             continue
         placed += items
         used += size

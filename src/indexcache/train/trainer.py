@@ -33,15 +33,18 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_model, save_model
 from ..config import DSAConfig
 from ..data.text import DataError
+from ..errors import OptionError, OutputError
 from ..model.dsa import DSAForCausalLM, MoE
+from ..outputs import OutputDir, check_output_dir
 from ..pattern import Pattern, parse_spec
 from ..presets import preset_config
-from ..utils import write_atomic
 from .data import EOS, PAD, fixed_windows, sample_windows, split_documents, tokenize, train_tokenizer
 from .losses import IndexerDistillation
 from .retrieval import FIRST_KINDS, KINDS, retrieval_batch
 
 STAGES = ("dense", "warmup", "sparse")
+STATE_FILE = "state.pt"
+TOKENIZER_PARTS = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -81,11 +84,14 @@ class TrainConfig:
     stop_after: int | None = None  # save and stop at this step (continue later with resume)
     time_limit_s: float | None = None  # save and stop once this invocation has run this long
     shard_mb: int = 4096  # safetensors shard size of the saved model
+    token_cache: str | None = None  # an earlier run's tokens.npz to reuse (checked against tokenizer and texts)
+    overwrite: bool = False  # replace an earlier run's outputs in ``out``
+    command: str = ""  # the command line, recorded in the output directory's manifest
 
     def fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
         for k in ("resume", "progress", "device", "log_every", "eval_every", "save_every", "stop_after",
-                  "time_limit_s", "micro_batch", "shard_mb"):
+                  "time_limit_s", "micro_batch", "shard_mb", "overwrite", "command", "token_cache"):
             d.pop(k)
         return d
 
@@ -177,35 +183,45 @@ def answer_accuracy(model: DSAForCausalLM, ids: np.ndarray, mask: np.ndarray, de
 
 
 # ------------------------------------------------------------------------------------------- train
-def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _prepare_data(cfg: TrainConfig, out: OutputDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(training token stream, held-out token stream, held-out file names); the tokenizer is written to
-    ``model_dir`` (trained for a dense run from scratch, copied from ``init`` otherwise)."""
+    the run's directory (trained for a dense run from scratch, copied from ``init`` otherwise) and copied
+    into every model saved there."""
     from tokenizers import Tokenizer
 
     train_txt, test_txt, held_names = split_documents(cfg.data, cfg.heldout, cfg.seed)
-    tok_file = model_dir / "tokenizer.json"
+    tok_file = out.path / "tokenizer.json"
     if not tok_file.exists():
         if cfg.init is not None:  # a later stage must keep the tokenizer its embeddings were trained with
             if not (Path(cfg.init) / "tokenizer.json").exists():
                 raise DataError(f"{cfg.init} has no tokenizer.json: cannot continue its training on text")
-            model_dir.mkdir(parents=True, exist_ok=True)
-            for f in ("tokenizer.json", "tokenizer_config.json"):
+            for f in TOKENIZER_PARTS:
                 if (Path(cfg.init) / f).exists():
-                    shutil.copy2(Path(cfg.init) / f, model_dir / f)
+                    out.write(f, lambda p, f=f: shutil.copyfile(Path(cfg.init) / f, p))
         else:
-            train_tokenizer(train_txt, cfg.vocab_size, model_dir)
+            train_tokenizer(train_txt, cfg.vocab_size, out.path)
+            for f in TOKENIZER_PARTS:
+                out.record(f)
     tok = Tokenizer.from_file(str(tok_file))
-    cache = out / "tokens.npz"
+    cache = "tokens.npz"
     # the cache is valid for the same tokenizer, the same split and the same texts
     sig = hashlib.sha256(tok_file.read_bytes())
     for doc in train_txt + ["\0held\0"] + test_txt:
         sig.update(len(doc).to_bytes(8, "little"))
         sig.update(doc[:4096].encode("utf-8", "replace"))
     tok_hash = sig.hexdigest()
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            if str(z["tok_hash"]) == tok_hash and list(z["held"]) == held_names:
-                return z["train"], z["test"], held_names
+    for f in (out.path / cache, cfg.token_cache):  # this run's cache, then one named by --token-cache
+        if f is not None and Path(f).is_file():
+            with np.load(f, allow_pickle=False) as z:
+                if str(z["tok_hash"]) == tok_hash and list(z["held"]) == held_names:
+                    train_ids, test_ids = z["train"], z["test"]
+                    break
+    else:
+        train_ids, test_ids = None, None
+    if train_ids is not None:
+        if not (out.path / cache).exists():
+            out.write(cache, lambda p: shutil.copyfile(cfg.token_cache, p))
+        return train_ids, test_ids, held_names
     train_ids, test_ids = tokenize(train_txt, tok), tokenize(test_txt, tok)
     if tok.get_vocab_size() <= np.iinfo(np.uint16).max:  # half the bytes on disk and in memory
         train_ids, test_ids = train_ids.astype(np.uint16), test_ids.astype(np.uint16)
@@ -213,37 +229,38 @@ def _prepare_data(cfg: TrainConfig, out: Path, model_dir: Path) -> tuple[np.ndar
         with open(p, "wb") as f:
             np.savez(f, train=train_ids, test=test_ids, tok_hash=tok_hash, held=np.array(held_names))
 
-    write_atomic(cache, write)
+    out.write(cache, write)
     return train_ids, test_ids, held_names
 
 
 def train(cfg: TrainConfig) -> dict:
     if cfg.stage not in STAGES:
-        raise ValueError(f"unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
+        raise OptionError(f"unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
     if cfg.stage != "dense" and cfg.init is None:
-        raise ValueError(f"stage {cfg.stage!r} starts from a trained model: pass --init MODEL_DIR")
+        raise OptionError(f"stage {cfg.stage!r} starts from a trained model: pass --init MODEL_DIR")
     if not 0.0 <= cfg.synthetic_mix <= 1.0:
-        raise ValueError(f"--synthetic-mix is a share of the batch, in [0, 1]; got {cfg.synthetic_mix}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "model"
-    state_file = out / "state.pt"
+        raise OptionError(f"--synthetic-mix is a share of the batch, in [0, 1]; got {cfg.synthetic_mix}")
+    check_output_dir(cfg.out, "OUT", overwrite=cfg.overwrite, resume_file=STATE_FILE, resume=cfg.resume)
+    state_file = Path(cfg.out) / STATE_FILE
+    if cfg.resume and not state_file.exists():
+        raise OutputError(f"--resume: no {state_file} to resume from (run without --resume to start)")
+    out = OutputDir(cfg.out, cfg.command).open()
     torch.manual_seed(cfg.seed)
 
-    train_ids, test_ids, held_names = _prepare_data(cfg, out, model_dir)
+    train_ids, test_ids, held_names = _prepare_data(cfg, out)
     tokenizer = None
     kinds = tuple(cfg.synthetic_kinds.split(",")) if cfg.synthetic_kinds else KINDS
     if cfg.synthetic_mix > 0:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(out.path / "tokenizer.json"))
     if cfg.init is not None:
         pat = None
         if cfg.pattern is not None:
             pat = parse_spec(cfg.pattern, DSAConfig.from_file(cfg.init).num_hidden_layers)
         model = load_model(cfg.init, pattern=pat, device=cfg.device, verbose=False)
     else:  # dense pretraining builds every indexer; a pattern only matters from the warm-up on
-        vocab = len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
+        vocab = len(json.loads((out.path / "tokenizer.json").read_text())["model"]["vocab"])
         model = DSAForCausalLM(preset_config(cfg.preset, vocab_size=max(vocab, cfg.vocab_size)))
         init_weights(model, cfg.seed)
         model.to(cfg.device)
@@ -263,12 +280,14 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and state_file.exists():
         st = torch.load(state_file, map_location=cfg.device, weights_only=False)
         if st["fingerprint"] != cfg.fingerprint():
-            raise ValueError(f"{state_file} was written with other settings; run without --resume")
+            saved, now = st["fingerprint"], cfg.fingerprint()
+            diff = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in dict.fromkeys([*saved, *now])
+                             if saved.get(k) != now.get(k))
+            raise OutputError(f"cannot resume: {state_file} was written with other settings ({diff}); "
+                             "run with the same settings, or without --resume")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         start, log, evals = st["step"], st["log"], st["evals"]
-    elif cfg.resume:
-        raise ValueError(f"--resume: no {state_file} to resume from")
 
     held_batches = fixed_windows(test_ids, cfg.eval_windows, cfg.seq_len)
     held_synthetic = None
@@ -285,7 +304,7 @@ def train(cfg: TrainConfig) -> dict:
     def save_state(step: int) -> None:
         state = {"fingerprint": cfg.fingerprint(), "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "step": step, "log": log, "evals": evals}
-        write_atomic(state_file, lambda p: torch.save(state, p))
+        out.write(STATE_FILE, lambda p: torch.save(state, p))
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -359,17 +378,17 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if not evals:
         evaluate(cfg.steps)
-    return finish(cfg, model, log, evals, held_names, held_batches)
+    return finish(cfg, out, model, log, evals, held_names, held_batches)
 
 
-def finish(cfg: TrainConfig, model: DSAForCausalLM, log: list[dict], evals: list[dict], held_names: list[str],
-           held_batches: torch.Tensor) -> dict:
+def finish(cfg: TrainConfig, out: OutputDir, model: DSAForCausalLM, log: list[dict], evals: list[dict],
+           held_names: list[str], held_batches: torch.Tensor) -> dict:
     from ..analysis.recall import indexer_recall
 
-    out = Path(cfg.out)
     model.eval()
-    save_model(model, out / "model", dtype=torch.bfloat16, copy_tokenizer_from=out / "model",
-               max_shard_bytes=cfg.shard_mb << 20)
+    save_model(model, out.path / "model", dtype=torch.bfloat16, copy_tokenizer_from=out.path,
+               max_shard_bytes=cfg.shard_mb << 20, overwrite=True, command=cfg.command)
+    out.record("model")
     summary = {"stage": cfg.stage, "steps": cfg.steps, "pattern": str(model.pattern), "cross_layer": cfg.cross_layer,
                "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
                "heldout_files": held_names, "final_train": log[-1] if log else None, "final_eval": evals[-1],
@@ -377,9 +396,9 @@ def finish(cfg: TrainConfig, model: DSAForCausalLM, log: list[dict], evals: list
     if cfg.stage != "dense" and cfg.seq_len > model.config.index_topk:
         with torch.no_grad():
             summary["indexer_recall"] = indexer_recall(model, [b[None] for b in held_batches[:2]])
-    (out / "losses.json").write_text(json.dumps({"train": log, "eval": evals}, indent=1) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_losses(log, evals, out / "losses.png", f"{cfg.stage} stage")
+    out.write_text("losses.json", json.dumps({"train": log, "eval": evals}, indent=1) + "\n")
+    out.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    out.write("losses.png", lambda p: plot_losses(log, evals, p, f"{cfg.stage} stage"))
     return summary
 
 
@@ -406,7 +425,7 @@ def plot_losses(log: list[dict], evals: list[dict], path: Path, title: str) -> N
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # path may be a temporary name without .png
     plt.close(fig)
 
 
