@@ -190,7 +190,10 @@ def check_pattern(args: argparse.Namespace) -> None:
             raise PatternError("--freq needs the layer count: give --num-layers N or --model DIR")
         args.parsed = Pattern.uniform(args.num_layers, args.freq, args.convention, args.offset)
     elif args.pattern:
-        args.parsed = parse_spec(args.pattern, args.num_layers)
+        try:
+            args.parsed = parse_spec(args.pattern, args.num_layers)
+        except PatternError as e:
+            raise PatternError(f"PATTERN {args.pattern}: {e}") from None
     elif args.model:
         args.parsed = args.cfg.pattern
         args.parsed.origin = args.cfg.pattern_source
