@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .config import DSAConfig
 from .errors import CheckpointError
-from .model.dsa import DSAForCausalLM
+from .model.dsa import DSAForCausalLM, checkpoint_tensors
 from .ops.fp8 import block_dequant
 from .outputs import check_output_dir, new_temp_dir, publish_dir
 from .pattern import Pattern, PatternError, _ranges
@@ -156,8 +156,8 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
     model.tie_weights()
     model.to_dtype(dtype)
     model.set_scoring(scoring)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers()))
+    # checkpoint name -> the tensor (or the expert's slice of a stacked tensor) it is copied into
+    params = dict(checkpoint_tensors([*model.named_parameters(remove_duplicate=False), *model.named_buffers()]))
     tied = cfg.tie_word_embeddings
 
     loaded: set[str] = set()
@@ -220,7 +220,7 @@ def _state_for_saving(
     model: DSAForCausalLM, pattern: Pattern, drop_shared_indexers: bool, dtype: torch.dtype | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     tied = model.config.tie_word_embeddings
-    for name, t in model.state_dict().items():
+    for name, t in checkpoint_tensors(model.state_dict().items()):
         if tied and name == "lm_head.weight":
             continue
         mi = _INDEXER_RE.match(name)

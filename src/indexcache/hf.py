@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HFModelError
-from .ops.fp8 import fake_quant_fp8, hadamard_transform
-from .ops.indexer import DEFAULT_BUDGET_BYTES, indexer_scores
+from .ops.common import DEFAULT_BUDGET_BYTES
+from .ops.fp8 import fp8_indexer_operands
+from .ops.indexer import causal_windows, indexer_topk
 from .pattern import Pattern, PatternError, _ranges
 
 # transformers class name (or any base class of the model) -> architecture
@@ -353,9 +354,7 @@ def _chunked_indexer_forward(
         # interleaved RoPE returns the rotated pairs de-interleaved (evens, then odds); put them back in place.
         if info["pairs"]:
             q, k = _pairs_in_place(q, rope_dim), _pairs_in_place(k, rope_dim)
-        block = min(128, D)
-        q = fake_quant_fp8(hadamard_transform(q), block)
-        k = fake_quant_fp8(hadamard_transform(k), block)
+        q, k = fp8_indexer_operands(q, k)
     # eager / SDPA scatter the indices into a mask, where -1 is not an index (other kernels take -1 as "none")
     fill = getattr(self.config, "_attn_implementation", None) in ("eager", "sdpa", None)
     return masked_indexer_topk(q, w, k, self.index_topk, self.softmax_scale, attention_mask, info["budget"],
@@ -378,8 +377,10 @@ def masked_indexer_topk(
     mask: torch.Tensor | None,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     fill_missing: bool = False,
+    backend: str = "torch",
 ) -> torch.Tensor:
-    """Top-k key indices [B, S, min(topk, T)] (int32 as transformers returns them, best first).
+    """Top-k key indices [B, S, min(topk, T)] (int32 as transformers returns them), through the same
+    indexer op as the model (:func:`indexcache.ops.indexer.indexer_topk`).
 
     A query that sees fewer than k keys gets ``-1`` in the slots left over, or with ``fill_missing`` its
     best index repeated there: it keeps every key it sees either way, and a repeat is a valid index for
@@ -388,32 +389,18 @@ def masked_indexer_topk(
     ``q`` [B,S,H,D] are the last S of the T key slots (a prefill after ``T - S`` cached tokens), ``w``
     [B,S,H] fp32 head gates, ``k`` [B,T,D]. ``mask`` is transformers' [B or 1, S, T] attention mask (bool:
     True = visible; float: additive, its minimum = hidden), applied as transformers applies it; the
-    queries stay causal either way. Memory: one [B, chunk, H, T] block at a time.
+    queries stay causal either way. Memory: one [chunk, H, T] block at a time.
     """
-    B, S, H, _ = q.shape
+    B, S, H, D = q.shape
     T = k.shape[1]
-    K = min(topk, T)
-    offset = T - S
-    q_pos = torch.arange(S, device=q.device) + offset
-    indices = torch.empty((B, S, K), dtype=torch.int32, device=q.device)
-    step = max(1, budget_bytes // max(B * H * T * 4, 1))
-    for s0 in range(0, S, step):
-        s1 = min(S, s0 + step)
-        t_end = min(T, offset + s1)  # no query of this chunk sees a key after its own slot
-        row = q.new_full((B, s1 - s0, T), float("-inf"), dtype=torch.float32)
-        row[..., :t_end] = indexer_scores(q[:, s0:s1], w[:, s0:s1], k[:, :t_end], scale, q_pos[s0:s1], budget_bytes)
-        if mask is not None:
-            m = mask[:, s0:s1]
-            if m.dtype == torch.bool:
-                row.masked_fill_(~m, float("-inf"))
-            else:
-                hidden = m <= torch.finfo(m.dtype).min
-                row.add_(m.masked_fill(hidden, 0).float()).masked_fill_(hidden, float("-inf"))
-        # top-k over the whole row, as transformers takes it: ties then break the same way
-        vals, idx = row.topk(K, dim=-1)
-        none = vals == float("-inf")
-        indices[:, s0:s1] = torch.where(none, idx[..., :1], idx) if fill_missing else idx.masked_fill(none, -1)
-    return indices
+    pos = torch.arange(S) + (T - S)
+    ks, ke = causal_windows(pos.to(q.device), B)
+    idx = indexer_topk(q.reshape(B * S, H, D), k, w.reshape(B * S, H), ks, ke, topk, scale, backend=backend,
+                       mask=mask, budget_bytes=budget_bytes, ke_host=causal_windows(pos, B)[1],
+                       index_dtype=torch.int32).view(B, S, -1)
+    if fill_missing:  # a query that sees nothing (left padding) repeats index 0: a valid slot, masked anyway
+        idx = torch.where(idx < 0, idx[..., :1].clamp_min(0), idx)
+    return idx
 
 
 def dense_indexer_bytes(batch: int, seq: int, n_heads: int, keys: int | None = None) -> int:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..model.dsa import DSAForCausalLM, Trace
-from ..ops.indexer import DEFAULT_BUDGET_BYTES
+from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..pattern import Pattern
 
 

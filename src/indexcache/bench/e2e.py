@@ -129,7 +129,7 @@ def _decode_share(eng, B: int, step_ms: float) -> dict:
             ind = model.model.layers[i].self_attn.indexer
             iq, iw, ik = ind.project(x, qr, ctx)
             eng.index_k[i][rows, pos] = ik[0]  # beyond every length: the caches stay valid
-            eng.ops.decode_select(iq[0], iw[0] * ind.softmax_scale, eng.index_k[i][:B], lengths, eng.topk)
+            eng.select_indices(iq[0], iw[0] * ind.softmax_scale, eng.index_k[i][:B], lengths, trim=False)
 
     with torch.no_grad():
         indexer_only()

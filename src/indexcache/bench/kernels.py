@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OptionError
-from ..ops.kernels import resources
+from ..ops.triton_support import resources
 from ..outputs import write_report
 
 TARGETS = {
@@ -82,8 +82,13 @@ def _causal_windows(S: int, N: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(ke), ke
 
 
+def _one(scale):
+    """Per-token k scales of one cache, as the flat layout takes them ([1, N])."""
+    return None if scale is None else scale[None]
+
+
 def bench_indexer(dev, ceil: dict, log) -> dict:
-    from ..ops.kernels.indexer import mqa_logits, mqa_logits_decode, quantize_fp8_per_token
+    from ..ops.indexer.kernel import indexer_logits, quantize_fp8_per_token
 
     H, D, S = 64, 128, 8192
     res: dict = {"prefill": [], "decode": [], "sweep": []}
@@ -115,7 +120,8 @@ def bench_indexer(dev, ceil: dict, log) -> dict:
         pairs = float((ke - ks).sum())
         for cfg in configs:
             try:
-                ms = _bench(lambda cfg=cfg: mqa_logits(q, k, w, ks, ke, k_scale=ksc, **cfg))
+                ms = _bench(lambda cfg=cfg: indexer_logits(q, k[None], w, ks, ke, k_scale=_one(ksc), clean=False,
+                                                           **cfg))
                 tf = 2 * pairs * H * D / ms / 1e9
             except Exception as e:  # a config that does not compile is reported, not fatal
                 ms, tf = None, None
@@ -129,7 +135,7 @@ def bench_indexer(dev, ceil: dict, log) -> dict:
             q, k, w, ksc = inputs(N, fp8)
             ks, ke = _causal_windows(S, N, dev)
             pairs = float((ke - ks).sum())
-            ms = _bench(lambda: mqa_logits(q, k, w, ks, ke, k_scale=ksc, **cfg))
+            ms = _bench(lambda: indexer_logits(q, k[None], w, ks, ke, k_scale=_one(ksc), clean=False, **cfg))
             tf = 2 * pairs * H * D / ms / 1e9
             ceil_key = "fp8_gemm_tflops" if fp8 else "bf16_gemm_tflops"
             row = {"dtype": "fp8" if fp8 else "bf16", "S": S, "N": N, "H": H, "D": D, "config": cfg, "ms": ms,
@@ -147,7 +153,8 @@ def bench_indexer(dev, ceil: dict, log) -> dict:
                 kc, ksc = quantize_fp8_per_token(kc)
                 w = w * qs
             lengths = torch.full((B,), T, device=dev, dtype=torch.int32)
-            ms = _bench_graph(lambda: mqa_logits_decode(q, kc, w, lengths, k_scale=ksc))
+            ms = _bench_graph(lambda: indexer_logits(q, kc, w, torch.zeros_like(lengths), lengths, k_scale=ksc,
+                                                      clean=False))
             nbytes = B * T * (D * kc.element_size() + (4 if fp8 else 0) + 4)  # keys (+scales) read, logits written
             tbps = nbytes / ms / 1e9
             row = {"dtype": "fp8" if fp8 else "bf16", "B": B, "T": T, "ms": ms, "tbps": tbps,
@@ -160,7 +167,7 @@ def bench_indexer(dev, ceil: dict, log) -> dict:
 
 
 def bench_topk(dev, ceil: dict, log) -> dict:
-    from ..ops.kernels.topk import topk
+    from ..ops.topk.kernel import topk
 
     K = 2048
     res: dict = {"prefill": [], "decode": [], "sweep": []}
@@ -203,7 +210,7 @@ def bench_topk(dev, ceil: dict, log) -> dict:
 
 
 def bench_sparse_mla(dev, ceil: dict, log) -> dict:
-    from ..ops.kernels.sparse_mla import sparse_mla, sparse_mla_decode
+    from ..ops.sparse_mla.kernel import sparse_mla
 
     DV, DR, K = 512, 64, 2048
     Dk = DV + DR
@@ -222,7 +229,7 @@ def bench_sparse_mla(dev, ceil: dict, log) -> dict:
     best = (None, 0.0)
     for cfg in configs:
         try:
-            ms = _bench(lambda cfg=cfg: sparse_mla(q, kv, idx, Dk**-0.5, DV, **cfg))
+            ms = _bench(lambda cfg=cfg: sparse_mla(q, kv[None], idx, Dk**-0.5, DV, n_split=1, **cfg))
             tf = 2 * S * K * 128 * (Dk + DV) / ms / 1e9
         except Exception as e:
             ms, tf = None, None
@@ -233,7 +240,7 @@ def bench_sparse_mla(dev, ceil: dict, log) -> dict:
     for H in (20, 64, 128):
         q = torch.randn(S, H, Dk, device=dev, dtype=torch.bfloat16)
         cfg = dict(best[0]) if H >= 64 else {}
-        ms = _bench(lambda: sparse_mla(q, kv, idx, Dk**-0.5, DV, **cfg))
+        ms = _bench(lambda: sparse_mla(q, kv[None], idx, Dk**-0.5, DV, **dict({'n_split': 1}, **cfg)))
         tf = 2 * S * K * H * (Dk + DV) / ms / 1e9
         row = {"S": S, "H": H, "topk": K, "N": N, "config": cfg, "ms": ms, "tflops": tf,
                "pct_of_bf16_gemm": 100 * tf / ceil["bf16_gemm_tflops"]}
@@ -248,7 +255,7 @@ def bench_sparse_mla(dev, ceil: dict, log) -> dict:
     for cfg in (dict(n_split=4), dict(n_split=8), dict(n_split=16), dict(n_split=8, num_stages=3),
                 dict(n_split=8, block_k=32, num_warps=4), dict(n_split=16, block_k=32, num_warps=4, num_stages=3)):
         try:
-            ms = _bench_graph(lambda cfg=cfg: sparse_mla_decode(q, kc, didx, Dk**-0.5, DV, **cfg))
+            ms = _bench_graph(lambda cfg=cfg: sparse_mla(q, kc, didx, Dk**-0.5, DV, **cfg))
         except Exception as e:
             ms = None
             log(f"  sparse_mla decode config {cfg} failed: {e!r}"[:300])
@@ -259,7 +266,7 @@ def bench_sparse_mla(dev, ceil: dict, log) -> dict:
         didx = torch.stack([torch.randperm(T, device=dev)[:K] for _ in range(B)]).int()
         for H in (20, 64, 128):
             q = torch.randn(B, H, Dk, device=dev, dtype=torch.bfloat16)
-            ms = _bench_graph(lambda: sparse_mla_decode(q, kc, didx, Dk**-0.5, DV))
+            ms = _bench_graph(lambda: sparse_mla(q, kc, didx, Dk**-0.5, DV))
             nbytes = B * K * Dk * 2 + B * H * Dk * 2 + B * H * DV * 4 + B * K * 4
             tbps = nbytes / ms / 1e9
             tf = 2 * B * K * H * (Dk + DV) / ms / 1e9

@@ -13,119 +13,25 @@ them.
   cache writes, indexer scoring, top-k, sparse attention, MoE) is free of host synchronisation, so on CUDA
   it is captured once in a CUDA graph and replayed.
 
-Selection and attention go through ``ops``: the Triton kernels on CUDA (``backend="triton"``) or their
-plain-PyTorch references (``backend="torch"``, any device), with the same flat API.
+Prefill and decode run one layer step (:meth:`Engine._layer`) and differ only in where they write the
+caches and what the selection and attention read. Both go through the ops registry
+(:mod:`indexcache.ops.backends`): the Triton kernels on CUDA (``backend="triton"``) or their plain-PyTorch
+references (``backend="torch"``, any device), with the same flat API. The MoE is the model's own, run in
+its graph-safe mode for decode; building an engine never changes the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..model.dsa import Context, DSAForCausalLM, MoE
+from ..model.dsa import Context, DSAForCausalLM
 from ..model.rope import Rope
+from ..ops.backends import check_backend, default_backend, get_backend
+from ..ops.indexer import indexer_topk
 from ..pattern import Pattern
-
-# ----------------------------------------------------------------------------------------- ops
-
-
-class TorchOps:
-    """Selection and sparse attention with the plain-PyTorch references (tests, CPU)."""
-
-    name = "torch"
-
-    def prefill_select(self, q, w, k, ke, topk):
-        from ..ops.reference import mqa_logits_ref, topk_ref
-
-        ks = torch.zeros_like(ke)
-        return topk_ref(mqa_logits_ref(q, k, w, ks, ke), topk, ks, ke)
-
-    def prefill_attend(self, q, kv, idx, scale, d_v):
-        from ..ops.reference import sparse_mla_ref
-
-        return sparse_mla_ref(q, kv, idx, scale, d_v)[0]
-
-    def decode_select(self, q, w, k_cache, lengths, topk):
-        from ..ops.reference import mqa_logits_ref, topk_ref
-
-        B, T = k_cache.shape[:2]
-        zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-        rows = [mqa_logits_ref(q[b : b + 1], k_cache[b], w[b : b + 1], zero, lengths[b : b + 1]) for b in range(B)]
-        return topk_ref(torch.cat(rows), topk, torch.zeros_like(lengths), lengths)
-
-    def decode_attend(self, q, kv_cache, idx, scale, d_v):
-        from ..ops.reference import sparse_mla_ref
-
-        return torch.stack([sparse_mla_ref(q[b : b + 1], kv_cache[b], idx[b : b + 1], scale, d_v)[0][0]
-                            for b in range(q.shape[0])])
-
-
-class TritonOps:
-    """Selection and sparse attention on the Triton kernels."""
-
-    name = "triton"
-
-    def prefill_select(self, q, w, k, ke, topk):
-        from ..ops.kernels.indexer import mqa_logits
-        from ..ops.kernels.topk import topk as select
-
-        ks = torch.zeros_like(ke)
-        return select(mqa_logits(q, k, w, ks, ke), topk, ks, ke)
-
-    def prefill_attend(self, q, kv, idx, scale, d_v):
-        from ..ops.kernels.sparse_mla import sparse_mla
-
-        return sparse_mla(q, kv, idx, scale, d_v)[0]
-
-    def decode_select(self, q, w, k_cache, lengths, topk):
-        from ..ops.kernels.indexer import mqa_logits_decode
-        from ..ops.kernels.topk import topk as select
-
-        logits = mqa_logits_decode(q, k_cache, w, lengths)
-        return select(logits, topk, torch.zeros_like(lengths), lengths)
-
-    def decode_attend(self, q, kv_cache, idx, scale, d_v):
-        from ..ops.kernels.sparse_mla import sparse_mla_decode
-
-        return sparse_mla_decode(q, kv_cache, idx, scale, d_v)[0]
-
-
-# ----------------------------------------------------------------------------------------- MoE
-class StaticMoE:
-    """The model's MoE with shapes that do not depend on the routing, so a decode step can be captured
-    in a CUDA graph. The experts' weights are stacked once (the modules then view the stacked tensors, so
-    nothing is stored twice). Few (token, slot) pairs: gather the chosen experts' weights; many: run
-    every expert on every token and keep the chosen ones. Slots are summed in the model's order."""
-
-    def __init__(self, moe: MoE):
-        self.moe = moe
-        self.E = len(moe.experts)
-        with torch.no_grad():
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                stacked = torch.stack([getattr(e, name).weight.detach() for e in moe.experts])
-                setattr(self, name, stacked)
-                for i, e in enumerate(moe.experts):
-                    getattr(e, name).weight = torch.nn.Parameter(stacked[i], requires_grad=False)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        weights, idx = self.moe.gate(flat)  # [N, k]
-        N, k = idx.shape
-        if N * k < self.E:
-            sel = idx.flatten()
-            xs = flat.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, hidden, 1]
-            h = F.silu(torch.bmm(self.gate_proj[sel], xs)) * torch.bmm(self.up_proj[sel], xs)
-            y = torch.bmm(self.down_proj[sel], h).view(N, k, -1)
-            routed = (y * weights.unsqueeze(-1)).to(flat.dtype)
-        else:
-            routed = flat.new_zeros(N, k, shape[-1])
-            for e, expert in enumerate(self.moe.experts):
-                y = expert(flat).unsqueeze(1) * weights.unsqueeze(-1)  # [N, k, hidden]
-                routed = torch.where((idx == e).unsqueeze(-1), y.to(flat.dtype), routed)
-        return (routed.sum(1) + self.moe.shared_experts(flat)).view(shape)
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -171,9 +77,9 @@ class Engine:
         self.pattern = model.runnable_pattern(pattern)
         self.device = model.device
         self.dtype = model.dtype
-        if backend is None:
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        self.ops = TritonOps() if backend == "triton" else TorchOps()
+        backend = backend or default_backend(self.device)
+        check_backend(backend, self.device)
+        self.ops = get_backend(backend)
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
         self.topk = cfg.index_topk
@@ -188,8 +94,6 @@ class Engine:
                         for i in self.pattern.full_layers}
         self.lengths = torch.zeros(max_batch, dtype=torch.int32, device=dev)
         self.rope_table = Rope(cfg, torch.arange(max_len, device=dev), self.dtype)
-        self.static_moe = {i: StaticMoE(layer.mlp) for i, layer in enumerate(model.model.layers)
-                           if isinstance(layer.mlp, MoE)}
         self._graphs: dict[int, tuple] = {}
         self.timer = None  # optional callable(name) -> context manager, for the indexer's share of time
 
@@ -235,59 +139,79 @@ class Engine:
         self.lengths[slot] = P
         return torch.cat(outs) if all_logits else self.model.head(last)[0]
 
+    def _layer(self, i: int, h: torch.Tensor, ctx: Context, idx: torch.Tensor | None, write: Callable,
+               select: Callable, attend: Callable, graph_safe: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decoder layer on the new tokens h [1, n, hidden]: ``write(cache, i, rows)`` stores their latent
+        and (Full layers) indexer-key rows, ``select(i, q, w)`` picks indices from the indexer cache,
+        ``attend(i, q, idx)`` attends over the latent cache. ``idx`` is carried in from the Full layer before."""
+        layer = self.model.model.layers[i]
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        qr, q, kv = attn.latents(x, ctx)
+        write(self.latent[i], kv[0])
+        if self.pattern.is_full(i):
+            with self._timed("indexer"):
+                iq, iw, ik = attn.indexer.project(x, qr, ctx)
+                write(self.index_k[i], ik[0])
+                idx = select(i, iq[0], iw[0] * attn.indexer.softmax_scale)
+        with self._timed("attention"):
+            out = attend(i, q[0], idx)
+        h = h + attn.project_out(out)[None]
+        return h + layer.mlp(layer.post_attention_layernorm(h), graph_safe=graph_safe), idx
+
+    def select_indices(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, ke: torch.Tensor,
+                       trim: bool, ke_host: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k of new queries q [n,H,D] (gates w [n,H], softmax scale folded in) against indexer caches
+        k [G,T,D], windows [0, ke); ``trim=False`` keeps shapes static (CUDA graphs)."""
+        return indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim, ke_host=ke_host)
+
     def _prefill_chunk(self, slot: int, ids: torch.Tensor, p0: int) -> torch.Tensor:
-        model = self.model
         p1 = p0 + ids.shape[0]
         positions = torch.arange(p0, p1, device=self.device)
         ke = (positions + 1).to(torch.int32)
-        ctx = self._ctx(positions)
-        h = model.model.embed_tokens(ids)[None]  # [1, C, hidden]
-        idx = None
-        for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            qr, q, kv = attn.latents(x, ctx)
-            self.latent[i][slot, p0:p1] = kv[0]
-            if self.pattern.is_full(i):
-                with self._timed("indexer"):
-                    iq, iw, ik = attn.indexer.project(x, qr, ctx)
-                    self.index_k[i][slot, p0:p1] = ik[0]
-                    idx = self.ops.prefill_select(iq[0], iw[0] * attn.indexer.softmax_scale,
-                                                  self.index_k[i][slot, :p1], ke, self.topk)
-            with self._timed("attention"):
-                out = self.ops.prefill_attend(q[0], self.latent[i][slot, :p1], idx, attn.softmax_scale, attn.kv_lora)
-            h = h + attn.project_out(out)[None]
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+
+        def write(cache: torch.Tensor, rows: torch.Tensor) -> None:
+            cache[slot, p0:p1] = rows
+
+        ke_host = torch.arange(p0 + 1, p1 + 1, dtype=torch.int32)
+
+        def select(i: int, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return self.select_indices(q, w, self.index_k[i][slot : slot + 1, :p1], ke, trim=True, ke_host=ke_host)
+
+        def attend(i: int, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            attn = self.model.model.layers[i].self_attn
+            return self.ops.sparse_mla(q, self.latent[i][slot : slot + 1, :p1], idx, attn.softmax_scale,
+                                       attn.kv_lora)[0]
+
+        h = self.model.model.embed_tokens(ids)[None]  # [1, C, hidden]
+        ctx, idx = self._ctx(positions), None
+        for i in range(self.cfg.num_hidden_layers):
+            h, idx = self._layer(i, h, ctx, idx, write, select, attend, graph_safe=False)
         return h[0]
 
     # ------------------------------------------------------------------------------- decode
     def _decode_eager(self, tokens: torch.Tensor) -> torch.Tensor:
-        model = self.model
         B = tokens.shape[0]
         pos = self.lengths[:B].long()
         lengths = self.lengths[:B] + 1
         rows = torch.arange(B, device=self.device)
-        ctx = self._ctx(pos)
-        h = model.model.embed_tokens(tokens)[None]  # [1, B, hidden]: the B new tokens side by side
-        idx = None
-        for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            qr, q, kv = attn.latents(x, ctx)
-            self.latent[i][rows, pos] = kv[0]
-            if self.pattern.is_full(i):
-                with self._timed("indexer"):
-                    iq, iw, ik = attn.indexer.project(x, qr, ctx)
-                    self.index_k[i][rows, pos] = ik[0]
-                    idx = self.ops.decode_select(iq[0], iw[0] * attn.indexer.softmax_scale, self.index_k[i][:B],
-                                                 lengths, self.topk)
-            with self._timed("attention"):
-                out = self.ops.decode_attend(q[0], self.latent[i][:B], idx, attn.softmax_scale, attn.kv_lora)
-            h = h + attn.project_out(out)[None]
-            hn = layer.post_attention_layernorm(h)
-            h = h + (self.static_moe[i](hn) if i in self.static_moe else layer.mlp(hn))
+
+        def write(cache: torch.Tensor, new: torch.Tensor) -> None:
+            cache[rows, pos] = new
+
+        def select(i: int, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return self.select_indices(q, w, self.index_k[i][:B], lengths, trim=False)  # no host sync: graph-safe
+
+        def attend(i: int, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            attn = self.model.model.layers[i].self_attn
+            return self.ops.sparse_mla(q, self.latent[i][:B], idx, attn.softmax_scale, attn.kv_lora)[0]
+
+        h = self.model.model.embed_tokens(tokens)[None]  # [1, B, hidden]: the B new tokens side by side
+        ctx, idx = self._ctx(pos), None
+        for i in range(self.cfg.num_hidden_layers):
+            h, idx = self._layer(i, h, ctx, idx, write, select, attend, graph_safe=True)
         self.lengths[:B] += 1
-        return model.head(h)[0]
+        return self.model.head(h)[0]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -379,4 +303,4 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
     return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-__all__ = ["Engine", "TorchOps", "TritonOps", "StaticMoE", "sample", "CacheSpec"]
+__all__ = ["Engine", "sample", "CacheSpec"]

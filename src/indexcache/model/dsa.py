@@ -19,7 +19,8 @@ Module names equal transformers' checkpoint names, so a state dict maps one to o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,14 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DSAConfig
-from ..ops.fp8 import fake_quant_fp8, hadamard_transform
-from ..ops.indexer import DEFAULT_BUDGET_BYTES, indexer_topk
+from ..errors import PatternError
+from ..ops.backends import BACKENDS, check_backend, get_backend
+from ..ops.common import DEFAULT_BUDGET_BYTES
+from ..ops.fp8 import fp8_indexer_operands
+from ..ops.indexer import causal_windows, indexer_logits, indexer_topk
 from ..ops.sparse_mla import mla_attention
-from ..pattern import Pattern, PatternError
+from ..ops.topk import topk as topk_reference
+from ..pattern import Pattern
 from .rope import Rope
 
 SCORING_MODES = ("exact", "fp8")
-BACKENDS = ("torch", "triton")
 
 
 # ------------------------------------------------------------------------------------------- tracing
@@ -73,7 +77,7 @@ class Context:
     slots: torch.Tensor  # [S] 0..S-1: query s sees key slots <= s (for the causal masks)
     dense: bool = False
     scoring: str = "exact"
-    backend: str = "torch"  # "triton": indexer, top-k and sparse attention on the Triton kernels
+    backend: str = "torch"  # the ops backend (indexcache.ops.backends): "torch" or "triton"
     ties: str = "topk"  # how exact index-score ties are broken: "topk" (torch.topk) or "lowest" index
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     trace: Trace | None = None
@@ -122,27 +126,26 @@ class Indexer(nn.Module):
         k = self._rope(self.k_norm(self.wk(x)), ctx.rope)
         w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
         if ctx.scoring == "fp8":
-            # DeepSeek's reference: Hadamard rotation, then e4m3 with a power-of-two scale per 128 dims
-            # (one block per head for q, per token for k). Operands are passed on dequantised.
-            block = min(128, self.head_dim)
-            q = fake_quant_fp8(hadamard_transform(q), block)
-            k = fake_quant_fp8(hadamard_transform(k), block)
+            q, k = fp8_indexer_operands(q, k)  # DeepSeek's reference; operands passed on dequantised
         return q, w, k
 
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, ctx: Context, want_scores: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Causal top-k indices [B, S, min(topk, T)] (``-1`` padding) and, with ``want_scores``, the dense
+        scores [B, S, T] (plain ops). The batch is flattened once: B caches of S queries each."""
         q, w, k = self.project(x, qr, ctx)
-        if ctx.backend == "triton" and not want_scores:
-            from ..ops.kernels.dispatch import indexer_topk_triton
-
-            idx = indexer_topk_triton(q, w, k, self.topk, self.softmax_scale, ctx.slots, ctx.budget_bytes,
-                                      fp8=ctx.scoring == "fp8")
-            return idx, None
-        return indexer_topk(
-            q, w, k, self.topk, self.softmax_scale, ctx.slots, ctx.budget_bytes, return_scores=want_scores,
-            ties=ctx.ties,
-        )
+        B, S, H, D = q.shape
+        ks, ke = causal_windows(ctx.slots, B)
+        rows, wr = q.reshape(B * S, H, D), w.reshape(B * S, H)
+        if want_scores:
+            scores = indexer_logits(rows, k, wr, ks, ke, self.softmax_scale, budget_bytes=ctx.budget_bytes)
+            idx = topk_reference(scores, min(self.topk, k.shape[1]), ks, ke, ties=ctx.ties).long()
+            return idx.view(B, S, -1), scores.view(B, S, -1)
+        idx = indexer_topk(rows, k, wr, ks, ke, self.topk, self.softmax_scale, backend=ctx.backend,
+                           fp8=ctx.scoring == "fp8", ties=ctx.ties, budget_bytes=ctx.budget_bytes,
+                           ke_host=causal_windows(torch.arange(S), B)[1])  # slots are 0..S-1
+        return idx.view(B, S, -1), None
 
 
 class MLA(nn.Module):
@@ -201,11 +204,13 @@ class MLA(nn.Module):
 
         use_idx = None if ctx.dense or indices is None else indices
         want_probs = (trace is not None and trace.attn) or ctx.collect is not None
-        if ctx.backend == "triton" and use_idx is not None and not want_probs:
-            from ..ops.kernels.dispatch import mla_attention_triton
-
-            out, probs = mla_attention_triton(q, kv, self.softmax_scale, self.kv_lora, use_idx), None
-        else:
+        if use_idx is not None and not want_probs:  # sparse: the backend's op, the batch flattened once
+            Dk = q.shape[-1]
+            out, _ = get_backend(ctx.backend).sparse_mla(
+                q.reshape(B * S, self.n_heads, Dk), kv, use_idx.reshape(B * S, -1), self.softmax_scale, self.kv_lora,
+                ctx.budget_bytes)
+            out, probs = out.to(q.dtype).view(B, S, self.n_heads, self.kv_lora), None
+        else:  # dense attention and traced probabilities: the plain ops
             out, _, probs = mla_attention(
                 q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.slots,
                 return_probs=want_probs, budget_bytes=ctx.budget_bytes,
@@ -248,7 +253,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -282,26 +287,68 @@ class Gate(nn.Module):
         return weights * cfg.routed_scaling_factor, idx
 
 
+class Experts(nn.Module):
+    """The routed experts, stacked (gpt-fast's layout): ``gate_proj``/``up_proj`` [E, inter, hidden],
+    ``down_proj`` [E, hidden, inter]. Checkpoints store one tensor per expert
+    (``experts.{e}.gate_proj.weight``); :func:`checkpoint_tensors` maps between the two."""
+
+    PARTS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, n: int, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+
+    def __len__(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on tokens x [N, hidden] (the SwiGLU MLP of one expert)."""
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: DSAConfig):
         super().__init__()
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
-        )
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
+        """Routed experts plus shared experts. Each (token, slot) pair is computed once, then slots are summed
+        in a fixed order, so the result is deterministic on every device (an ``index_add_`` would use atomics
+        on GPUs). ``graph_safe``: shapes that do not depend on the routing and no host synchronisation, so
+        a decode step can be captured in a CUDA graph (the same numbers)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat)
-        # each (token, slot) pair is written exactly once, then slots are summed in a fixed order: the
-        # result is deterministic on every device (an index_add_ would use atomics on GPUs)
-        routed = flat.new_zeros(*idx.shape, shape[-1])
+        routed = self._routed_static(flat, weights, idx) if graph_safe else self._routed(flat, weights, idx)
+        return (routed.sum(1) + self.shared_experts(flat)).view(shape)
+
+    def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        routed = flat.new_zeros(*idx.shape, flat.shape[-1])
         for e in idx.unique().tolist():
             tok, slot = torch.where(idx == e)
-            routed[tok, slot] = (self.experts[e](flat[tok]) * weights[tok, slot, None]).to(flat.dtype)
-        return (routed.sum(1) + self.shared_experts(flat)).view(shape)
+            routed[tok, slot] = (self.experts.run(e, flat[tok]) * weights[tok, slot, None]).to(flat.dtype)
+        return routed
+
+    def _routed_static(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Few (token, slot) pairs: gather the chosen experts' weights; many: run every expert on every
+        token and keep the chosen ones."""
+        ex = self.experts
+        N, k = idx.shape
+        if N * k < len(ex):
+            sel = idx.flatten()
+            xs = flat.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, hidden, 1]
+            h = F.silu(torch.bmm(ex.gate_proj[sel], xs)) * torch.bmm(ex.up_proj[sel], xs)
+            y = torch.bmm(ex.down_proj[sel], h).view(N, k, -1)
+            return (y * weights.unsqueeze(-1)).to(flat.dtype)
+        routed = flat.new_zeros(N, k, flat.shape[-1])
+        for e in range(len(ex)):
+            y = ex.run(e, flat).unsqueeze(1) * weights.unsqueeze(-1)  # [N, k, hidden]
+            routed = torch.where((idx == e).unsqueeze(-1), y.to(flat.dtype), routed)
+        return routed
 
 
 class DecoderLayer(nn.Module):
@@ -385,18 +432,11 @@ class DSAForCausalLM(nn.Module):
         scores and attention probabilities, dense attention and unsupported shapes stay on torch."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-        if backend == "triton":
-            from ..ops.kernels import indexer as kidx
-            from ..ops.kernels import interpreted, require_triton, sparse_mla
-
-            require_triton()
-            if self.device.type != "cuda" and not interpreted():
-                raise ValueError("the triton backend runs on CUDA (or on CPU with TRITON_INTERPRET=1)")
-            cfg = self.config
-            if not kidx.supported(cfg.index_n_heads, cfg.index_head_dim) or not sparse_mla.supported(
-                cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
-            ):
-                raise ValueError("the triton kernels need power-of-two indexer heads/dims, kv_lora_rank and rope dim")
+        check_backend(backend, self.device)
+        cfg = self.config
+        if not get_backend(backend).supports(cfg.index_n_heads, cfg.index_head_dim,
+                                              cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank):
+            raise ValueError("the triton kernels need power-of-two indexer heads/dims, kv_lora_rank and rope dim")
         self.backend = backend
 
     def set_tie_break(self, ties: str) -> None:
@@ -496,10 +536,10 @@ class DSAForCausalLM(nn.Module):
     @torch.no_grad()
     def init_random(self, seed: int = 0, std: float | None = None) -> DSAForCausalLM:
         """Fill every weight with fresh random values (normal(0, std) linears, unit norms, and a small
-        random router bias so the selection-only path is exercised)."""
+        random router bias so the selection-only path is exercised), in checkpoint order."""
         g = torch.Generator().manual_seed(seed)
         std = self.config.initializer_range if std is None else std
-        for name, p in self.named_parameters():
+        for name, p in checkpoint_tensors(self.named_parameters()):
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("k_norm.bias"):
@@ -510,3 +550,40 @@ class DSAForCausalLM(nn.Module):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
         return self
+
+
+# --------------------------------------------------------------------------------- checkpoint names
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def checkpoint_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of a model (``named_parameters()``, ``state_dict().items()``) under the
+    checkpoint's names and in its order: each stacked expert tensor becomes one view per expert,
+    ``experts.{e}.{gate,up,down}_proj.weight``, expert by expert."""
+    held: dict[str, dict[str, torch.Tensor]] = {}
+
+    def flush() -> Iterator[tuple[str, torch.Tensor]]:
+        for prefix, parts in held.items():
+            for e in range(next(iter(parts.values())).shape[0]):
+                for part in Experts.PARTS:
+                    if part in parts:
+                        yield f"{prefix}.{e}.{part}.weight", parts[part][e]
+        held.clear()
+
+    for name, t in items:
+        m = _STACKED.match(name)
+        if m:
+            held.setdefault(m.group(1), {})[m.group(2)] = t
+            continue
+        yield from flush()
+        yield name, t
+    yield from flush()
+
+
+def model_tensor(name: str) -> tuple[str, int | None]:
+    """Where a checkpoint tensor lives in the model: (parameter or buffer name, expert index or None)."""
+    m = _PER_EXPERT.match(name)
+    if m:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    return name, None

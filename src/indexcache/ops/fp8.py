@@ -75,3 +75,12 @@ def block_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, in
                          f"in {bm}x{bn} blocks (expected {want})")
     s = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
     return w.float() * s
+
+
+def fp8_indexer_operands(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's fp8 indexer step, in the reference layout of the head dims: a Hadamard rotation, then e4m3
+    with a power-of-two scale per 128 dims (one block per head for q, per token for k). The values come
+    back dequantised (what an fp8 kernel's operands are worth): the model and the transformers integration
+    both score with them."""
+    block = min(128, q.shape[-1])
+    return fake_quant_fp8(hadamard_transform(q), block), fake_quant_fp8(hadamard_transform(k), block)

@@ -32,7 +32,7 @@ from ..hf import (
     load_pretrained,
     model_arch,
 )
-from ..ops.indexer import DEFAULT_BUDGET_BYTES
+from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..pattern import Pattern
 from .evaluator import LossEvaluator, State
 from .greedy import SearchError

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.indexer import indexer_scores, indexer_scores_at
+from ..ops.indexer import dense_scores, indexer_scores_at
 from ..pattern import Pattern
 
 
@@ -41,7 +41,7 @@ def index_log_probs(attn, x: torch.Tensor, qr: torch.Tensor, ctx, indices: torch
     ind = attn.indexer
     q, w, k = ind.project(x.detach(), qr.detach(), ctx)
     if indices is None:
-        scores = indexer_scores(q, w, k, ind.softmax_scale, ctx.slots, ctx.budget_bytes)
+        scores = dense_scores(q, w, k, ind.softmax_scale, ctx.slots, ctx.budget_bytes)
     else:
         scores = indexer_scores_at(q, w, k, ind.softmax_scale, indices)
     return torch.log_softmax(scores, dim=-1)

@@ -34,7 +34,7 @@ from ..checkpoint import load_model, save_model
 from ..config import DSAConfig
 from ..data.text import DataError
 from ..errors import OptionError, OutputError
-from ..model.dsa import DSAForCausalLM, MoE
+from ..model.dsa import DSAForCausalLM, MoE, checkpoint_tensors
 from ..outputs import OutputDir, check_output_dir
 from ..pattern import Pattern, parse_spec
 from ..presets import preset_config
@@ -103,7 +103,7 @@ def init_weights(model: DSAForCausalLM, seed: int, std: float = 0.02) -> None:
     1/sqrt(2 L), unit norm gains, zero LayerNorm biases and router biases."""
     g = torch.Generator().manual_seed(seed)
     resid = std / math.sqrt(2 * model.config.num_hidden_layers)
-    for name, p in model.named_parameters():
+    for name, p in checkpoint_tensors(model.named_parameters()):
         if name.endswith(("norm.weight", "layernorm.weight")):
             p.fill_(1.0)
         elif name.endswith("k_norm.bias"):

@@ -77,7 +77,7 @@ def test_hadamard_is_the_sylvester_matrix_and_orthonormal():
 def test_fp8_scoring_matches_reference_formula():
     """score[t, s] = k_scale[s] * sum_h relu(q_fp8[t,h] . k_fp8[s]) * w[t,h] * q_scale[t,h] * D^-0.5,
     written as DeepSeek's reference computes it, against our scoring in fp8 mode."""
-    from indexcache.ops.indexer import indexer_scores
+    from indexcache.ops.indexer import dense_scores
 
     g = torch.Generator().manual_seed(2)
     S, H, D = 20, 4, 128
@@ -89,7 +89,7 @@ def test_fp8_scoring_matches_reference_formula():
     logits = torch.einsum("bthd,bsd->btsh", q8.float(), k8.float())
     ref = (logits.relu() * (w * qs[..., 0] * D**-0.5).unsqueeze(2)).sum(-1) * ks[..., 0].unsqueeze(1)
     ref = ref.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
-    ours = indexer_scores(fake_quant_fp8(qh), w, fake_quant_fp8(kh), D**-0.5, torch.arange(S))
+    ours = dense_scores(fake_quant_fp8(qh), w, fake_quant_fp8(kh), D**-0.5, torch.arange(S))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAVE_TRITON, LAST_COMPILED, require_triton
+from ..triton_support import HAVE_TRITON, LAST_COMPILED, require_triton
 
 NB = 256  # four passes of 8-bit digits
 
@@ -284,6 +284,8 @@ def topk(
     k: int,
     ks: torch.Tensor | None = None,
     ke: torch.Tensor | None = None,
+    row_len: int | None = None,
+    ties: str = "lowest",
     schedule: str = "auto",
     block: int | None = None,
     num_warps: int = 8,
@@ -296,7 +298,8 @@ def topk(
     fewer than ``k`` keys; the set equals ``torch.topk``'s except among exactly tied values (here: lowest
     index first for ``rows`` and ``bucket``, arrival order for ``split``). ``schedule``: ``bucket``,
     ``rows``, ``split`` or ``auto`` (split when there are too few rows to fill the GPU, else bucket).
-    ``cap``: candidate slots per row for ``bucket`` (a power of two)."""
+    ``cap``: candidate slots per row for ``bucket`` (a power of two). ``row_len`` and ``ties`` are the
+    reference's (:func:`.reference.topk`): the kernel reads windows only and breaks ties its own way."""
     require_triton()
     logits, ks, ke = _prepare(logits, k, ks, ke)
     R, N = logits.shape

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
+from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
 
 if HAVE_TRITON:
     import triton
@@ -151,14 +151,25 @@ def _logits_out(rows: int, n: int, device: torch.device, clean: bool) -> torch.T
     return torch.empty(rows, n, dtype=torch.float32, device=device)
 
 
-def mqa_logits(
+def _block_q(qpb: int, heads: int, elem: int, dim: int, block_q: int | None) -> int:
+    """Queries per program: a power of two that divides the queries of one cache (a program reads one
+    cache), at least 16 rows of queries x heads when it can."""
+    bq = block_q or max(1, min(256 // heads, 65536 // (heads * dim * elem)))
+    while qpb % bq:
+        bq //= 2
+    return bq
+
+
+def indexer_logits(
     q: torch.Tensor,
     k: torch.Tensor,
     w: torch.Tensor,
     ks: torch.Tensor,
     ke: torch.Tensor,
+    scale: float = 1.0,
     k_scale: torch.Tensor | None = None,
-    clean: bool = False,
+    budget_bytes: int | None = None,
+    clean: bool = True,
     block_q: int | None = None,
     block_n: int = 128,
     n_split: int | None = None,
@@ -166,58 +177,35 @@ def mqa_logits(
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """Prefill logits. q [S,H,D] and k [N,D] in bf16, fp16, fp32 or float8_e4m3fn (then ``k_scale`` [N]
-    fp32), w [S,H] fp32, ks/ke [S] int32 (key window per query). Returns [S, N] fp32."""
+    """Indexer logits ``[R, T]`` fp32 in the flat layout of :mod:`indexcache.ops.common` (the signature of
+    :func:`.reference.indexer_logits`): q [R,H,D] and k [G,T,D] in bf16, fp16, fp32 or float8_e4m3fn (then
+    ``k_scale`` [G,T] fp32), w [R,H] fp32, ks/ke [R]. ``clean=False`` leaves the logits outside the
+    windows' tiles unwritten (a top-k reads windows only). ``budget_bytes`` is the reference's; the
+    other arguments tune the kernel."""
     require_triton()
     _check(q, k, w, k_scale)
-    S, N = q.shape[0], k.shape[0]
+    R, H, D = q.shape
+    G, T = k.shape[0], k.shape[1]
+    if G < 1 or R % G:
+        raise ValueError(f"{R} query rows do not split evenly over {G} key caches")
+    qpb = R // G
+    w = w.float() * scale
+    bq = _block_q(qpb, H, q.element_size(), D, block_q)
+    if bq * H < 16:
+        # a program holds at least 16 rows of queries x heads; with fewer it would span several caches.
+        # Zero heads with zero weight add exactly nothing.
+        pad = -(-16 // bq) - H
+        q = torch.cat((q, q.new_zeros(R, pad, D)), dim=1)
+        w = torch.cat((w, w.new_zeros(R, pad)), dim=1)
     q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
     ks, ke = ks.to(torch.int32).contiguous(), ke.to(torch.int32).contiguous()
-    out = _logits_out(S, N, q.device, clean)
-    if S == 0 or N == 0:
-        return out
-    _launch(q, k, w, ks, ke, k_scale.float().contiguous() if k_scale is not None else None, out, S, N,
-            qpb=max(S, 1), sk_b=0, ssc_b=0, block_q=block_q, block_n=block_n, n_split=n_split,
-            key_major=key_major, num_warps=num_warps, num_stages=num_stages)
-    return out
-
-
-def mqa_logits_decode(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    w: torch.Tensor,
-    lengths: torch.Tensor,
-    k_scale: torch.Tensor | None = None,
-    clean: bool = False,
-    block_n: int = 128,
-    n_split: int | None = None,
-    num_warps: int = 8,
-    num_stages: int = 3,
-) -> torch.Tensor:
-    """Decode logits of one new query per request against its indexer-K cache.
-
-    q [B,H,D], k_cache [B,T,D] (bf16/fp16/fp32 or fp8 with ``k_scale`` [B,T]), w [B,H] fp32, lengths [B]
-    (valid cache entries; the new token's key must already be in the cache). Returns [B, T] fp32 with
-    ``-inf`` beyond each length (when ``clean``)."""
-    require_triton()
-    _check(q, k_cache, w, k_scale)
-    B, T = k_cache.shape[0], k_cache.shape[1]
-    H = q.shape[1]
-    if H < 16:
-        # a program holds at least 16 rows; with fewer heads it would span several requests, whose caches
-        # differ. Zero heads with zero weight add exactly nothing.
-        q = torch.cat((q, q.new_zeros(B, 16 - H, q.shape[2])), dim=1)
-        w = torch.cat((w, w.new_zeros(B, 16 - H)), dim=1)
-    q, k_cache, w = q.contiguous(), k_cache.contiguous(), w.contiguous()
-    ks = torch.zeros(B, dtype=torch.int32, device=q.device)
-    ke = lengths.to(torch.int32).contiguous()
-    out = _logits_out(B, T, q.device, clean)
-    if B == 0 or T == 0:
+    out = _logits_out(R, T, q.device, clean)
+    if R == 0 or T == 0:
         return out
     sc = k_scale.float().contiguous() if k_scale is not None else None
-    _launch(q, k_cache, w, ks, ke, sc, out, B, T, qpb=1, sk_b=k_cache.stride(0),
-            ssc_b=sc.stride(0) if sc is not None else 0, block_q=1, block_n=block_n, n_split=n_split,
-            key_major=True, num_warps=num_warps, num_stages=num_stages)
+    _launch(q, k, w, ks, ke, sc, out, R, T, qpb=qpb, sk_b=k.stride(0), ssc_b=sc.stride(0) if sc is not None else 0,
+            block_q=bq, block_n=block_n, n_split=n_split, key_major=key_major, num_warps=num_warps,
+            num_stages=num_stages)
     return out
 
 

@@ -8,13 +8,16 @@ queries already absorbed into that space: ``q[s, h] = [W_uk^T q_nope | q_rope]``
 with I(s) the selected indices (``-1`` entries ignored) or, when ``indices`` is None, every t <= pos[s].
 Computed in fp32 in query chunks; returns the output, the log-sum-exp, and optionally the
 head-averaged probabilities (the distillation target p of the DSA papers).
+
+:func:`mla_attention` is the batched form the model's dense and traced paths use; :func:`sparse_mla` is
+the flat layout of :mod:`indexcache.ops.common`, the reference of :mod:`.kernel`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .indexer import DEFAULT_BUDGET_BYTES
+from ..common import DEFAULT_BUDGET_BYTES, rows_per_cache
 
 
 def mla_attention(
@@ -81,3 +84,23 @@ def mla_attention(
         if probs_out is not None:
             probs_out[:, s0:s1] = p.mean(dim=2)
     return out, lse, probs_out
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, d_v: int,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA over latent caches: q [R,H,Dk], kv [G,T,Dk], indices [R,K] into each row's cache (``-1``
+    or ``>= T`` = none). Returns out [R,H,d_v] fp32 and lse [R,H] fp32 (natural log); a row with no valid
+    index gets out 0 and lse -inf."""
+    R, H, Dk = q.shape
+    G, T = kv.shape[0], kv.shape[1]
+    qpb = rows_per_cache(R, G)
+    idx = indices.long()
+    idx = idx.masked_fill(idx >= T, -1)
+    out, lse, _ = mla_attention(q.view(G, qpb, H, Dk), kv, scale, d_v, indices=idx.view(G, qpb, -1),
+                                budget_bytes=budget_bytes)
+    empty = (idx < 0).all(dim=-1)  # [R]
+    out = out.float().view(R, H, d_v).masked_fill(empty.view(-1, 1, 1), 0.0)
+    lse = lse.view(R, H).masked_fill(empty.view(-1, 1), float("-inf"))
+    return out, lse

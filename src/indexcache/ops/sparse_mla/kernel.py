@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from . import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
+from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
 
 LOG2E = 1.4426950408889634
 
@@ -134,48 +134,52 @@ def sparse_mla(
     indices: torch.Tensor,
     sm_scale: float,
     d_v: int,
-    n_split: int = 1,
+    budget_bytes: int | None = None,
+    n_split: int | None = None,
     block_h: int | None = None,
     block_k: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
-    queries_per_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [S,H,d_qk], kv [N,d_qk] (same dtype: bf16/fp16/fp32), indices [S,K] int32 (``-1`` or ``>= N`` =
-    none) -> out [S,H,d_v] fp32, lse [S,H] fp32 (natural log; ``-inf`` and out 0 for a row with no valid
-    index). ``n_split`` > 1 splits each row's K selected tokens over that many programs (decode).
-    With ``queries_per_batch`` = Q, kv is a pool of S/Q caches of equal length ``N / (S/Q)`` and query s
-    indexes cache ``s // Q`` (decode over per-request caches without re-offsetting the indices)."""
+    """Sparse MLA in the flat layout of :mod:`indexcache.ops.common` (the signature of
+    :func:`.reference.sparse_mla`): q [R,H,d_qk], kv [G,T,d_qk] (same dtype: bf16/fp16/fp32), indices [R,K]
+    into each row's own cache (``-1`` or ``>= T`` = none) -> out [R,H,d_v] fp32, lse [R,H] fp32 (natural log;
+    ``-inf`` and out 0 for a row with no valid index). The caches are one flat pool and the kernel offsets
+    row r's indices by its cache. ``n_split`` > 1 splits each row's selected tokens over that many programs
+    (default: enough to fill the GPU when there are few rows, as in decode)."""
     require_triton()
-    S, H, Dk = q.shape
-    N = kv.shape[0]
-    qpb = queries_per_batch or max(S, 1)
-    if S % qpb or N % max(S // qpb, 1):
-        raise ValueError(f"{S} queries in groups of {qpb} do not split {N} cache rows evenly")
-    rows_per_group = N // max(S // qpb, 1)
-    if kv.shape[1] != Dk:
-        raise ValueError(f"q and kv dims differ: {Dk} vs {kv.shape[1]}")
+    R, H, Dk = q.shape
+    G, T = kv.shape[0], kv.shape[1]
+    if G < 1 or R % G:
+        raise ValueError(f"{R} query rows do not split evenly over {G} latent caches")
+    qpb = R // G
+    if kv.shape[-1] != Dk:
+        raise ValueError(f"q and kv dims differ: {Dk} vs {kv.shape[-1]}")
     if q.dtype != kv.dtype:
         raise ValueError(f"q and kv must share a dtype, got {q.dtype} and {kv.dtype}")
     if not supported(Dk, d_v):
         raise ValueError(f"sparse_mla supports power-of-two d_v and rope dims (>= 16), got d_qk={Dk} d_v={d_v}")
-    if indices.shape[0] != S:
-        raise ValueError(f"indices must have {S} rows, got {indices.shape[0]}")
+    if indices.shape[0] != R:
+        raise ValueError(f"indices must have {R} rows, got {indices.shape[0]}")
     K = indices.shape[1]
-    q, kv = q.contiguous(), kv.contiguous()
-    indices = indices.to(torch.int32).contiguous()
     bh = block_h or default_block_h(H)
+    if n_split is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+        blocks = R * math.ceil(H / bh)
+        n_split = max(1, min(triton.cdiv(4 * sms, blocks), triton.cdiv(K, 64)))
+    q, kv = q.contiguous(), kv.reshape(G * T, Dk).contiguous()
+    indices = indices.to(torch.int32).contiguous()
     n_split = max(1, min(n_split, triton.cdiv(K, block_k)))
     chunk = triton.cdiv(triton.cdiv(K, n_split), block_k) * block_k
     n_split = triton.cdiv(K, chunk) if K else 1
-    o = torch.empty(S, H, n_split, d_v, dtype=torch.float32, device=q.device)
-    lse = torch.empty(S, H, n_split, dtype=torch.float32, device=q.device)
-    if S == 0:
+    o = torch.empty(R, H, n_split, d_v, dtype=torch.float32, device=q.device)
+    lse = torch.empty(R, H, n_split, dtype=torch.float32, device=q.device)
+    if R == 0:
         return o[:, :, 0], lse[:, :, 0]
-    grid = (S, triton.cdiv(H, bh), n_split)
+    grid = (R, triton.cdiv(H, bh), n_split)
     LAST_COMPILED["sparse_mla"] = _sparse_mla_kernel[grid](
         q, kv, indices, o, lse,
-        rows_per_group, H, K, chunk, qpb, sm_scale * LOG2E,
+        T, H, K, chunk, qpb, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
         DV=d_v, DR=Dk - d_v, BH=bh, BK=block_k, IEEE=q.dtype == torch.float32 and not interpreted(),
@@ -184,24 +188,3 @@ def sparse_mla(
     if n_split == 1:
         return o[:, :, 0], lse[:, :, 0]
     return _combine(o, lse)
-
-
-def sparse_mla_decode(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    indices: torch.Tensor,
-    sm_scale: float,
-    d_v: int,
-    n_split: int | None = None,
-    **kw,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode: q [B,H,d_qk] (one new token per request), kv_cache [B,T,d_qk], indices [B,K] into each
-    request's own cache (``-1`` = none). The caches are viewed as one flat pool and the kernel offsets
-    each request's indices by ``b * T``; the selected set is split over enough programs to fill the GPU."""
-    B, T, Dk = kv_cache.shape
-    if n_split is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-        blocks = B * math.ceil(q.shape[1] / default_block_h(q.shape[1]))
-        n_split = max(1, min(triton.cdiv(4 * sms, blocks), triton.cdiv(indices.shape[1], 64)))
-    return sparse_mla(q, kv_cache.reshape(B * T, Dk), indices, sm_scale, d_v, n_split=n_split,
-                      queries_per_batch=1, **kw)

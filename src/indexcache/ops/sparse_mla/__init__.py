@@ -1,0 +1,7 @@
+"""MLA attention over the latent cache: ``reference.py`` (plain PyTorch: the batched dense / sparse /
+traced form, and the flat sparse op) beside ``kernel.py`` (Triton sparse prefill and split-K decode),
+picked through :mod:`indexcache.ops.backends`."""
+
+from .reference import mla_attention, sparse_mla
+
+__all__ = ["mla_attention", "sparse_mla"]

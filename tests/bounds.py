@@ -1,0 +1,31 @@
+"""Error bounds for comparing a kernel with its reference, derived from the dtype and the reduction length
+so that they hold on any GPU (not tuned to one).
+
+A kernel and the reference see the same inputs (the reference upcasts the kernel's bf16/fp8 operands to
+fp32), so they differ only by how the kernel rounds:
+
+* accumulation: a sum of ``n`` terms accumulated with unit roundoff ``u`` is off by at most
+  ``gamma(n, u) = n u / (1 - n u)`` times the sum of the terms' magnitudes (Higham, Accuracy and Stability
+  of Numerical Algorithms, 3.1). bf16/fp16 tensor-core products accumulate in fp32 (``u = 2^-24``); Hopper's
+  fp8 tensor cores keep about 14 bits while accumulating (the DeepSeek-V3 report), ``u = 2^-14``;
+* operands a kernel rounds itself (flash attention's probabilities cast to bf16 before ``P @ V``), once
+  each, ``u = 2^-9`` for bf16.
+
+Tests therefore compare elementwise against ``bound * magnitude``, where ``magnitude`` is the same
+computation on absolute values.
+"""
+
+from __future__ import annotations
+
+U_FP32 = 2.0**-24
+U_BF16 = 2.0**-9  # round to nearest, 8 significant bits
+U_FP16 = 2.0**-11
+U_FP8_ACCUMULATE = 2.0**-14
+
+
+def gamma(n: int, u: float) -> float:
+    return n * u / (1 - n * u)
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
