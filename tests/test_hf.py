@@ -1,4 +1,4 @@
-"""IndexCache in transformers' own models (indexcache.hf) and the search over them (--backend hf).
+"""IndexCache in transformers' own models (integrations.transformers) and the search over them (--backend hf).
 
 Patched transformers models against load_model with the same pattern, for both architectures; chunked
 indexer scoring against transformers' dense scoring (logits, top-k sets, padding, KV cache); the HF
@@ -19,11 +19,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from indexcache import CheckpointError, Pattern, PatternError, load_model, save_model
 from indexcache.cli import main
-from indexcache.hf import (
+from indexcache.integrations.transformers import (
     HFModelError,
     SharedIndexer,
+    TransformersRunner,
     apply_pattern,
     dense_indexer_bytes,
+    load_hf_for_search,
     load_pretrained,
     masked_indexer_topk,
     patch_indexer_scoring,
@@ -32,7 +34,6 @@ from indexcache.hf import (
 )
 from indexcache.presets import make_random_checkpoint
 from indexcache.search import LossEvaluator, greedy_search
-from indexcache.search.hf_backend import HFLossEvaluator, load_hf_for_search
 
 transformers = pytest.importorskip("transformers")
 
@@ -256,19 +257,18 @@ def test_hf_search_equals_native(tmp_path, arch):
     native = greedy_search(LossEvaluator(load_model(d, verbose=False), batches), target_full=2, progress=False)
     m = load_hf_for_search(str(d))
     assert m.pattern == "F" * 7
-    ev = m.evaluator(batches)
-    assert isinstance(ev, HFLossEvaluator)
+    ev = LossEvaluator(m.runner(), batches)
+    assert isinstance(ev.runner, TransformersRunner)
     res = greedy_search(ev, target_full=2, progress=False)
-    assert [(e["pattern"], e["flipped"]) for e in res.trajectory] == [
-        (e["pattern"], e["flipped"]) for e in native.trajectory]
+    assert [(e.pattern, e.flipped) for e in res.trajectory] == [(e.pattern, e.flipped) for e in native.trajectory]
     for a, b in zip(res.trajectory, native.trajectory, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
     assert res.counters == native.counters  # same prefix reuse
     assert res.counters["ratio_vs_naive"] < 0.6
     # the evaluator's layer-by-layer run with prefix reuse equals a plain forward of the patched model
-    p = res.trajectory[-1]["pattern"]
+    p = res.trajectory[-1].pattern
     ev_loss = ev.loss(p)
-    assert HFLossEvaluator(m.hf, batches, reuse=False).loss(p) == ev_loss  # prefix reuse is exact
+    assert LossEvaluator(TransformersRunner(m.hf), batches, reuse=False).loss(p) == ev_loss  # prefix reuse is exact
     apply_pattern(m.hf, p, drop_shared_indexers=False)
     total = 0.0
     for ids in batches:
@@ -295,12 +295,13 @@ def test_native_pattern_is_respected(tmp_path, arch):
     m = load_hf_for_search(str(d))
     assert m.pattern == native_pattern
     batches = _batches(2)
-    res = greedy_search(m.evaluator(batches), start=m.pattern, progress=False)
-    assert {e["flipped"] for e in res.trajectory} == {1, 3, 5}
-    ref = greedy_search(LossEvaluator(load_model(d, verbose=False), batches), start=native_pattern, progress=False)
-    assert [e["pattern"] for e in res.trajectory] == [e["pattern"] for e in ref.trajectory]
+    res = greedy_search(LossEvaluator(m.runner(), batches), start=m.pattern, progress=False)
+    assert {e.flipped for e in res.trajectory} == {1, 3, 5}
+    ref = greedy_search(LossEvaluator(load_model(d, verbose=False), batches), start=Pattern.parse(native_pattern),
+                        progress=False)
+    assert [e.pattern for e in res.trajectory] == [e.pattern for e in ref.trajectory]
     with pytest.raises(PatternError, match="layers 2 are Full"):
-        m.evaluator(batches).loss("FFFFSF")
+        LossEvaluator(m.runner(), batches).loss(Pattern.parse("FFFFSF"))
 
 
 def test_cli_search_backend_hf(capsys, tmp_path):
@@ -337,9 +338,9 @@ def test_device_map_with_accelerate(tmp_path):
     assert m.placement()["modules"]["layers.4"] == "meta" and m.placement()["device_map"]["model.layers.4"] == "disk"
     assert all(layer.self_attn.indexer.__dict__.get("_indexcache_scoring") for layer in m.hf.model.layers)
     batches = _batches(3)
-    res = greedy_search(m.evaluator(batches), target_full=2, progress=False)
+    res = greedy_search(LossEvaluator(m.runner(), batches), target_full=2, progress=False)
     ref = greedy_search(LossEvaluator(load_model(d, verbose=False), batches), target_full=2, progress=False)
-    assert [e["pattern"] for e in res.trajectory] == [e["pattern"] for e in ref.trajectory]
+    assert [e.pattern for e in res.trajectory] == [e.pattern for e in ref.trajectory]
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -439,7 +440,7 @@ def test_indexer_memory_at_16k_tokens():
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys, torch, transformers
-    from indexcache.hf import apply_pattern, patch_indexer_scoring
+    from indexcache.integrations.transformers import apply_pattern, patch_indexer_scoring
     torch.set_num_threads(2)
     seq, patched, dims = int(sys.argv[1]), sys.argv[2] == "1", json.loads(sys.argv[3])
     torch.manual_seed(0)

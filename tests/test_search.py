@@ -69,9 +69,9 @@ def test_greedy_with_prefix_reuse_equals_naive(tmp_path, seed):
     ev = LossEvaluator(model, batches)
     res = greedy_search(ev, progress=False)  # to the end: a full trajectory
     naive = _naive_greedy(model, batches, N_LAYERS, target=1)
-    assert [(e["pattern"], e["flipped"]) for e in res.trajectory] == [(p, f) for p, f, _ in naive]
+    assert [(str(e.pattern), e.flipped) for e in res.trajectory] == [(p, f) for p, f, _ in naive]
     for e, (_, _, loss) in zip(res.trajectory, naive, strict=True):
-        assert e["loss"] == pytest.approx(loss, rel=1e-6)
+        assert e.loss == pytest.approx(loss, rel=1e-6)
     assert res.all_full_loss == pytest.approx(_naive_loss(model, batches, "F" * N_LAYERS), rel=1e-6)
     c = res.counters
     assert c["evaluations"] == 1 + sum(range(1, N_LAYERS))
@@ -85,8 +85,8 @@ def test_staged_greedy_equals_naive_staged(tmp_path):
     res = greedy_search(LossEvaluator(model, batches), target_full=4, stages=3, progress=False)
     assert res.forced_full == [0, 4, 8]
     naive = _naive_greedy(model, batches, N_LAYERS, target=4, blocks=(0, 4, 8))
-    assert [e["pattern"] for e in res.trajectory] == [p for p, _, _ in naive]
-    final = Pattern.parse(res.trajectory[-1]["pattern"])
+    assert [str(e.pattern) for e in res.trajectory] == [p for p, _, _ in naive]
+    final = res.trajectory[-1].pattern
     assert final.num_full == 4 and all(final.is_full(i) for i in (0, 4, 8))
 
 
@@ -180,7 +180,7 @@ def test_similarity_dp_against_brute_force():
                 if not set(forced) <= set(full):
                     continue
                 p = "".join("F" if i == 0 or i in full else "S" for i in range(n))
-                score = similarity_score(sims, p)
+                score = similarity_score(sims, Pattern.parse(p))
                 if best is None or score > best[0] + 1e-12:
                     best = (score, p)
             pat, score = similarity_dp(sims, m, forced)

@@ -25,7 +25,7 @@ from .errors import CheckpointError
 from .model.dsa import DSAForCausalLM, checkpoint_tensors
 from .ops.fp8 import block_dequant
 from .outputs import check_output_dir, new_temp_dir, publish_dir
-from .pattern import Pattern, PatternError, _ranges
+from .pattern import Pattern, PatternError, format_ranges
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -206,9 +206,9 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
     if missing:
         raise CheckpointError(f"missing tensors in checkpoint: {_list_names(missing)}")
     if verbose and mtp:
-        _notice(f"ignoring MTP layer(s) {_ranges(sorted(mtp))} (index >= num_hidden_layers={n})")
+        _notice(f"ignoring MTP layer(s) {format_ranges(sorted(mtp))} (index >= num_hidden_layers={n})")
     if verbose and dropped:
-        _notice(f"pattern makes layers {_ranges(sorted(dropped))} Shared: their indexer weights were not loaded")
+        _notice(f"pattern makes layers {format_ranges(sorted(dropped))} Shared: their indexer weights were not loaded")
 
     model.source_dir = path
     model.eval()

@@ -291,7 +291,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_model
     from .data import load_tokenizer, token_windows
-    from .lm import lm_loss
+    from .search.evaluator import lm_loss
 
     model = load_model(args.model, scoring=args.scoring, verbose=not args.json)
     tok = None if args.data.endswith(".npy") else load_tokenizer(args.model)

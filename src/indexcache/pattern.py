@@ -265,8 +265,8 @@ class Pattern:
             bad = [i for i in self.full_layers if i not in have]
             if bad:
                 raise PatternError(
-                    f"layers {_ranges(bad)} are Full but the checkpoint has no indexer weights for them "
-                    f"(it has indexers on layers {_ranges(sorted(have))})"
+                    f"layers {format_ranges(bad)} are Full but the checkpoint has no indexer weights for them "
+                    f"(it has indexers on layers {format_ranges(sorted(have))})"
                 )
         return self
 
@@ -289,7 +289,7 @@ class Pattern:
             f"pattern   {d['pattern']}",
             f"layers    {d['num_layers']}  Full {d['num_full']}  Shared {d['num_shared']}  "
             f"retention {d['retention']:.3f} ({d['num_shared']} of {d['num_layers']} indexers removed)",
-            f"Full at   {_ranges(d['full_layers'])}",
+            f"Full at   {format_ranges(d['full_layers'])}",
             f"blocks    {' '.join(d['blocks'])}",
             f"from      {d['origin']}",
         ]
@@ -341,7 +341,7 @@ def _check_num_layers(n: int) -> None:
         raise PatternError(f"num_layers must be a positive integer, got {n!r}")
 
 
-def _ranges(xs: Sequence[int]) -> str:
+def format_ranges(xs: Sequence[int]) -> str:
     """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
     if not xs:
         return "none"

@@ -11,28 +11,29 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..model.dsa import DSAForCausalLM, Trace
 from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..pattern import Pattern
+from ..runner import LayerRunner, as_runner
 
 
 @torch.no_grad()
-def overlap_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], progress: bool = True,
+def overlap_matrix(runner: LayerRunner, batches: Sequence[torch.Tensor], progress: bool = True,
                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
-    cfg = model.config
-    n, k = cfg.num_hidden_layers, cfg.index_topk
-    if len(model.indexer_layers) != n:
+    """Mean |T_i ∩ T_j| / k over the queries that see more than k tokens, from one all-Full pass per batch
+    through the layer runner."""
+    runner = as_runner(runner)
+    n, k = runner.num_layers, runner.config.index_topk
+    if len(runner.indexer_layers) != n:
         raise DataError("overlap needs an indexer on every layer (load the model all-Full)")
     total = torch.zeros(n, n, dtype=torch.float64)
     queries = 0
     full = Pattern.all_full(n)
     for ids in tqdm(batches, desc="overlap", unit="batch", disable=not progress, leave=False):
-        trace = Trace(indices=True)
-        model(ids.to(model.device), pattern=full, trace=trace)
         S = ids.shape[1]
         if S <= k:
             raise DataError(f"sequences of {S} tokens are not longer than index_topk={k}: all sets are equal")
-        idx = torch.stack([trace.records[i].indices[:, k:] for i in range(n)])  # [N, B, S-k, k], all valid
+        _, chosen = runner.run(runner.start(ids), full, 0, n, selections=True)
+        idx = torch.stack([chosen[i][:, k:] for i in range(n)])  # [N, B, S-k, k], all valid
         B, Sq = idx.shape[1], idx.shape[2]
         step = max(1, budget_bytes // max(n * B * S * 5, 1))  # bool masks and their float copy
         for q0 in range(0, Sq, step):

@@ -31,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.text import DataError, load_tokenizer, token_windows
-from ..lm import lm_loss
 from ..pattern import Pattern, parse_spec
+from ..search.evaluator import lm_loss
 from .tasks import INT, Haystack, Sample, TaskError, TooShortError, chance_levels, make_sample, parse_families, score
 
 

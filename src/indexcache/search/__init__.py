@@ -1,7 +1,10 @@
-"""Training-free IndexCache: greedy layer search (Algorithm 1), its baselines, and the search job."""
+"""Training-free IndexCache: greedy layer search (Algorithm 1), its baselines, and the search job. All of it
+runs through a layer runner (:mod:`indexcache.runner`)."""
 
-from .evaluator import LossEvaluator
-from .greedy import Dist, GreedyResult, SearchError, greedy_search, stage_starts
+from ..distributed import Dist
+from ..errors import SearchError
+from .evaluator import LossEvaluator, lm_loss
+from .greedy import GreedyResult, Step, greedy_search, stage_starts
 from .similarity import similarity_dp, similarity_matrix, similarity_score
 
 __all__ = [
@@ -9,7 +12,9 @@ __all__ = [
     "GreedyResult",
     "LossEvaluator",
     "SearchError",
+    "Step",
     "greedy_search",
+    "lm_loss",
     "similarity_dp",
     "similarity_matrix",
     "similarity_score",

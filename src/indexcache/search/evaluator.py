@@ -1,25 +1,27 @@
 """Mean LM loss of a pattern on fixed calibration batches, reusing every prefix already computed.
 
-The hidden state (and the top-k indices carried along) entering layer ``j`` depends only on the
-pattern of layers ``< j``. So states are cached under the key ``pattern[:j]``, and a pattern is
-evaluated from the longest cached prefix. In the greedy search a candidate that flips layer ``l``
-starts at layer ``l``, and after a commit the prefix cache of the winning candidate is reused. Results
-are bit-identical to full forward passes: the same ops run on the same inputs.
+The hidden state (and the selection carried along) entering layer ``j`` depends only on the pattern of
+layers ``< j``. So states are cached under the key ``pattern[:j]``, and a pattern is evaluated from the
+longest cached prefix. In the greedy search a candidate that flips layer ``l`` starts at layer ``l``, and
+after a commit the prefix cache of the winning candidate is reused. Results are bit-identical to full
+forward passes: the same ops run on the same inputs. The layers run through a
+:class:`~indexcache.runner.LayerRunner`, so this loop serves every model the runners cover.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..lm import next_token_nll
-from ..model.dsa import DSAForCausalLM
 from ..pattern import Pattern
+from ..runner import LayerRunner, LayerState, as_runner
 
-State = list[tuple[torch.Tensor, torch.Tensor | None]]  # per batch: (hidden, carried indices)
+State = list[LayerState]  # one per calibration batch
 
 
 @dataclass
@@ -35,37 +37,31 @@ class Counters:
 
 
 class LossEvaluator:
-    """Runs this package's model; a subclass can run another implementation of the same layers by
-    overriding ``_select``, ``_run_layer`` and ``_nll`` (see ``search.hf_backend``)."""
+    """``LossEvaluator(runner_or_model, batches).loss(pattern)``: the prefix cache, the loss loop and the
+    work counters, over any :class:`LayerRunner` (this package's model is wrapped in a NativeRunner)."""
 
-    def __init__(self, model: DSAForCausalLM, batches: list[torch.Tensor], cache_bytes: int = 2 << 30,
-                 reuse: bool = True):
-        self.model = model
-        self._init_cache(model.config.num_hidden_layers, batches, model.device, cache_bytes, reuse)
-        self.ctx = model.make_context(self.batches[0].shape[1])
-        self._pattern: Pattern | None = None
-        with torch.no_grad():
-            self._embedded: State = [(model.model.embed_tokens(b), None) for b in self.batches]
-
-    def _init_cache(self, n_layers: int, batches: list[torch.Tensor], device, cache_bytes: int, reuse: bool) -> None:
+    def __init__(self, runner, batches: list[torch.Tensor], cache_bytes: int = 2 << 30, reuse: bool = True):
         if not batches:
             raise DataError("no calibration batches")
-        self.n_layers = n_layers
-        self.batches = [b.to(device) for b in batches]
+        seq = batches[0].shape[1]
+        if any(b.shape[1] != seq for b in batches):
+            raise DataError("all calibration batches must have the same sequence length")
+        self.runner: LayerRunner = as_runner(runner)
+        self.n_layers = self.runner.num_layers
+        self.batches = [b.to(self.runner.device) for b in batches]
         self.reuse = reuse
         self.cache_bytes = cache_bytes
         self.counters = Counters()
         self._cache: OrderedDict[str, State] = OrderedDict()
         self._cache_size = 0
-        seq = self.batches[0].shape[1]
-        if any(b.shape[1] != seq for b in self.batches):
-            raise DataError("all calibration batches must have the same sequence length")
+        self._embedded: State | None = None
+        self.on_layer: Callable[[int], None] | None = None  # called after every layer-forward (progress)
 
     # ------------------------------------------------------------------------------- cache
     @staticmethod
     def _nbytes(state: State) -> int:
-        # carried indices are often shared with neighbouring states; counting them every time errs on the safe side
-        return sum(t.numel() * t.element_size() for pair in state for t in pair if t is not None)
+        # carried selections are often shared with neighbouring states; counting them every time errs on the safe side
+        return sum(s.nbytes() for s in state)
 
     def _store(self, key: str, state: State) -> None:
         if not self.reuse or key in self._cache:
@@ -79,46 +75,38 @@ class LossEvaluator:
         self._cache[key] = state
         self._cache_size += size
 
-    def _lookup(self, pat: str) -> tuple[int, State]:
+    def _lookup(self, key: str) -> tuple[int, State]:
         if self.reuse:
             for j in range(self.n_layers, 0, -1):
-                state = self._cache.get(pat[:j])
+                state = self._cache.get(key[:j])
                 if state is not None:
-                    self._cache.move_to_end(pat[:j])
+                    self._cache.move_to_end(key[:j])
                     return j, state
+        if self._embedded is None:  # the embeddings, kept: every evaluation from layer 0 starts here
+            self._embedded = [self.runner.start(b) for b in self.batches]
         return 0, self._embedded
 
-    def prune(self, keep) -> None:
+    def prune(self, keep: Callable[[str], bool]) -> None:
         """Drop cached prefixes for which ``keep(key)`` is false (e.g. no longer reachable)."""
         for key in [k for k in self._cache if not keep(k)]:
             self._cache_size -= self._nbytes(self._cache.pop(key))
 
     # ---------------------------------------------------------------------------- evaluate
-    def _select(self, pat: str) -> None:
-        """Make ``pat`` the pattern the next layers run with (validated against the model's indexers)."""
-        self._pattern = self.model.runnable_pattern(pat)
-        self.ctx.pattern = self._pattern
-
-    def _run_layer(self, i: int, state: State) -> State:
-        layer = self.model.model.layers[i]
-        return [layer(h, self.ctx, self._pattern.is_full(i), carry) for h, carry in state]
-
-    def _nll(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-        return next_token_nll(self.model.head(h), ids)
-
     @torch.no_grad()
-    def loss(self, pattern: Pattern | str) -> float:
+    def loss(self, pattern: Pattern) -> float:
         """Mean next-token cross-entropy (nats) over all calibration tokens."""
-        pat = str(Pattern.parse(pattern))
-        self._select(pat)
-        start, state = self._lookup(pat)
+        self.runner.validate(pattern)
+        key = str(pattern)  # cache keys are prefixes of the per-layer string
+        start, state = self._lookup(key)
         for i in range(start, self.n_layers):
-            state = self._run_layer(i, state)
+            state = [self.runner.run(s, pattern, i, i + 1)[0] for s in state]
+            if self.on_layer is not None:
+                self.on_layer(len(state))
             if i + 1 < self.n_layers:
-                self._store(pat[: i + 1], state)
+                self._store(key[: i + 1], state)
         total, count = 0.0, 0
-        for (h, _), ids in zip(state, self.batches, strict=True):
-            nll, n = self._nll(h, ids)
+        for s, ids in zip(state, self.batches, strict=True):
+            nll, n = self.runner.nll(s, ids)
             total += nll
             count += n
         n_b = len(self.batches)
@@ -126,3 +114,26 @@ class LossEvaluator:
         self.counters.layer_forwards += (self.n_layers - start) * n_b
         self.counters.naive_layer_forwards += self.n_layers * n_b
         return total / count
+
+
+@torch.no_grad()
+def lm_loss(model, windows: torch.Tensor, pattern: Pattern | None = None, batch_size: int = 1,
+            progress: bool = True, desc: str = "loss") -> float:
+    """Mean cross-entropy (nats/token) over every predicted position of every window, through the layer
+    runner (``pattern`` None: the model's own)."""
+    runner = as_runner(model)
+    pat = runner.validate(pattern if pattern is not None else model.pattern)
+    total, count = 0.0, 0
+    bar = tqdm(total=windows.shape[0], desc=desc, unit="seq", disable=not progress, leave=False)
+    for b0 in range(0, windows.shape[0], batch_size):
+        ids = windows[b0 : b0 + batch_size].to(runner.device)
+        state, _ = runner.run(runner.start(ids), pat, 0, runner.num_layers)
+        nll, n = runner.nll(state, ids)
+        total += nll
+        count += n
+        bar.update(ids.shape[0])
+    bar.close()
+    return total / max(count, 1)
+
+
+__all__ = ["Counters", "LossEvaluator", "State", "lm_loss"]

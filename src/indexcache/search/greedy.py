@@ -16,7 +16,6 @@ Full layers, or to the end, recording the nested trajectory.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,78 +24,61 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..distributed import Dist
 from ..errors import SearchError
 from ..outputs import write_atomic
-from ..pattern import FULL, SHARED, Pattern
+from ..pattern import SHARED, Pattern
 from .evaluator import LossEvaluator
-
-
-# ------------------------------------------------------------------------------------ distribution
-@dataclass
-class Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls, device: str = "cpu") -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
-        return cls(rank=dist.get_rank(), world=dist.get_world_size())
-
-    def split(self, items: Sequence) -> list:
-        return list(items[self.rank :: self.world])
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------ search
 @dataclass
+class Step:
+    """One committed flip of the trajectory."""
+
+    pattern: Pattern
+    flipped: int | None
+    loss: float
+
+    @property
+    def num_full(self) -> int:
+        return self.pattern.num_full
+
+    def as_dict(self) -> dict:
+        return {"pattern": str(self.pattern), "num_full": self.num_full, "flipped": self.flipped, "loss": self.loss}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Step:
+        return cls(Pattern.parse(d["pattern"]), d["flipped"], d["loss"])
+
+
+@dataclass
 class GreedyResult:
     num_layers: int
-    start_pattern: str
+    start_pattern: Pattern
     all_full_loss: float
-    trajectory: list[dict] = field(default_factory=list)
+    trajectory: list[Step] = field(default_factory=list)
     forced_full: list[int] = field(default_factory=list)
     stages: int = 1
     counters: dict = field(default_factory=dict)
     seconds: float = 0.0
     done: bool = False
 
-    def at(self, num_full: int) -> dict | None:
+    def at(self, num_full: int) -> Step | None:
         """The trajectory entry with ``num_full`` Full layers (the start if it has that many)."""
-        if Pattern.parse(self.start_pattern).num_full == num_full:
-            return {"pattern": self.start_pattern, "num_full": num_full, "flipped": None,
-                    "loss": self.all_full_loss}
-        for e in self.trajectory:
-            if e["num_full"] == num_full:
-                return e
-        return None
+        if self.start_pattern.num_full == num_full:
+            return Step(self.start_pattern, None, self.all_full_loss)
+        return next((e for e in self.trajectory if e.num_full == num_full), None)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__, start_pattern=str(self.start_pattern))
+        d["trajectory"] = [e.as_dict() for e in self.trajectory]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GreedyResult:
+        return cls(**dict(d, start_pattern=Pattern.parse(d["start_pattern"]),
+                          trajectory=[Step.from_dict(e) for e in d["trajectory"]]))
 
 
 def stage_starts(num_layers: int, stages: int) -> list[int]:
@@ -108,7 +90,7 @@ def stage_starts(num_layers: int, stages: int) -> list[int]:
 
 def greedy_search(
     evaluator: LossEvaluator,
-    start: Pattern | str | None = None,
+    start: Pattern | None = None,
     target_full: int | None = None,
     stages: int = 1,
     forced_full: Sequence[int] = (),
@@ -122,8 +104,7 @@ def greedy_search(
     layers starts from those). ``target_full=None`` runs to the end."""
     dist = dist or Dist()
     n = evaluator.n_layers
-    start_p = Pattern.all_full(n) if start is None else Pattern.parse(start)
-    start_p.validate(num_layers=n)
+    start_p = (Pattern.all_full(n) if start is None else start).validate(num_layers=n)
     blocks = stage_starts(n, stages)
     forced = sorted({0, *forced_full, *blocks})
     for f in forced:
@@ -144,7 +125,7 @@ def greedy_search(
         try:
             saved = json.loads(state_path.read_text())
             same = saved.get("fingerprint") == fp
-            result = GreedyResult(**saved["result"]) if same else None
+            result = GreedyResult.from_dict(saved["result"]) if same else None
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
             raise SearchError(f"{state_path} is not a search state this version can read ({e})") from None
         if not same:
@@ -158,20 +139,20 @@ def greedy_search(
               f"{state_path.parent if state_path else 'the output directory'}; starting a new search", file=sys.stderr)
     if result is None:
         first = evaluator.loss(start_p) if dist.is_main else None  # evaluated (and counted) once
-        result = GreedyResult(num_layers=n, start_pattern=str(start_p), all_full_loss=dist.gather(first)[0],
+        result = GreedyResult(num_layers=n, start_pattern=start_p, all_full_loss=dist.gather(first)[0],
                               forced_full=forced, stages=stages)
 
-    chars = list(result.trajectory[-1]["pattern"] if result.trajectory else result.start_pattern)
+    current = result.trajectory[-1].pattern if result.trajectory else result.start_pattern
     goal = min_full if target_full is None else target_full
-    remaining = chars.count(FULL) - goal
-    bar = tqdm(total=chars.count(FULL) - goal + len(result.trajectory), initial=len(result.trajectory),
+    remaining = current.num_full - goal
+    bar = tqdm(total=remaining + len(result.trajectory), initial=len(result.trajectory),
                desc="greedy flips", unit="flip", disable=not (progress and dist.is_main))
 
     def save() -> None:
         result.seconds = time.time() - t0
         result.counters = _sum_counters(prior + dist.gather(evaluator.counters.as_dict()))
         if state_path is not None and dist.is_main:
-            state = {"fingerprint": fp, "result": result.__dict__}
+            state = {"fingerprint": fp, "result": result.as_dict()}
             write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=2)))
 
     while remaining > 0:
@@ -179,24 +160,21 @@ def greedy_search(
         for lo, hi in bounds:
             if remaining == 0:
                 break
-            cands = [i for i in range(lo, hi) if chars[i] == FULL and i not in forced]
+            cands = [i for i in range(lo, hi) if current.is_full(i) and i not in forced]
             if not cands:
                 continue
-            base = "".join(chars)
             mine = dist.split(cands)
             inner = tqdm(mine, desc=f"  candidates ({len(cands)} total)", unit="cand", leave=False,
                          disable=not (progress and dist.is_main))
-            scores = [(i, evaluator.loss(base[:i] + SHARED + base[i + 1 :])) for i in inner]
+            scores = [(i, evaluator.loss(current.with_layer(i, SHARED))) for i in inner]
             scores = [s for part in dist.gather(scores) for s in part]
             best_layer, best_loss = min(scores, key=lambda t: (t[1], t[0]))
-            chars[best_layer] = SHARED
+            current = current.with_layer(best_layer, SHARED)
             remaining -= 1
-            pat = "".join(chars)
-            result.trajectory.append({"pattern": pat, "num_full": pat.count(FULL), "flipped": best_layer,
-                                      "loss": best_loss})
+            result.trajectory.append(Step(current, best_layer, best_loss))
             bar.update(1)
-            bar.set_postfix(full=pat.count(FULL), loss=f"{best_loss:.4f}", flipped=best_layer)
-            evaluator.prune(lambda key, p=pat: _reachable(key, p, forced))
+            bar.set_postfix(full=current.num_full, loss=f"{best_loss:.4f}", flipped=best_layer)
+            evaluator.prune(lambda key, p=str(current): _reachable(key, p, forced))
         save()
     bar.close()
     if not result.done:  # a finished state read back by --resume stays as it is (its baselines included)

@@ -11,10 +11,14 @@ import torch
 
 from ..checkpoint import load_model
 from ..data import load_calibration
+from ..distributed import Dist
+from ..errors import SearchError
+from ..ops.backends import default_backend
 from ..outputs import OutputDir, check_output_dir, write_atomic
 from ..pattern import CONVENTIONS, Pattern, PatternError
+from ..runner import LayerRunner, NativeRunner
 from .evaluator import LossEvaluator
-from .greedy import Dist, GreedyResult, SearchError, greedy_search, stage_starts
+from .greedy import GreedyResult, greedy_search, stage_starts
 from .similarity import similarity_dp, similarity_matrix
 
 
@@ -39,7 +43,8 @@ class SearchOptions:
     scoring: str = "exact"
     cache_gb: float = 2.0
     progress: bool = True
-    backend: str = "native"  # "native": this package's model; "hf": the transformers class (search/hf_backend.py)
+    backend: str = "native"  # "native": this package's model; "hf": the transformers class (integrations/transformers)
+    ops: str = "auto"  # native backend: "torch" (plain ops), "triton" (kernels) or "auto" (triton on CUDA)
     device_map: str | None = None  # with backend "hf": transformers' device_map (auto, a device, JSON, .json file)
     overwrite: bool = False  # replace an earlier search's outputs in ``out``
     command: str = ""  # the command line, recorded in the output directory's manifest
@@ -71,12 +76,17 @@ def run_search(opt: SearchOptions) -> dict:
     if opt.device_map is not None and opt.backend != "hf":
         raise SearchError("--device-map needs --backend hf")
     if opt.backend == "hf":
-        from .hf_backend import load_hf_for_search
+        from ..integrations.transformers import load_hf_for_search
 
         model = load_hf_for_search(opt.model, dtype=dtype, device=opt.device, device_map=opt.device_map,
                                    scoring=opt.scoring, world=dist.world)
+        runner: LayerRunner = model.runner()
+        ops = "torch"
     else:
         model = load_model(opt.model, dtype=dtype, device=opt.device, scoring=opt.scoring, verbose=dist.is_main)
+        ops = native_ops(model, opt.ops)
+        model.set_backend(ops)
+        runner = NativeRunner(model)
     cfg = model.config
     n = cfg.num_hidden_layers
     seq_len = opt.seq_len or max(2 * cfg.index_topk, 512)
@@ -93,12 +103,11 @@ def run_search(opt: SearchOptions) -> dict:
         out.open(fresh=not opt.resume)
         out.record(STATE_FILE)
     cache_bytes = int(opt.cache_gb * (1 << 30))
-    if opt.backend == "hf":
-        evaluator = model.evaluator(cal.batches(opt.batch_size), cache_bytes=cache_bytes)
-    else:
-        evaluator = LossEvaluator(model, cal.batches(opt.batch_size), cache_bytes=cache_bytes)
+    evaluator = LossEvaluator(runner, cal.batches(opt.batch_size), cache_bytes=cache_bytes)
     fingerprint = {"model": str(Path(opt.model).resolve()), "calibration": cal.fingerprint, "seq_len": seq_len,
                    "dtype": opt.dtype, "scoring": opt.scoring, "batch_size": opt.batch_size}
+    if ops != "torch":  # kernels and plain ops agree to rounding, not bit for bit: no mixed resume
+        fingerprint["ops"] = ops
     if opt.backend != "native":  # the two backends agree to fp32 rounding, not bit for bit: no mixed resume
         fingerprint["backend"] = opt.backend
     state_path = out.path / STATE_FILE
@@ -111,9 +120,10 @@ def run_search(opt: SearchOptions) -> dict:
     wanted = {"requested": sorted(opt.baselines), "target": target}
     baselines = saved_baselines(state_path, wanted) if opt.resume else None
     if baselines is None:
-        baselines = compute_baselines(opt, model, evaluator, cal, start, target, forced)
+        baselines = compute_baselines(opt, runner, evaluator, cal, start, target, forced)
         save_baselines(state_path, wanted, baselines)
     report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
+    report["ops"] = ops
     if opt.backend != "native":
         report["backend"] = {"name": opt.backend, "placement": model.placement()}
     write_outputs(report, out)
@@ -139,19 +149,34 @@ def save_baselines(state_path: Path, wanted: dict, baselines: dict) -> None:
     write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=2)))
 
 
-def compute_baselines(opt: SearchOptions, model, evaluator, cal, start: Pattern, target: int,
+def native_ops(model, ops: str) -> str:
+    """The ops backend of a native search: ``auto`` takes the kernels on CUDA when the model's shapes suit
+    them, else the plain ops."""
+    if ops != "auto":
+        return ops
+    name = default_backend(model.device)
+    cfg = model.config
+    from ..ops.backends import get_backend
+
+    if name == "triton" and not get_backend("triton").supports(
+            cfg.index_n_heads, cfg.index_head_dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank):
+        return "torch"
+    return name
+
+
+def compute_baselines(opt: SearchOptions, runner: LayerRunner, evaluator, cal, start: Pattern, target: int,
                       forced: list[int]) -> dict:
-    n = model.config.num_hidden_layers
+    n = runner.num_layers
     baselines: dict = {}
     if "uniform" in opt.baselines:
         baselines["uniform"] = uniform_baselines(evaluator, n, start, opt.progress)
     if "similarity" in opt.baselines:
-        if opt.backend != "native":
+        if not hasattr(runner, "attention_outputs"):
             baselines["similarity"] = {"skipped": "runs on the native backend only"}
         elif start.num_full != n:
             baselines["similarity"] = {"skipped": "needs an indexer on every layer"}
         else:
-            sims = similarity_matrix(model, cal.batches(opt.batch_size), progress=opt.progress)
+            sims = similarity_matrix(runner, cal.batches(opt.batch_size), progress=opt.progress)
             counts = sorted({target, *(u["num_full"] for u in baselines.get("uniform", []))})
             rows = []
             for m in counts:
@@ -185,7 +210,7 @@ def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress
 def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResult, target: int,
                  baselines: dict) -> dict:
     sel = result.at(target)
-    sel_p = Pattern.parse(sel["pattern"])
+    sel_p = sel.pattern
     return {
         "num_layers": result.num_layers,
         "method": "greedy" + (f" (stages={result.stages})" if result.stages > 1 else ""),
@@ -195,10 +220,10 @@ def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResul
         "calibration": {"source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len,
                         "seed": opt.seed, "fingerprint": cal.fingerprint},
         "all_full_loss": result.all_full_loss,
-        "start_pattern": result.start_pattern,
+        "start_pattern": str(result.start_pattern),
         "forced_full": result.forced_full,
-        "trajectory": result.trajectory,
-        "selected": {"pattern": sel["pattern"], "num_full": sel["num_full"], "loss": sel["loss"],
+        "trajectory": [e.as_dict() for e in result.trajectory],
+        "selected": {"pattern": str(sel_p), "num_full": sel.num_full, "loss": sel.loss,
                      "retention": round(sel_p.retention, 4), "config_patch": sel_p.config_patch(),
                      "sglang": sel_p.sglang_override(), "vllm": sel_p.vllm_override()},
         "baselines": baselines,
@@ -310,11 +335,12 @@ def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, se
 
     check_output_dir(out, "--out", overwrite=overwrite)
     model = load_model(model_dir, device=device)
+    model.set_backend(native_ops(model, "auto"))
     cfg = model.config
     seq_len = seq_len or max(2 * cfg.index_topk, 512)
     cal = load_calibration(model_dir, data, num_samples, seq_len, seed, cfg.index_topk, cfg.vocab_size)
-    pat = None if pattern is None else Pattern.parse(pattern).validate(num_layers=cfg.num_hidden_layers)
-    mat = overlap_matrix(model, cal.batches(1), progress=progress)
+    pat = None if pattern is None else pattern.validate(num_layers=cfg.num_hidden_layers)
+    mat = overlap_matrix(NativeRunner(model), cal.batches(1), progress=progress)
     o = OutputDir(out, command).open(fresh=True)
     o.write("overlap.csv", lambda p: write_csv(mat, p))
     o.write("overlap.png", lambda p: plot_heatmap(mat, p, pat))

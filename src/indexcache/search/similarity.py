@@ -16,57 +16,43 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import SearchError
-from ..model.dsa import DSAForCausalLM
-from ..ops.sparse_mla import mla_attention
 from ..pattern import FULL, SHARED, Pattern
+from ..runner import NativeRunner, as_runner
 
 
 @torch.no_grad()
-def similarity_matrix(model: DSAForCausalLM, batches: Sequence[torch.Tensor], progress: bool = True) -> torch.Tensor:
-    """Lower-triangular [N, N] matrix (1 on the diagonal, 0 above): one all-Full forward pass per batch,
-    with every layer's attention re-run on each earlier layer's indices."""
-    cfg = model.config
-    n = cfg.num_hidden_layers
-    if len(model.indexer_layers) != n:
+def similarity_matrix(runner: NativeRunner, batches: Sequence[torch.Tensor], progress: bool = True) -> torch.Tensor:
+    """Lower-triangular [N, N] matrix (1 on the diagonal, 0 above): one all-Full pass per batch through the
+    layer runner, with every layer's attention re-run on each earlier layer's selection."""
+    runner = as_runner(runner)
+    cfg = runner.config
+    n = runner.num_layers
+    if len(runner.indexer_layers) != n:
         raise SearchError("the similarity baseline needs an indexer on every layer (an all-Full model)")
+    full = Pattern.all_full(n)
     sims = torch.zeros(n, n, dtype=torch.float64)
     count = 0
     for ids in tqdm(batches, desc="similarity", unit="batch", disable=not progress, leave=False):
-        ids = ids.to(model.device)
-        ctx = model.make_context(ids.shape[1])
-        ctx.pattern = Pattern.all_full(n)
-        far = ctx.slots >= cfg.index_topk  # queries that see more than index_topk tokens
+        S = ids.shape[1]
+        far = torch.arange(S, device=runner.device) >= cfg.index_topk  # queries that see more than index_topk tokens
         if not far.any():
-            raise SearchError(f"sequences of {ids.shape[1]} tokens are not longer than index_topk={cfg.index_topk}")
-        h = model.model.embed_tokens(ids)
+            raise SearchError(f"sequences of {S} tokens are not longer than index_topk={cfg.index_topk}")
+        state = runner.start(ids)
         history: list[torch.Tensor] = []
-        for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            qr, q, kv = attn.latents(x, ctx)
-            own, _ = attn.indexer(x, qr, ctx)
-            ref = _core(attn, q, kv, own, ctx)
-            for j, idx in enumerate(history):
-                sims[i, j] += F.cosine_similarity(ref[:, far], _core(attn, q, kv, idx, ctx)[:, far], dim=-1).sum()
+        for i in range(n):
+            own, (ref, *others) = runner.attention_outputs(state, i, history)
+            for j, other in enumerate(others):
+                sims[i, j] += F.cosine_similarity(ref[:, far], other[:, far], dim=-1).sum()
             history.append(own)
-            h, _ = layer(h, ctx, True, None)
+            state, _ = runner.run(state, full, i, i + 1)
         count += int(far.sum()) * ids.shape[0]
     sims /= count
     sims += torch.eye(n, dtype=torch.float64)
     return sims
 
 
-def _core(attn, q, kv, indices, ctx) -> torch.Tensor:
-    """Core-attention output (per-head values, before o_proj), flattened per token: [B, S, H*dv]."""
-    out, _, _ = mla_attention(q, kv, attn.softmax_scale, attn.kv_lora, indices=indices, q_pos=ctx.slots,
-                              budget_bytes=ctx.budget_bytes)
-    w_uv = attn.kv_b_proj.weight.view(attn.n_heads, attn.dn + attn.dv, attn.kv_lora)[:, attn.dn :]
-    return torch.einsum("bshc,hvc->bshv", out.float(), w_uv.float()).flatten(2)
-
-
-def similarity_score(sims: torch.Tensor, pattern: Pattern | str) -> float:
-    p = Pattern.parse(pattern)
-    return float(sum(sims[i, p.source_layer(i)] for i in p.shared_layers))
+def similarity_score(sims: torch.Tensor, pattern: Pattern) -> float:
+    return float(sum(sims[i, pattern.source_layer(i)] for i in pattern.shared_layers))
 
 
 def similarity_dp(sims: torch.Tensor, num_full: int, forced_full: Sequence[int] = ()) -> tuple[Pattern, float]:

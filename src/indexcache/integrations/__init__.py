@@ -1,0 +1,1 @@
+"""IndexCache inside other libraries' models (transformers)."""
