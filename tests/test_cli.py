@@ -171,3 +171,33 @@ def test_export_round_trips_through_transformers(capsys, tmp_path):
         ours = load_model(src, pattern="FSSSFS", verbose=False)(ids)
         assert (hf(input_ids=ids).logits - ours).abs().max() < 1e-4
     assert load_model(x, verbose=False).indexer_layers == [0, 4]
+
+
+@pytest.mark.parametrize("cmd, module, name", [
+    ("search", "indexcache.search.run", "SearchOptions"),
+    ("eval", "indexcache.evals.runner", "EvalOptions"),
+    ("train", "indexcache.train", "TrainConfig"),
+])
+def test_flags_and_option_fields_agree(cmd, module, name):
+    """Each schema once: a flag and the options field of the same name have the same default, and every flag
+    either is a field or is listed (with what it becomes) in cli.CLI_ONLY."""
+    import dataclasses
+    import importlib
+
+    from indexcache.cli import CLI_ONLY, build_parser
+
+    cls = getattr(importlib.import_module(module), name)
+    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    parser = sub.choices[cmd]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for action in parser._actions:
+        if action.dest in ("help",) or action.dest in CLI_ONLY[cmd]:
+            continue
+        if action.dest in fields:
+            f = fields[action.dest]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                continue  # a required field: the flag or positional gives it
+            assert action.default == default, (cmd, action.dest, action.default, default)
+        else:
+            raise AssertionError(f"{cmd}: flag {action.dest} is neither a field of {name} nor in cli.CLI_ONLY")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from indexcache import Pattern, Trace, load_model
 from indexcache.data import DataError, load_calibration
+from indexcache.ops.triton_support import HAVE_TRITON
 from indexcache.presets import make_random_checkpoint
 from indexcache.search import LossEvaluator, SearchError, greedy_search, similarity_dp, similarity_score
 
@@ -261,3 +262,20 @@ def test_search_and_overlap_commands_write_their_outputs(tmp_path, capsys):
     assert 0 < summary["mean_shared_to_source_overlap"] <= 1
     rc = main(["search", str(mdir), "--seq-len", "8", "--out", str(tmp_path / "bad")])
     assert rc == 2 and "is not longer than index_topk 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_search_on_the_kernels_follows_the_plain_ops(tmp_path):
+    """The native runner uses the model's ops backend: on the Triton kernels (here in the interpreter) the
+    greedy trajectory is the plain ops' (16 indexer heads, so no exact score ties), its losses within fp32
+    summation order."""
+    d = make_random_checkpoint(tmp_path / "k", "glm_moe_dsa", "tiny", seed=2, num_hidden_layers=6, kv_lora_rank=32,
+                               qk_rope_head_dim=16, index_n_heads=16, first_k_dense_replace=2)
+    batches = _batches(2, n=1, seq=24)
+    model = load_model(d, verbose=False)
+    plain = greedy_search(LossEvaluator(model, batches), target_full=3, progress=False)
+    model.set_backend("triton")
+    kern = greedy_search(LossEvaluator(model, batches), target_full=3, progress=False)
+    assert [e.pattern for e in kern.trajectory] == [e.pattern for e in plain.trajectory]
+    for a, b in zip(kern.trajectory, plain.trajectory, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)

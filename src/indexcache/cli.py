@@ -360,14 +360,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .evals.runner import command_line
     from .search.run import SearchOptions, run_search
 
-    opt = SearchOptions(
-        model=args.model, out=args.out, data=args.data, num_samples=args.num_samples, seq_len=args.seq_len,
-        seed=args.seed, batch_size=args.batch_size, keep=args.keep, num_full=args.num_full, to_end=args.to_end,
-        stages=args.stages, force_full=args.force_full, resume=args.resume, device=args.device,
-        dtype=args.dtype, scoring=args.scoring, cache_gb=args.cache_gb, baselines=args.baseline_list,
-        backend=args.backend, device_map=args.device_map, overwrite=args.overwrite,
-        command=command_line(args.argv),
-    )
+    opt = options_from_args(SearchOptions, args, baselines=args.baseline_list, command=command_line(args.argv))
     report = run_search(opt)
     if not report:  # not the main rank of a torchrun job
         return 0
@@ -435,7 +428,7 @@ def check_eval(args: argparse.Namespace) -> None:
         raise OptionError("--tasks none leaves nothing to evaluate: give --ppl-data too, or some task families")
     for L in args.lengths:
         _check_length(L, args.cfg, "--lengths")
-    for spec in args.ppl_data or []:
+    for spec in args.ppl_data:
         for p in parse_ppl_spec(spec)[1]:
             data_path(p, "--ppl-data")
     if families and args.haystack is not None and args.haystack != "noise":
@@ -447,17 +440,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evals.runner import EvalOptions, command_line, format_table, run_eval
     from .outputs import write_report
 
-    opt = EvalOptions(
-        model=args.model, patterns=args.parsed or [None], tasks=args.tasks, lengths=args.lengths,
-        samples=args.samples, haystack=args.haystack, ppl_data=args.ppl_data or [], ppl_windows=args.ppl_windows,
-        seed=args.seed, device=args.device, dtype=args.dtype, decode=args.decode, draft=not args.no_draft,
-        progress=not args.quiet, command=command_line(args.argv),
-    )
+    opt = options_from_args(EvalOptions, args, patterns=args.parsed or [None], draft=not args.no_draft,
+                            progress=not args.quiet, command=command_line(args.argv))
     report = run_eval(opt)
     write_report(Path(args.out), report)
     print(format_table(report))
     print(f"\n{report['seconds']:.0f} s; wrote {args.out}")
     return 0
+
+
+def options_from_args(cls, args: argparse.Namespace, **derived):
+    """An options dataclass from the parsed flags: every field takes the flag of its own name, unless the
+    command derives it (``derived``); a field with neither keeps its default. ``tests/test_cli.py`` checks
+    that flags and fields agree in name and default, so no option is written twice."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in derived:
+            values[f.name] = derived[f.name]
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+# flags that do not map one to one onto a field of the command's options (or that no options object takes)
+CLI_ONLY = {
+    "search": {"baselines": "parsed into a list of names"},
+    "eval": {"pattern": "parsed into patterns", "no_draft": "draft", "quiet": "progress", "out": "the report file",
+             "overwrite": "checked before the run"},
+    "train": {"no_cross_layer": "cross_layer", "time_limit_min": "time_limit_s"},
+}
+COMMON_DESTS = {"cmd", "func", "argv"}
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -540,18 +554,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .evals.runner import command_line
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(
-        out=args.out, stage=args.stage, data=args.data, init=args.init, preset=args.preset, heldout=args.heldout,
-        vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size, micro_batch=args.micro_batch,
-        steps=args.steps, lr=args.lr,
-        indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        indexer_loss_weight=args.indexer_loss_weight, pattern=args.pattern, cross_layer=not args.no_cross_layer,
-        synthetic_mix=args.synthetic_mix, synthetic_kinds=args.synthetic_kinds,
-        synthetic_density=args.synthetic_density,
-        seed=args.seed, device=args.device, eval_every=args.eval_every, save_every=args.save_every,
-        resume=args.resume, stop_after=args.stop_after, time_limit_s=args.time_limit_min and args.time_limit_min * 60,
-        shard_mb=args.shard_mb, overwrite=args.overwrite, command=command_line(args.argv), token_cache=args.token_cache,
-    )
+    cfg = options_from_args(TrainConfig, args, cross_layer=not args.no_cross_layer,
+                            time_limit_s=args.time_limit_min and args.time_limit_min * 60,
+                            command=command_line(args.argv))
     summary = train(cfg)
     if "stopped_at" in summary:
         print(f"stopped at step {summary['stopped_at']}/{summary['steps']}; continue with --resume")
@@ -739,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-gb", type=positive_float, default=2.0, help="memory for cached prefix states (GiB, > 0)")
     p.add_argument("--backend", choices=["native", "hf"], default="native",
                    help="native: this package's model; hf: the model's transformers class with the pattern applied")
+    p.add_argument("--ops", choices=["auto", "torch", "triton"], default="auto",
+                   help="native backend: plain PyTorch ops, the Triton kernels, or auto (the kernels on CUDA)")
     p.add_argument("--device-map", help="with --backend hf: transformers device_map to spread the model over "
                    "devices (auto, balanced, a device, a JSON object or a .json file of module -> device)")
     p.set_defaults(func=cmd_search)
@@ -762,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=10, help="samples per task and length (default 10)")
     p.add_argument("--haystack", help="filler text: a text file or directory of books, or 'noise' "
                    "(default: the built-in synthetic corpus)")
-    p.add_argument("--ppl-data", nargs="+", metavar="[NAME=]PATH[,PATH]",
+    p.add_argument("--ppl-data", nargs="+", default=[], metavar="[NAME=]PATH[,PATH]",
                    help="perplexity data sets (text files, directories, .jsonl, .npy), measured at each length")
     p.add_argument("--ppl-windows", type=positive_int, default=4,
                    help="perplexity windows per data set and length, evenly spaced (default 4)")

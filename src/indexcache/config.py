@@ -9,6 +9,7 @@ at the top level), and the IndexCache pattern follows transformers' precedence
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -198,42 +199,17 @@ class DSAConfig:
             if int(get("num_experts_per_tok")) > n_exp // n_group * topk_group:
                 raise ConfigError("num_experts_per_tok exceeds the experts reachable in topk_group groups")
 
-        rope_key = "indexer_rope_interleave"
+        values = {name: conv(get(name)) for name, conv in scalar_fields(cls).items()}
+        values.update(num_hidden_layers=n_layers, n_routed_experts=n_exp, n_group=n_group, topk_group=topk_group)
         cfg = cls(
             arch=arch,
-            vocab_size=int(get("vocab_size")),
-            hidden_size=int(get("hidden_size")),
-            intermediate_size=int(get("intermediate_size")),
-            moe_intermediate_size=int(get("moe_intermediate_size")),
-            num_hidden_layers=n_layers,
-            num_attention_heads=int(get("num_attention_heads")),
-            q_lora_rank=int(get("q_lora_rank")),
-            kv_lora_rank=int(get("kv_lora_rank")),
-            qk_nope_head_dim=int(get("qk_nope_head_dim")),
-            qk_rope_head_dim=int(get("qk_rope_head_dim")),
-            v_head_dim=int(get("v_head_dim")),
-            n_routed_experts=n_exp,
-            n_shared_experts=int(get("n_shared_experts")),
-            num_experts_per_tok=int(get("num_experts_per_tok")),
-            n_group=n_group,
-            topk_group=topk_group,
-            norm_topk_prob=bool(get("norm_topk_prob")),
-            routed_scaling_factor=float(get("routed_scaling_factor")),
-            rms_norm_eps=float(get("rms_norm_eps")),
-            max_position_embeddings=int(get("max_position_embeddings")),
-            tie_word_embeddings=bool(get("tie_word_embeddings")),
-            attention_bias=bool(get("attention_bias")),
-            index_topk=int(get("index_topk")),
-            index_n_heads=int(get("index_n_heads")),
-            index_head_dim=int(get("index_head_dim")),
-            indexer_rope_interleave=bool(get(rope_key)),
+            **values,
             mlp_layer_types=mlp_types,
             rope=parse_rope(d, int(get("max_position_embeddings"))),
             pattern=pattern,
             pattern_source=source,
             fp8_block_size=_fp8_block_size(d),
             num_mtp_layers=int(d.get("num_nextn_predict_layers") or 0),
-            initializer_range=float(get("initializer_range")),
             raw=copy.deepcopy(d),
         )
         cfg._check_dims()
@@ -267,16 +243,9 @@ class DSAConfig:
         d = copy.deepcopy(self.raw) if self.raw else {}
         d.setdefault("architectures", [self.architecture])
         d.setdefault("model_type", self.arch)
-        for key in (
-            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-            "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
-            "topk_group", "norm_topk_prob", "routed_scaling_factor", "rms_norm_eps",
-            "max_position_embeddings", "tie_word_embeddings", "attention_bias", "index_topk",
-            "index_n_heads", "index_head_dim", "indexer_rope_interleave", "mlp_layer_types",
-            "initializer_range",
-        ):
+        for key in scalar_fields(type(self)):
             d.setdefault(key, getattr(self, key))
+        d.setdefault("mlp_layer_types", self.mlp_layer_types)
         d.setdefault("num_key_value_heads", self.num_attention_heads)
         d.setdefault("hidden_act", "silu")
         if "rope_scaling" not in d and "rope_parameters" not in d:
@@ -289,6 +258,20 @@ class DSAConfig:
         for k in ("index_topk_freq", "index_skip_topk_offset"):
             d.pop(k, None)
         return d
+
+
+_CONVERTERS = {"int": int, "float": float, "bool": bool}
+
+
+def scalar_fields(cls) -> dict[str, type]:
+    """The config.json keys a DSAConfig reads as plain numbers or flags, by field, with their conversion:
+    the one list from_dict and to_dict both use."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        conv = _CONVERTERS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if conv is not None and f.name != "num_mtp_layers":  # MTP depth is num_nextn_predict_layers on disk
+            out[f.name] = conv
+    return out
 
 
 def detect_architecture(d: dict) -> str:
