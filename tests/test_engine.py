@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import rel
+from markers import gpu
 
 from indexcache.engine import Engine, sample
 from indexcache.model.dsa import DSAForCausalLM
 from indexcache.presets import preset_config
 
-CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 ROOT = Path(__file__).parent.parent
 
 
@@ -120,7 +120,8 @@ def test_sampling():
 @gpu
 def test_engine_gpu_bundled_model():
     """Triton kernels + CUDA graphs on the bundled model: in bf16, prefill logits chunked and unchunked
-    within bf16 tolerance of the reference forward; in fp32 (where rounding cannot flip a close argmax),
+    no further from the fp32 forward than twice the bf16 plain-op forward is (plus 1e-3): a bound set by
+    the dtype, the same on any GPU; in fp32 (where rounding cannot flip a close argmax),
     with the reference breaking exact index-score ties as the kernels do (lowest index), identical greedy
     tokens for a batch of two prompts, all-Full and 1/4."""
     from indexcache import load_model
@@ -132,14 +133,15 @@ def test_engine_gpu_bundled_model():
     tok = load_tokenizer(path)
     ids = torch.tensor(tok.encode((ROOT / "README.md").read_text()).ids[:1500], device="cuda")
     model = load_model(path, dtype=torch.bfloat16, device="cuda")
+    model32 = load_model(path, dtype=torch.float32, device="cuda")
     for pattern in ("F" * 16, "FSSS" * 4):
         with torch.no_grad():
             ref = model(ids[None], pattern=pattern)[0].float()
+            ref32 = model32(ids[None], pattern=pattern)[0]
         for chunk in (2048, 512):
             eng = Engine(model, pattern, max_batch=2, max_len=2048, chunk=chunk)
             out = eng.prefill(0, ids, all_logits=True).float()
-            assert ((out - ref).norm() / ref.norm()).item() <= 1e-2
-    model32 = load_model(path, dtype=torch.float32, device="cuda")
+            assert rel(out, ref32) <= 2 * rel(ref, ref32) + 1e-3, (chunk, rel(out, ref32), rel(ref, ref32))
     model32.set_tie_break("lowest")
     for pattern in ("F" * 16, "FSSS" * 4):
         eng = Engine(model32, pattern, max_batch=2, max_len=2048, chunk=512)

@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from bounds import rel
+from markers import gpu, interpreter
 
 from indexcache.model.dsa import DSAForCausalLM, Trace
-from indexcache.ops.triton_support import HAVE_TRITON
 from indexcache.presets import preset_config
-
-CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 
 
 def same_sets_modulo_ties(idx: torch.Tensor, ref_idx: torch.Tensor, scores: torch.Tensor, tol: float) -> None:
@@ -39,6 +35,7 @@ def _kernel_model(seed: int = 0) -> DSAForCausalLM:
     return DSAForCausalLM(cfg).init_random(seed, std=0.1).eval()
 
 
+@interpreter
 def test_model_backend_cpu():
     model = _kernel_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 40))
@@ -59,6 +56,7 @@ def test_model_backend_cpu():
         assert rel(out, ref) <= 1e-4
 
 
+@interpreter
 def test_model_backend_cpu_exact_ties():
     """4 indexer heads: scores of exactly 0 tie often at the top-k boundary. With the plain path breaking
     ties toward the lowest index, as the kernel does, the two backends select identical sets."""

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from markers import interpreter
 
 from indexcache import Pattern, Trace, load_model
 from indexcache.data import DataError, load_calibration
-from indexcache.ops.triton_support import HAVE_TRITON
 from indexcache.presets import make_random_checkpoint
 from indexcache.search import LossEvaluator, SearchError, greedy_search, similarity_dp, similarity_score
 
@@ -264,7 +264,7 @@ def test_search_and_overlap_commands_write_their_outputs(tmp_path, capsys):
     assert rc == 2 and "is not longer than index_topk 8" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@interpreter
 def test_search_on_the_kernels_follows_the_plain_ops(tmp_path):
     """The native runner uses the model's ops backend: on the Triton kernels (here in the interpreter) the
     greedy trajectory is the plain ops' (16 indexer heads, so no exact score ties), its losses within fp32

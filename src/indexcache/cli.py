@@ -878,9 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_model() -> str | None:
-    """The bundled trained model, when running from a checkout of the repository."""
-    p = Path(__file__).resolve().parents[2] / "models" / "dsa-mini"
-    return str(p) if (p / "config.json").exists() else None
+    """The bundled trained model (package data)."""
+    from .bundled import default_model as bundled
+
+    return bundled()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -903,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("search", "overlap", "info", "eval") and args.model is None:
         args.model = default_model()
         if args.model is None:
-            print(f"{prog}: error: give a MODEL directory (no bundled model here)", file=sys.stderr)
+            print(f"{prog}: error: give a MODEL directory: this installation carries no bundled model (it ships "
+                  "with the package as indexcache/bundled/dsa-mini; reinstall from the repository)", file=sys.stderr)
             return 2
     try:
         PREFLIGHT[args.cmd](args)  # every option and file checked before any model or data loads

@@ -7,14 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from bounds import U_FP8_ACCUMULATE, U_FP32, gamma
+from markers import gpu, interpreter
 
 from indexcache.ops.common import window_mask
 from indexcache.ops.indexer import causal_windows, dense_scores, indexer_logits, indexer_topk
-from indexcache.ops.triton_support import HAVE_TRITON
-
-CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 
 
 def _naive_logits(q, k, w, ks, ke, scale, k_scale=None):
@@ -117,7 +113,7 @@ def test_topk_with_an_attention_mask():
     assert not (idx == 1).any()
 
 
-@needs_triton
+@interpreter
 # -------------------------------------------------------------------------------------------- kernel
 @pytest.mark.parametrize("H,D", [(16, 32), (4, 16), (32, 16)])
 @pytest.mark.parametrize("key_major", [True, False])
@@ -140,7 +136,7 @@ def test_kernel_logits_cpu(H, D, key_major):
                 assert ((out[m] - ref[m]).norm() / ref[m].norm()).item() <= tol
 
 
-@needs_triton
+@interpreter
 def test_kernel_rejects_bad_input():
     from indexcache.ops.indexer.kernel import indexer_logits as kernel
 
@@ -156,7 +152,7 @@ def test_kernel_rejects_bad_input():
         kernel(q, torch.randn(3, 10, 32), torch.rand(4, 16), z, o)
 
 
-@needs_triton
+@interpreter
 def test_triton_backend_topk_matches_torch_cpu():
     """The composite on the kernels selects the reference's sets, exact ties aside (none here: 16 heads)."""
     g = torch.Generator().manual_seed(8)

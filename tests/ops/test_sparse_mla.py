@@ -6,13 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from bounds import U_BF16, U_FP32, gamma, rel
+from markers import gpu, interpreter
 
 from indexcache.ops.sparse_mla import mla_attention, sparse_mla
-from indexcache.ops.triton_support import HAVE_TRITON
-
-CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 
 
 def _naive_attention(q, kv, scale, d_v, keys_per_query):
@@ -64,7 +60,7 @@ def test_flat_op_empty_and_out_of_range_rows():
     torch.testing.assert_close(out[2:3], ref)
 
 
-@needs_triton
+@interpreter
 @pytest.mark.parametrize("H,n_split", [(20, 1), (4, 3), (64, 2)])
 def test_kernel_cpu(H, n_split):
     from indexcache.ops.sparse_mla.kernel import sparse_mla as kernel

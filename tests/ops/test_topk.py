@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from markers import gpu, interpreter
 
 from indexcache.ops.common import window_mask
 from indexcache.ops.topk import topk as topk_ref
-from indexcache.ops.triton_support import HAVE_TRITON
-
-CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 
 
 def same_sets_modulo_ties(idx: torch.Tensor, ref_idx: torch.Tensor, logits: torch.Tensor) -> None:
@@ -60,7 +56,7 @@ def test_reference_against_a_sort():
                                 ks.clamp_max(300), ke.clamp_max(300)))
 
 
-@needs_triton
+@interpreter
 @pytest.mark.parametrize("schedule", ["bucket", "rows", "split"])
 def test_kernel_cpu(schedule):
     from indexcache.ops.topk.kernel import topk
@@ -80,7 +76,7 @@ def test_kernel_cpu(schedule):
         assert torch.equal(out.sort(-1).values, topk_ref(x, k, ks, ke, ties="lowest").sort(-1).values)
 
 
-@needs_triton
+@interpreter
 def test_kernel_rejects_bad_input():
     from indexcache.ops.topk.kernel import topk
 

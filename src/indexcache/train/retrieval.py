@@ -23,7 +23,7 @@ items spliced in at random places, each item later queried or repeated:
     track     two interleaved chains ``LET QX = 4821.`` / ``LET ZB = QX.``, then the names of one chain
     rank      coined or plain words with a few of them frequent, then the top ones, most frequent first
 
-The first six kinds made the first curriculum (``bench/retrieval_curriculum.sh``); naming exactly those six
+The first six kinds made the first curriculum (``scripts/retrieval_curriculum.sh``); naming exactly those six
 in ``--synthetic-kinds`` draws the same windows as then. The last five aim at the answer shapes the first
 curriculum's model could not produce: a lone number after a restated secret, a list of values, a look-up in
 a table of made-up words, the names along a chain, the most frequent words of a list.

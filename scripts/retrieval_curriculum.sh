@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The retrieval curriculum of the bundled model, stage by stage, on the GPU machine (repository root):
-#   OUT=dir bash bench/retrieval_curriculum.sh STEP INIT_MODEL
+#   OUT=dir bash scripts/retrieval_curriculum.sh STEP INIT_MODEL
 # Every step continues from INIT_MODEL and brings back, in <=15 MB parts, the models named below plus every
 # run's logs (losses.json, losses.png, summary.json). The steps that made models/dsa-mini, in order:
 #   mixed    runs/mini-dense (the book-only dense model) -> mini-dense2 -> ... -> mini-dense7: facts,
@@ -13,14 +13,14 @@
 #   focus    mini-sparse4 -> mini-dense10 (fact, repeat and the five added kinds, some with a solved example
 #            first) -> short warm-up -> longer sparse stage (mini-sparse5 = models/dsa-mini), task suite at 1K
 set -euo pipefail
-step=${1:?usage: OUT=dir bash bench/retrieval_curriculum.sh mixed|echo|finish|targeted|focus INIT_MODEL}
+step=${1:?usage: OUT=dir bash scripts/retrieval_curriculum.sh mixed|echo|finish|targeted|focus INIT_MODEL}
 init=${2:?usage}
 tmp=$(mktemp -d)
 common="--save-every 100000"
 dsa() {  # TAG "DENSE ARGS" "WARM-UP ARGS" "SPARSE ARGS": mini-denseTAG -> mini-warmTAG -> mini-sparseTAG,
   # 8 x 2048-token batches after the dense stage; the second TAG names the warm-up and sparse runs
   local d=$1 s=$2
-  bash bench/train_stage.sh "$tmp" \
+  bash scripts/train_stage.sh "$tmp" \
     "mini-dense$d" "--stage dense --init $init $3 --batch-size 16 --seq-len 2048 --lr 1e-3 --warmup-steps 10 $common" \
     "mini-warm$s:mini-dense$d" "--stage warmup --init runs/mini-dense$d/model $4 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 1e-3 --eval-every 30 $common" \
     "mini-sparse$s:mini-dense$d" "--stage sparse --init runs/mini-warm$s/model $5 --batch-size 8 --micro-batch 4 --seq-len 2048 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 $common"
@@ -29,12 +29,12 @@ dsa() {  # TAG "DENSE ARGS" "WARM-UP ARGS" "SPARSE ARGS": mini-denseTAG -> mini-
 first="--synthetic-kinds fact,repeat,listing,chain,tally,echo"  # the kinds that existed then
 case $step in
 mixed)
-  bash bench/train_stage.sh "$tmp" \
+  bash scripts/train_stage.sh "$tmp" \
     mini-dense2 "--stage dense --init $init --synthetic-mix 0.5 $first --steps 560 --batch-size 8 --seq-len 4096 --lr 1.5e-3 --warmup-steps 20 --eval-every 140 $common"
   echo "then, each from the previous model and with $first: mini-dense3 (--synthetic-mix 0.75 --steps 1000 --batch-size 32 --seq-len 1024 --lr 2e-3), mini-dense4 (0.75, 800 x 128 x 256, 2e-3), mini-dense5 (0.5, 250 x 16 x 2048, 1e-3), mini-dense6 (0.75, 400 x 64 x 512, 1e-3), mini-dense7 (0.5, 300 x 16 x 2048, 1e-3)"
   keep=(mini-dense2) ;;
 echo)
-  bash bench/train_stage.sh "$tmp" \
+  bash scripts/train_stage.sh "$tmp" \
     mini-echo "--stage dense --init $init --synthetic-mix 0.75 --synthetic-kinds echo --synthetic-density 0.95 --steps 2400 --batch-size 64 --seq-len 256 --lr 1e-3 --warmup-steps 10 --eval-every 300 $common"
   keep=(mini-echo) ;;
 finish)

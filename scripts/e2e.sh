@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Engine tests on the GPU, then the end-to-end benchmark (GLM-4.7-Flash-DSA shape, random weights).
-# usage: OUT=dir bash bench/e2e.sh   (writes OUT/engine_tests.log, OUT/e2e.json, OUT/e2e.png, OUT/e2e.log)
+# usage: OUT=dir bash scripts/e2e.sh   (writes OUT/engine_tests.log, OUT/e2e.json, OUT/e2e.png, OUT/e2e.log)
 set -o pipefail
 OUT=${OUT:-results/e2e}
 mkdir -p "$OUT"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Greedy search on one GPU and on two GPUs (torchrun, NCCL): the trajectories must be identical.
-# Usage (on a machine with 2 GPUs): bash bench/search_nccl.sh OUT_DIR
+# Usage (on a machine with 2 GPUs): bash scripts/search_nccl.sh OUT_DIR
 set -euo pipefail
 out=${1:?usage: search_nccl.sh OUT_DIR}
 mkdir -p "$out"

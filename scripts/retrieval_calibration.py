@@ -2,7 +2,7 @@
 episodes spliced in (the trainer's held-out split and generator), written as a [num, seq_len] token-id .npy
 that ``indexcache search --data`` reads row by row.
 
-    python bench/retrieval_calibration.py models/dsa-mini .data/gutenberg calib.npy --num 4 --seq-len 1024
+    python scripts/retrieval_calibration.py models/dsa-mini .data/gutenberg calib.npy --num 4 --seq-len 1024
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 # peak memory of each GPU, both reports, and comparison.json.
 #
 # Usage (from the repository root, on a machine with 2 GPUs):
-#   bash bench/hf_search_2gpu.sh OUT_DIR [WHEELS_DIR] [MODEL_DIR]     (OUT_DIR defaults to $OUT)
+#   bash scripts/hf_search_2gpu.sh OUT_DIR [WHEELS_DIR] [MODEL_DIR]     (OUT_DIR defaults to $OUT)
 # WHEELS_DIR (default: wheels/, or $WHEELS_DIR): every *.whl in it is installed first with
 #   pip install --no-deps --no-index, for machines without network access. The transformers backend needs
 #   transformers and, to place a model on several devices, accelerate (plus their own dependencies:

@@ -1,8 +1,8 @@
 """Gather the study's evaluation JSONs into one table (markdown + JSON) and draw its figures.
 
-    python bench/study_report.py --paper-overlap ../shared/reference/indexcache_fig4_overlap_estimate.csv
+    python scripts/study_report.py --paper-overlap ../shared/reference/indexcache_fig4_overlap_estimate.csv
 
-Reads results/study/eval-*.json (from bench/study.sh), results/search/dsa-mini*/report.json and
+Reads results/study/eval-*.json (from scripts/study.sh), results/search/dsa-mini*/report.json and
 results/overlap/dsa-mini/overlap.csv; writes results/study/study.json, results/study/table.md,
 docs/img/study_tasks.png and docs/img/overlap_vs_paper.png (the paper's panel only when its recovered
 matrix is given).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kernel correctness at real shapes (GPU tests) and the kernel benchmark, in one GPU session.
-# usage: OUT=dir bash bench/kernels.sh    (writes OUT/kernels_tests.log, OUT/kernels.json, OUT/kernels.log)
+# usage: OUT=dir bash scripts/kernels.sh    (writes OUT/kernels_tests.log, OUT/kernels.json, OUT/kernels.log)
 set -o pipefail
 OUT=${OUT:-results/kernels}
 mkdir -p "$OUT"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run training stages on a GPU machine and pack each run directory (model, losses, summary; not the
 # optimiser state or token cache) into <=15 MB pieces under OUT, so they can travel back.
-# Usage: bash bench/train_stage.sh OUT NAME[:TOKENS_FROM] "TRAIN ARGS" [NAME "ARGS" ...]
-#   e.g. bash bench/train_stage.sh $OUT mini-dense "--stage dense --steps 640 ..."
+# Usage: bash scripts/train_stage.sh OUT NAME[:TOKENS_FROM] "TRAIN ARGS" [NAME "ARGS" ...]
+#   e.g. bash scripts/train_stage.sh $OUT mini-dense "--stage dense --steps 640 ..."
 # Unpack here with: cat OUT/NAME.tgz.part-* | tar xzf - -C runs
 set -euo pipefail
 out=${1:?usage}; shift

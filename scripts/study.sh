@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The evaluation study of docs/results.md, on the GPU machine (repository root), in two calls:
-#   OUT=dir bash bench/study.sh aware DENSE_MODEL
+#   OUT=dir bash scripts/study.sh aware DENSE_MODEL
 #       trains the training-aware variants from the bundled model's dense checkpoint, three at once
 #       (uniform 1/2 and 1/4 with the multi-layer loss, uniform 1/2 without it), with the bundled model's
 #       own warm-up and sparse schedule, then runs the task suite (1K tokens) and perplexity on each
-#   OUT=dir bash bench/study.sh bundled "PATTERN ..."
+#   OUT=dir bash scripts/study.sh bundled "PATTERN ..."
 #       the task suite and perplexity on models/dsa-mini, one process per pattern, at once (LENGTH=2048
 #       for another length than 1024; UNTIL=s stops what is still running that many seconds in)
-#   OUT=dir bash bench/study.sh pack
+#   OUT=dir bash scripts/study.sh pack
 #       packs every JSON and log under OUT, and the variants' training logs, into OUT/study.tgz
 # VARIANTS="aware-q2" limits the aware step to some variants. The steps may run at the same time (the GPU
 # has room for all of them). Every JSON holds its own command line. Models come back in <=15 MB parts
 # (cat NAME.tgz.part-* | tar xzf - -C runs).
 set -euo pipefail
-step=${1:?usage: OUT=dir bash bench/study.sh aware DENSE_MODEL | bundled "PATTERN ..." | pack}
+step=${1:?usage: OUT=dir bash scripts/study.sh aware DENSE_MODEL | bundled "PATTERN ..." | pack}
 arg=${2:-}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 G=.data/gutenberg
@@ -26,7 +26,7 @@ aware)
   variant() {  # NAME PATTERN EXTRA: warm-up and sparse stage, then the suite with the variant's own pattern
     local name=$1 pattern=$2 extra=$3 tmp
     tmp=$(mktemp -d)
-    bash bench/train_stage.sh "$tmp" \
+    bash scripts/train_stage.sh "$tmp" \
       "$name-warm" "--stage warmup --init $arg --pattern $pattern $extra $common --steps 30 --lr 1e-3 --warmup-steps 3 --eval-every 30" \
       "$name:$name-warm" "--stage sparse --init runs/$name-warm/model $extra $common --steps 100 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5 --eval-every 50" \
       > "$OUT/train-$name.log" 2>&1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput and sanity of the three training stages on one GPU (short runs).
 # Reuses the token cache of runs/mini-dense (made on a CPU machine by the dense stage's data step) and needs
-# the books under .data/gutenberg. Usage: bash bench/train_smoke.sh OUT_DIR
+# the books under .data/gutenberg. Usage: bash scripts/train_smoke.sh OUT_DIR
 set -euo pipefail
 out=${1:?usage: train_smoke.sh OUT_DIR}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
