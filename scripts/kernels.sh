@@ -6,5 +6,5 @@ OUT=${OUT:-results/kernels}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q tests/test_kernels.py -k gpu -p no:cacheprovider 2>&1 | tee "$OUT/kernels_tests.log"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops tests/test_model_backend.py 2>&1 | tee "$OUT/kernels_tests.log"
 python3 -m indexcache.cli bench kernels --out "$OUT/kernels.json" ${PARTS:+--parts $PARTS} 2>&1 | tee "$OUT/kernels.log"

@@ -350,6 +350,13 @@ def check_search(args: argparse.Namespace) -> None:
         raise OptionError(f"--baselines {args.baselines}: unknown baseline {unknown[0]!r} "
                           f"(give a comma list of {', '.join(BASELINES)}, or none)")
     args.baseline_list = names
+    if args.ops == "triton":
+        from .ops.backends import check_backend
+
+        try:
+            check_backend("triton", args.device)
+        except (ValueError, RuntimeError) as e:
+            raise OptionError(f"--ops triton: {e}") from None
     if args.device_map is not None and args.backend != "hf":
         raise OptionError("--device-map spreads a transformers model: it needs --backend hf")
     _calibration_checks(args)
