@@ -20,7 +20,8 @@ r = json.load(open(sys.argv[1]))
 row = {"ops": r.get("ops"), "wall_s": round(float(sys.argv[4]) - float(sys.argv[3]), 1), "search_s": r["seconds"],
        "selected": r["selected"]["pattern"], "selected_loss": r["selected"]["loss"], "all_full_loss": r["all_full_loss"],
        "trajectory": r["trajectory"], "counters": r["counters"], "calibration": r["calibration"],
-       "s_per_layer_forward": r["seconds"] / r["counters"]["layer_forwards"], "command": r.get("command")}
+       "s_per_layer_forward": r["seconds"] / r["counters"]["layer_forwards"], "command": r.get("command"),
+       "peak_gpu_memory_gib": r.get("peak_gpu_memory_gib")}
 json.dump(row, open(sys.argv[2], "w"), indent=1)
 print({k: row[k] for k in ("ops", "wall_s", "search_s", "selected", "s_per_layer_forward")})
 PY

@@ -123,7 +123,9 @@ def run_search(opt: SearchOptions) -> dict:
         baselines = compute_baselines(opt, runner, evaluator, cal, start, target, forced)
         save_baselines(state_path, wanted, baselines)
     report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
-    report["ops"] = ops
+    report.update(ops=ops, command=opt.command)
+    if torch.device(opt.device).type == "cuda":
+        report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     if opt.backend != "native":
         report["backend"] = {"name": opt.backend, "placement": model.placement()}
     write_outputs(report, out)
