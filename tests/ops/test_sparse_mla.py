@@ -102,7 +102,7 @@ def test_kernel_gpu(H):
         idx = torch.stack([torch.randperm(T, device="cuda", generator=g)[:K] for _ in range(R)]).int()
         idx[R - 1, 7:] = -1
         out, lse = kernel(q, kv, idx, Dk**-0.5, DV)
-        ref, ref_lse = sparse_mla(q, kv, idx, Dk**-0.5, DV)
+        ref, ref_lse = sparse_mla(q.float(), kv.float(), idx, Dk**-0.5, DV)  # the same values, fp32 throughout
         # the magnitude sum: the reference's probabilities on |v|
         cache = torch.arange(R, device="cuda").div(qpb, rounding_mode="floor")
         rows = kv.float()[cache[:, None], idx.clamp_min(0).long()]
