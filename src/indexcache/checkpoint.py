@@ -30,8 +30,8 @@ from .pattern import Pattern, PatternError, format_ranges
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-_INDEXER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.indexer\.")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+INDEXER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.indexer\.")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
 DEFAULT_SHARD_BYTES = 4 << 30
 
@@ -111,7 +111,7 @@ class TensorSource:
 
 def checkpoint_indexer_layers(names: list[str], num_layers: int) -> list[int]:
     """Layers (below ``num_layers``) for which the checkpoint ships indexer weights."""
-    found = {int(m.group(1)) for n in names if (m := _INDEXER_RE.match(n))}
+    found = {int(m.group(1)) for n in names if (m := INDEXER_RE.match(n))}
     return sorted(i for i in found if i < num_layers)
 
 
@@ -168,12 +168,12 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
     for name in names:
         if name.endswith("_scale_inv") or _IGNORED.search(name):
             continue
-        m = _LAYER_RE.match(name)
+        m = LAYER_RE.match(name)
         if m and int(m.group(1)) >= n:
             mtp.add(int(m.group(1)))
             continue
         if name not in params:
-            mi = _INDEXER_RE.match(name)
+            mi = INDEXER_RE.match(name)
             if mi and not pat.is_full(int(mi.group(1))):
                 dropped.add(int(mi.group(1)))
                 continue
@@ -223,7 +223,7 @@ def _state_for_saving(
     for name, t in checkpoint_tensors(model.state_dict().items()):
         if tied and name == "lm_head.weight":
             continue
-        mi = _INDEXER_RE.match(name)
+        mi = INDEXER_RE.match(name)
         if mi and drop_shared_indexers and not pattern.is_full(int(mi.group(1))):
             continue
         keep_fp32 = name.endswith("e_score_correction_bias") or name.endswith("weights_proj.weight")

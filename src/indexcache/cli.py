@@ -481,7 +481,11 @@ CLI_ONLY = {
 COMMON_DESTS = {"cmd", "func", "argv"}
 
 
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+def _add_calibration_args(p: argparse.ArgumentParser, out: str) -> None:
+    """MODEL, the output directory and the calibration windows: what search and overlap share."""
+    p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    _add_overwrite(p)
     p.add_argument("--data", help="text file, directory of .txt(.xz), .jsonl, or token-id .npy "
                    "(default: the built-in synthetic corpus, tokenized with the model's tokenizer)")
     p.add_argument("--num-samples", type=positive_int, default=4,
@@ -733,10 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_loss)
 
     p = sub.add_parser("search", help="greedy IndexCache layer search (training-free) with baselines")
-    p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
-    p.add_argument("--out", default="runs/search", help="output directory (default runs/search)")
-    _add_overwrite(p)
-    _add_calibration_args(p)
+    _add_calibration_args(p, "runs/search")
     p.add_argument("--keep", type=fraction, help="fraction of indexers to keep, in (0, 1] (default 0.25)")
     p.add_argument("--num-full", type=positive_int, help="number of Full layers to keep")
     p.add_argument("--to-end", action="store_true", help="continue the trajectory to the end (still selects --keep)")
@@ -758,10 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("overlap", help="cross-layer top-k overlap of the all-Full model (csv + heatmap)")
-    p.add_argument("model", nargs="?", help="model directory (default: the bundled models/dsa-mini)")
-    p.add_argument("--out", default="runs/overlap", help="output directory (default runs/overlap)")
-    _add_overwrite(p)
-    _add_calibration_args(p)
+    _add_calibration_args(p, "runs/overlap")
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
     p.set_defaults(func=cmd_overlap)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .checkpoint import _LAYER_RE as _LAYER
+from .checkpoint import LAYER_RE
 from .config import DSAConfig
 from .pattern import Pattern
 
@@ -21,7 +21,7 @@ def count_parameters(cfg: DSAConfig, shapes: dict[str, list[int]], pattern: Patt
     out = {"embedding": 0, "lm_head": 0, "attention": 0, "indexer": 0, "dense_mlp": 0, "router": 0,
            "routed_experts": 0, "shared_experts": 0, "norms": 0}
     for name, shape in shapes.items():
-        m = _LAYER.match(name)
+        m = LAYER_RE.match(name)
         if name.endswith("_scale_inv") or (m and int(m.group(1)) >= cfg.num_hidden_layers):
             continue
         n = math.prod(shape)

@@ -122,7 +122,7 @@ def _decode_share(eng, B: int, step_ms: float) -> dict:
     pos = eng.lengths[:B].long()
     lengths = eng.lengths[:B] + 1
     rows = torch.arange(B, device="cuda")
-    ctx = eng._ctx(pos)
+    ctx = eng.context(pos)
 
     def indexer_only():
         for i in eng.pattern.full_layers:

@@ -106,7 +106,8 @@ class Engine:
         self.lengths.zero_()
         self._graphs.clear()
 
-    def _ctx(self, positions: torch.Tensor) -> Context:
+    def context(self, positions: torch.Tensor) -> Context:
+        """The forward context of new tokens at ``positions`` (RoPE rows of the engine's table)."""
         return Context(rope=self.rope_table.at(positions), positions=positions, slots=positions,
                        scoring=self.model.scoring)
 
@@ -184,7 +185,7 @@ class Engine:
                                        attn.kv_lora)[0]
 
         h = self.model.model.embed_tokens(ids)[None]  # [1, C, hidden]
-        ctx, idx = self._ctx(positions), None
+        ctx, idx = self.context(positions), None
         for i in range(self.cfg.num_hidden_layers):
             h, idx = self._layer(i, h, ctx, idx, write, select, attend, graph_safe=False)
         return h[0]
@@ -207,7 +208,7 @@ class Engine:
             return self.ops.sparse_mla(q, self.latent[i][:B], idx, attn.softmax_scale, attn.kv_lora)[0]
 
         h = self.model.model.embed_tokens(tokens)[None]  # [1, B, hidden]: the B new tokens side by side
-        ctx, idx = self._ctx(pos), None
+        ctx, idx = self.context(pos), None
         for i in range(self.cfg.num_hidden_layers):
             h, idx = self._layer(i, h, ctx, idx, write, select, attend, graph_safe=True)
         self.lengths[:B] += 1

@@ -160,7 +160,7 @@ def _block_q(qpb: int, heads: int, elem: int, dim: int, block_q: int | None) -> 
     return bq
 
 
-def indexer_logits(
+def indexer_logits(  # the signature twin of reference.indexer_logits (one API, two implementations)
     q: torch.Tensor,
     k: torch.Tensor,
     w: torch.Tensor,

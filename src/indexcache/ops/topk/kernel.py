@@ -50,10 +50,32 @@ if HAVE_TRITON:
         return tl.maximum(tl.load(KS + r), 0), tl.minimum(tl.load(KE + r), N)
 
     @triton.jit
+    def _row(X, OUT, KS, KE, r, N, sx_r, so_r):
+        """Row r's logits and output pointers and its key window."""
+        ks, ke = _window(KS, KE, r, N)
+        return X + r.to(tl.int64) * sx_r, OUT + r.to(tl.int64) * so_r, ks, ke
+
+    @triton.jit
     def _write_whole_window(Or, ks, length, K, KP: tl.constexpr):
         """A window of at most K keys keeps all of them, then -1."""
         kk = tl.arange(0, KP)
         tl.store(Or + kk, tl.where(kk < length, ks + kk, -1), mask=kk < K)
+
+    @triton.jit
+    def _against_threshold(Xr, t, m, thr):
+        """The keys of tile ``t`` against the threshold key: (above, tied) masks and their int32 flags."""
+        key = _keys(tl.load(Xr + t, mask=m, other=0.0))
+        gt = m & (key > thr)
+        eq = m & (key == thr)
+        return gt, eq, gt.to(tl.int32), eq.to(tl.int32)
+
+    @triton.jit
+    def _write_selected(Or, t, gt, eq, gi, ei, base_gt, base_eq, first_tie, need):
+        """Every key above the threshold from slot ``base_gt`` on, and the first ties (``need`` of them in
+        all) from ``first_tie + base_eq`` on, each in tile order."""
+        tl.store(Or + base_gt + tl.cumsum(gi, axis=0) - 1, t, mask=gt)
+        rank = base_eq + tl.cumsum(ei, axis=0) - 1
+        tl.store(Or + first_tie + rank, t, mask=eq & (rank < need))
 
     @triton.jit
     def _digit_pick(hist, need, NB: tl.constexpr):
@@ -104,23 +126,15 @@ if HAVE_TRITON:
         for t0 in range(ks, ke, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
             m = t < ke
-            key = _keys(tl.load(Xr + t, mask=m, other=0.0))
-            gt = m & (key > thr)
-            eq = m & (key == thr)
-            gi = gt.to(tl.int32)
-            ei = eq.to(tl.int32)
-            tl.store(Or + n_gt + tl.cumsum(gi, axis=0) - 1, t, mask=gt)
-            rank = n_eq + tl.cumsum(ei, axis=0) - 1
-            tl.store(Or + first_tie + rank, t, mask=eq & (rank < need))
+            gt, eq, gi, ei = _against_threshold(Xr, t, m, thr)
+            _write_selected(Or, t, gt, eq, gi, ei, n_gt, n_eq, first_tie, need)
             n_gt += tl.sum(gi, axis=0)
             n_eq += tl.sum(ei, axis=0)
 
     @triton.jit
     def _topk_rows_kernel(X, KS, KE, OUT, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr):
         r = tl.program_id(0)
-        Xr = X + r.to(tl.int64) * sx_r
-        Or = OUT + r.to(tl.int64) * so_r
-        ks, ke = _window(KS, KE, r, N)
+        Xr, Or, ks, ke = _row(X, OUT, KS, KE, r, N, sx_r, so_r)
         if ke - ks <= K:
             _write_whole_window(Or, ks, ke - ks, K, KP)
         else:
@@ -136,10 +150,8 @@ if HAVE_TRITON:
     def _topk_bucket_kernel(X, KS, KE, OUT, CAND, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
                             CAP: tl.constexpr):
         r = tl.program_id(0)
-        Xr = X + r.to(tl.int64) * sx_r
-        Or = OUT + r.to(tl.int64) * so_r
+        Xr, Or, ks, ke = _row(X, OUT, KS, KE, r, N, sx_r, so_r)
         Cr = CAND + r.to(tl.int64) * CAP
-        ks, ke = _window(KS, KE, r, N)
         if ke - ks <= K:
             _write_whole_window(Or, ks, ke - ks, K, KP)
         else:
@@ -249,18 +261,11 @@ if HAVE_TRITON:
             for t0 in range(s0, s1, BLOCK):
                 t = t0 + tl.arange(0, BLOCK)
                 m = t < s1
-                key = _keys(tl.load(Xr + t, mask=m, other=0.0))
-                gt = m & (key > thr)
-                eq = m & (key == thr)
-                gi = gt.to(tl.int32)
-                ei = eq.to(tl.int32)
-                ngt = tl.sum(gi, axis=0)
-                neq = tl.sum(ei, axis=0)
-                base_gt = tl.atomic_add(CNT + r * 2, ngt, sem="relaxed")
-                tl.store(Or + base_gt + tl.cumsum(gi, axis=0) - 1, t, mask=gt)
-                base_eq = tl.atomic_add(CNT + r * 2 + 1, neq, sem="relaxed")
-                rank = base_eq + tl.cumsum(ei, axis=0) - 1
-                tl.store(Or + first_tie + rank, t, mask=eq & (rank < need))
+                gt, eq, gi, ei = _against_threshold(Xr, t, m, thr)
+                # output slots reserved with atomic counters: arrival order, not index order
+                base_gt = tl.atomic_add(CNT + r * 2, tl.sum(gi, axis=0), sem="relaxed")
+                base_eq = tl.atomic_add(CNT + r * 2 + 1, tl.sum(ei, axis=0), sem="relaxed")
+                _write_selected(Or, t, gt, eq, gi, ei, base_gt, base_eq, first_tie, need)
 
 
 def _prepare(logits: torch.Tensor, k: int, ks: torch.Tensor | None, ke: torch.Tensor | None):
