@@ -36,8 +36,9 @@ class LayerState:
 
 @runtime_checkable
 class LayerRunner(Protocol):
-    num_layers: int
-    indexer_layers: list[int]  # layers that own a trained indexer: a pattern may make only these Full
+    num_layers: int  # decoder layers
+    slots: list[int]  # the decoder layer of each pattern position (the layers that own an indexer)
+    indexer_layers: list[int]  # pattern positions with a trained indexer: a pattern may make only these Full
 
     @property
     def device(self) -> torch.device: ...
@@ -55,6 +56,9 @@ class LayerRunner(Protocol):
     def nll(self, state: LayerState, ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token cross-entropy of the final state, and the number of predicted tokens."""
 
+    def logits(self, state: LayerState) -> torch.Tensor:
+        """The logits [B, S, V] of the final state."""
+
 
 class NativeRunner:
     """:class:`LayerRunner` over this package's model, on its ops backend (``model.set_backend``)."""
@@ -63,6 +67,7 @@ class NativeRunner:
         self.model = model
         self.config = model.config
         self.num_layers = model.config.num_hidden_layers
+        self.slots = list(range(self.num_layers))
         self.indexer_layers = model.indexer_layers
         self._contexts: dict[int, Context] = {}
 
@@ -100,6 +105,10 @@ class NativeRunner:
     @torch.no_grad()
     def nll(self, state: LayerState, ids: torch.Tensor) -> tuple[float, int]:
         return next_token_nll(self.model.head(state.hidden), ids.to(self.device))
+
+    @torch.no_grad()
+    def logits(self, state: LayerState) -> torch.Tensor:
+        return self.model.head(state.hidden)
 
     @torch.no_grad()
     def attention_outputs(self, state: LayerState, layer: int,

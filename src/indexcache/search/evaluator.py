@@ -48,11 +48,13 @@ class LossEvaluator:
             raise DataError("all calibration batches must have the same sequence length")
         self.runner: LayerRunner = as_runner(runner)
         self.n_layers = self.runner.num_layers
+        # decoder layers [0, j) cover the pattern positions whose layer is below j
+        self._covered = [sum(1 for layer in self.runner.slots if layer < j) for j in range(self.n_layers + 1)]
         self.batches = [b.to(self.runner.device) for b in batches]
         self.reuse = reuse
         self.cache_bytes = cache_bytes
         self.counters = Counters()
-        self._cache: OrderedDict[str, State] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str], State] = OrderedDict()  # (layers run, pattern prefix)
         self._cache_size = 0
         self._embedded: State | None = None
         self.on_layer: Callable[[int], None] | None = None  # called after every layer-forward (progress)
@@ -63,7 +65,7 @@ class LossEvaluator:
         # carried selections are often shared with neighbouring states; counting them every time errs on the safe side
         return sum(s.nbytes() for s in state)
 
-    def _store(self, key: str, state: State) -> None:
+    def _store(self, key: tuple[int, str], state: State) -> None:
         if not self.reuse or key in self._cache:
             return
         size = self._nbytes(state)
@@ -75,20 +77,26 @@ class LossEvaluator:
         self._cache[key] = state
         self._cache_size += size
 
-    def _lookup(self, key: str) -> tuple[int, State]:
+    def _key(self, pattern: str, j: int) -> tuple[int, str]:
+        """The cache key of the state entering decoder layer ``j``: it depends on the pattern of the layers
+        below j only."""
+        return j, pattern[: self._covered[j]]
+
+    def _lookup(self, pattern: str) -> tuple[int, State]:
         if self.reuse:
             for j in range(self.n_layers, 0, -1):
-                state = self._cache.get(key[:j])
+                key = self._key(pattern, j)
+                state = self._cache.get(key)
                 if state is not None:
-                    self._cache.move_to_end(key[:j])
+                    self._cache.move_to_end(key)
                     return j, state
         if self._embedded is None:  # the embeddings, kept: every evaluation from layer 0 starts here
             self._embedded = [self.runner.start(b) for b in self.batches]
         return 0, self._embedded
 
     def prune(self, keep: Callable[[str], bool]) -> None:
-        """Drop cached prefixes for which ``keep(key)`` is false (e.g. no longer reachable)."""
-        for key in [k for k in self._cache if not keep(k)]:
+        """Drop cached states whose pattern prefix ``keep(prefix)`` rejects (e.g. no longer reachable)."""
+        for key in [k for k in self._cache if not keep(k[1])]:
             self._cache_size -= self._nbytes(self._cache.pop(key))
 
     # ---------------------------------------------------------------------------- evaluate
@@ -96,14 +104,14 @@ class LossEvaluator:
     def loss(self, pattern: Pattern) -> float:
         """Mean next-token cross-entropy (nats) over all calibration tokens."""
         self.runner.validate(pattern)
-        key = str(pattern)  # cache keys are prefixes of the per-layer string
+        key = str(pattern)
         start, state = self._lookup(key)
         for i in range(start, self.n_layers):
             state = [self.runner.run(s, pattern, i, i + 1)[0] for s in state]
             if self.on_layer is not None:
                 self.on_layer(len(state))
             if i + 1 < self.n_layers:
-                self._store(key[: i + 1], state)
+                self._store(self._key(key, i + 1), state)
         total, count = 0.0, 0
         for s, ids in zip(state, self.batches, strict=True):
             nll, n = self.runner.nll(s, ids)

@@ -1,15 +1,25 @@
-"""Patterns inside transformers' own DSA models, without editing transformers.
+"""Patterns inside transformers' own DSA-family models, without editing transformers.
 
-:func:`apply_pattern` makes a loaded model run a Full/Shared layer pattern. GLM-MoE-DSA shares top-k
-indices natively: a Shared layer's attention has ``indexer=None`` and attends with the indices handed up
-from the layer below, and ``config.indexer_types`` records the pattern. transformers' DeepSeek-V3.2 has no
-sharing, so there each Shared layer gets a weightless stand-in indexer (:class:`SharedIndexer`) that
-returns the indices the nearest preceding Full layer's indexer produced in the same forward.
-:func:`remove_pattern` undoes it; applying a pattern again is harmless.
+:func:`apply_pattern` makes a loaded model run a Full/Shared pattern, one character per layer that owns an
+indexer (:mod:`indexcache.architectures`: every layer of DeepSeek-V3.2 and GLM-5, the CSA layers of
+DeepSeek-V4, the indexed layers of GLM-5.3, the sparse layers of MiniMax-M3).
+
+- GLM-MoE-DSA shares natively: a Shared layer's attention has ``indexer=None`` and attends with the indices
+  handed up from the layer below, and ``config.indexer_types`` records the pattern.
+- Every other architecture gets a weightless stand-in indexer on each Shared layer (:class:`SharedIndexer`):
+  it returns what the nearest preceding Full layer's indexer returned in the same forward, in that
+  architecture's unit (tokens, compressed entries, pools expanded to tokens, per-head key blocks). The
+  Full indexers record their output through a forward hook; a hook on the base model clears it around
+  every forward, so no forward reads indices of another. (GLM-5.3's own ``indexer_types`` sharing is not
+  used: it loses the indices across a linear-attention layer.)
+
+:func:`remove_pattern` undoes it; applying a pattern again is harmless. A pattern stays fixed for the life
+of a generation cache: a Shared layer never fills its indexer's cache state.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,23 +29,26 @@ from torch import nn
 from ...errors import HFModelError, PatternError
 from ...pattern import Pattern, format_ranges
 
+# transformers class name (or any base class of the model) -> architecture
 SUPPORTED_CLASSES: dict[str, str] = {
     "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GlmMoeDsaModel": "glm_moe_dsa",
     "DeepseekV32ForCausalLM": "deepseek_v32",
     "DeepseekV32Model": "deepseek_v32",
+    "DeepseekV4ForCausalLM": "deepseek_v4",
+    "DeepseekV4Model": "deepseek_v4",
+    "Glm5NextForConditionalGeneration": "glm5_next",
+    "MiniMaxM3VLForCausalLM": "minimax_m3",
 }
-# The indexer's RoPE, looked up in the indexer class's own modeling module so that q and k are computed
-# by transformers' code: GLM rotates interleaved pairs, DeepSeek-V3.2 the two halves.
-_ROPE_FUNCTION = {"glm_moe_dsa": "apply_rotary_pos_emb_interleave", "deepseek_v32": "apply_rotary_pos_emb"}
+# the layer type that owns an indexer, by architecture (the others: every layer)
+_INDEXED_TYPE = {"deepseek_v4": "compressed_sparse_attention", "glm5_next": "indexed_attention",
+                 "minimax_m3": "minimax_m3_sparse"}
 STATE_ATTR = "_indexcache_pattern_state"
-_SCORING_ATTR = "_indexcache_scoring"
-SCORING_MODES = ("exact", "fp8")
 
 
 # ------------------------------------------------------------------------------------------ lookup
 def model_arch(hf_model: nn.Module) -> str:
-    """``"glm_moe_dsa"`` or ``"deepseek_v32"``; :class:`HFModelError` for any other model class."""
+    """The architecture key of a transformers model; :class:`HFModelError` for any other class."""
     for cls in type(hf_model).__mro__:
         arch = SUPPORTED_CLASSES.get(cls.__name__)
         if arch is not None:
@@ -45,12 +58,39 @@ def model_arch(hf_model: nn.Module) -> str:
     )
 
 
-def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a ``...ForCausalLM`` or of its base ``...Model`` (MTP layers excluded)."""
-    model_arch(hf_model)
+def text_model(hf_model: nn.Module) -> nn.Module:
+    """The module that holds the decoder layers (and the final norm)."""
+    arch = model_arch(hf_model)
     base = getattr(hf_model, "model", hf_model)
-    n = hf_model.config.num_hidden_layers
-    return base.layers[:n]
+    if arch == "glm5_next":
+        return getattr(base, "language_model", base)
+    return base
+
+
+def text_config(hf_model: nn.Module):
+    cfg = hf_model.config
+    return cfg.text_config if model_arch(hf_model) == "glm5_next" and hasattr(cfg, "text_config") else cfg
+
+
+def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    """The decoder layers (MTP layers excluded)."""
+    return text_model(hf_model).layers[: text_config(hf_model).num_hidden_layers]
+
+
+def slot_layers(hf_model: nn.Module) -> list[int]:
+    """The decoder layer of each pattern position: the layers that own an indexer."""
+    arch = model_arch(hf_model)
+    cfg = text_config(hf_model)
+    n = cfg.num_hidden_layers
+    if arch not in _INDEXED_TYPE:
+        return list(range(n))
+    return [i for i in range(n) if cfg.layer_types[i] == _INDEXED_TYPE[arch]]
+
+
+def holder(hf_model: nn.Module, layer: int) -> nn.Module:
+    """The module whose ``indexer`` attribute a pattern swaps (DeepSeek-V4: the CSA compressor)."""
+    attn = decoder_layers(hf_model)[layer].self_attn
+    return attn.compressor if model_arch(hf_model) == "deepseek_v4" else attn
 
 
 def is_indexer(module: nn.Module | None) -> bool:
@@ -59,7 +99,7 @@ def is_indexer(module: nn.Module | None) -> bool:
 
 # --------------------------------------------------------------------------------------- patterns
 class _IndexSlot:
-    """The top-k indices of the last Full layer run in the current forward (DeepSeek-V3.2 sharing)."""
+    """The selection of the last Full layer run in the current forward."""
 
     __slots__ = ("indices",)
 
@@ -68,31 +108,54 @@ class _IndexSlot:
 
 
 class SharedIndexer(nn.Module):
-    """A DeepSeek-V3.2 Shared layer's indexer: no weights; it returns the indices of the nearest preceding
-    Full layer of the same forward, so the attention around it runs unchanged."""
+    """A Shared layer's indexer: no weights; it returns the selection of the nearest preceding Full layer of
+    the same forward, so the attention around it runs unchanged."""
 
     def __init__(self, slot: _IndexSlot, layer_idx: int):
         super().__init__()
         self._slot = slot
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
         indices = self._slot.indices
         if indices is None:
             raise PatternError(f"layer {self.layer_idx} is Shared but no Full layer ran before it in this forward")
-        return indices.to(hidden_states.device)  # the Full layer may sit on another device (device_map)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        return indices.to(hidden.device) if hidden is not None else indices  # device_map: another device
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, reuses the previous Full layer's top-k"
+        return f"layer_idx={self.layer_idx}, reuses the previous Full layer's selection"
+
+
+class SharedBlockIndexer(SharedIndexer):
+    """MiniMax-M3's Shared indexer: the attention also calls its ``build_block_mask`` (the real indexer
+    class's, bound to this module), and its cache layer gets an empty indexer-key history, which the
+    cache's ``crop`` (prompt-lookup and assisted decoding) expects to find."""
+
+    def __init__(self, slot: _IndexSlot, layer_idx: int, config, indexer_cls: type):
+        super().__init__(slot, layer_idx)
+        self.config = config
+        self.block_size = config.index_block_size
+        self.head_dim = config.index_head_dim
+        self.build_block_mask = types.MethodType(indexer_cls.build_block_mask, self)
+
+    def forward(self, hidden_states, position_embeddings=None, past_key_values=None, position_ids=None):
+        if past_key_values is not None and hasattr(past_key_values, "layers"):
+            layer = past_key_values.layers[self.layer_idx]
+            if getattr(layer, "idx_keys", False) is None:
+                layer.idx_keys = hidden_states.new_zeros(hidden_states.shape[0], 1, 0, self.head_dim)
+        return super().forward(hidden_states)
 
 
 @dataclass
 class PatternState:
-    """Bookkeeping kept on a patched model (a plain attribute: never part of its state dict)."""
+    """Bookkeeping kept on a patched model (a plain attribute: never part of its state dict). Keys are
+    pattern positions."""
 
     arch: str
-    indexers: dict[int, nn.Module]  # trained indexers still held, by layer (attached or set aside)
-    had_indexer: list[bool]  # which layers had an indexer before the first patch
+    slots: list[int]  # the decoder layer of each position
+    indexers: dict[int, nn.Module]  # trained indexers still held (attached or set aside)
+    had_indexer: list[bool]  # which positions had an indexer before the first patch
     config_before: dict  # config values replaced by the pattern (missing keys: absent)
     slot: _IndexSlot = field(default_factory=_IndexSlot)
     record_hooks: dict[int, object] = field(default_factory=dict)
@@ -109,13 +172,14 @@ def pattern_state(hf_model: nn.Module) -> PatternState:
     if st is not None:
         return st
     arch = model_arch(hf_model)
-    layers = decoder_layers(hf_model)
-    indexers = {i: layer.self_attn.indexer for i, layer in enumerate(layers) if is_indexer(layer.self_attn.indexer)}
+    slots = slot_layers(hf_model)
+    indexers = {p: holder(hf_model, layer).indexer for p, layer in enumerate(slots)
+                if is_indexer(holder(hf_model, layer).indexer)}
     st = PatternState(
-        arch=arch, indexers=indexers, had_indexer=[i in indexers for i in range(len(layers))],
+        arch=arch, slots=slots, indexers=indexers, had_indexer=[p in indexers for p in range(len(slots))],
         config_before={k: getattr(hf_model.config, k, _MISSING) for k in _CONFIG_KEYS},
     )
-    if arch == "deepseek_v32":
+    if arch != "glm_moe_dsa":
         # No forward may ever read indices left over from an earlier one (or keep them alive after it).
         base = getattr(hf_model, "model", hf_model)
         st.model_hooks = [base.register_forward_pre_hook(lambda *_: _clear(st.slot)),
@@ -129,11 +193,11 @@ def _clear(slot: _IndexSlot) -> None:
 
 
 def indexer_layers(hf_model: nn.Module) -> list[int]:
-    """Layers for which the model holds a trained indexer (attached, or set aside by a pattern)."""
+    """Pattern positions for which the model holds a trained indexer (attached, or set aside by a pattern)."""
     st = hf_model.__dict__.get(STATE_ATTR)
     if st is not None:
         return sorted(st.indexers)
-    return [i for i, layer in enumerate(decoder_layers(hf_model)) if is_indexer(layer.self_attn.indexer)]
+    return [p for p, layer in enumerate(slot_layers(hf_model)) if is_indexer(holder(hf_model, layer).indexer)]
 
 
 def current_pattern(hf_model: nn.Module) -> Pattern:
@@ -141,8 +205,8 @@ def current_pattern(hf_model: nn.Module) -> Pattern:
     st = hf_model.__dict__.get(STATE_ATTR)
     if st is not None and st.pattern is not None:
         return st.pattern
-    layers = decoder_layers(hf_model)
-    return Pattern("".join("F" if is_indexer(layer.self_attn.indexer) else "S" for layer in layers))
+    return Pattern("".join("F" if is_indexer(holder(hf_model, layer).indexer) else "S"
+                           for layer in slot_layers(hf_model)))
 
 
 def device_of(module: nn.Module) -> torch.device | None:
@@ -152,60 +216,80 @@ def device_of(module: nn.Module) -> torch.device | None:
     return None
 
 
+def _stand_in(hf_model: nn.Module, st: PatternState, layer: int) -> SharedIndexer:
+    if st.arch == "minimax_m3":
+        import sys
+
+        real_cls = sys.modules[type(decoder_layers(hf_model)[layer].self_attn).__module__].MiniMaxM3VLIndexer
+        return SharedBlockIndexer(st.slot, layer, text_config(hf_model), real_cls)
+    return SharedIndexer(st.slot, layer)
+
+
 def apply_pattern(
     hf_model: nn.Module, pattern: Pattern | str | Sequence[str], drop_shared_indexers: bool = True
 ) -> Pattern:
-    """Make a loaded transformers DSA model run ``pattern`` (``"FSSF..."``, a Pattern, or ``indexer_types``).
+    """Make a loaded transformers DSA model run ``pattern`` (one character per layer that owns an indexer).
 
-    Full layers run their own indexer; Shared layers reuse the nearest preceding Full layer's top-k.
-    ``config.indexer_types`` and ``config.index_topk_pattern`` are set, so ``save_pretrained`` writes the
-    pattern. With ``drop_shared_indexers`` the Shared layers' indexers are released (their weights are
-    gone, as in a GLM-5.2-style checkpoint); without it they are set aside, so a later pattern can make
-    those layers Full again and :func:`remove_pattern` can restore the model. A Full layer must have a
-    trained indexer: a checkpoint that ships indexers only on some layers limits the patterns it can run.
+    Full layers run their own indexer; Shared layers reuse the nearest preceding Full layer's selection.
+    ``config.index_topk_pattern`` is set (and ``config.indexer_types`` on GLM-MoE-DSA), so
+    ``save_pretrained`` writes the pattern. With ``drop_shared_indexers`` the Shared layers' indexers are
+    released (their weights are gone, as in a GLM-5.2-style checkpoint); without it they are set aside, so a
+    later pattern can make those layers Full again and :func:`remove_pattern` can restore the model. A Full
+    layer must have a trained indexer: a checkpoint that ships indexers only on some layers limits the
+    patterns it can run.
     """
     st = pattern_state(hf_model)
-    layers = decoder_layers(hf_model)
     p = Pattern.parse(pattern)
-    p.validate(num_layers=len(layers))
+    if len(p) != len(st.slots):
+        raise PatternError(f"wrong length: pattern has {len(p)} characters but the model has {len(st.slots)} layers "
+                           f"with an indexer (decoder layers {format_ranges(st.slots)})")
     missing = [i for i in p.full_layers if i not in st.indexers]
     if missing:
         have = sorted(st.indexers)
         raise PatternError(
-            f"layers {format_ranges(missing)} are Full but the model holds no indexer for them (it has indexers on "
-            f"layers {format_ranges(have) if have else 'none'}; indexers dropped by drop_shared_indexers=True are gone)"
+            f"{_where(st, missing)} are Full but the model holds no indexer for them (it has indexers on "
+            f"{_where(st, have) if have else 'no layer'}; indexers dropped by drop_shared_indexers=True are gone)"
         )
-    for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        if p.is_full(i):
-            ind = st.indexers[i]
-            if attn.indexer is not ind:
-                dev = device_of(attn)
+    for pos, layer in enumerate(st.slots):
+        h = holder(hf_model, layer)
+        if p.is_full(pos):
+            ind = st.indexers[pos]
+            if h.indexer is not ind:
+                dev = device_of(h)
                 if dev is not None and device_of(ind) not in (None, dev):
                     ind.to(dev)  # an indexer set aside stays where its layer was; the layer may have moved
-                attn.indexer = ind
-            if st.arch == "deepseek_v32" and i not in st.record_hooks:
-                st.record_hooks[i] = ind.register_forward_hook(_recorder(st.slot))
+                h.indexer = ind
+            if st.arch != "glm_moe_dsa" and pos not in st.record_hooks:
+                st.record_hooks[pos] = ind.register_forward_hook(_recorder(st.slot))
         else:
             if st.arch == "glm_moe_dsa":
-                attn.indexer = None  # transformers' GLM attention then takes the indices handed up to it
-            elif not isinstance(attn.indexer, SharedIndexer):
-                attn.indexer = SharedIndexer(st.slot, i)
-            if drop_shared_indexers and i in st.indexers:
-                del st.indexers[i]
-                hook = st.record_hooks.pop(i, None)
+                h.indexer = None  # transformers' GLM attention then takes the indices handed up to it
+            elif not isinstance(h.indexer, SharedIndexer):
+                h.indexer = _stand_in(hf_model, st, layer)
+            if drop_shared_indexers and pos in st.indexers:
+                del st.indexers[pos]
+                hook = st.record_hooks.pop(pos, None)
                 if hook is not None:
                     hook.remove()
-        if hasattr(attn, "skip_topk"):
-            attn.skip_topk = not p.is_full(i)
-    hf_model.config.indexer_types = p.indexer_types
+        if st.arch == "glm_moe_dsa" and hasattr(h, "skip_topk"):
+            h.skip_topk = not p.is_full(pos)
+    if st.arch in ("glm_moe_dsa", "deepseek_v32"):  # transformers' per-layer key for these two
+        hf_model.config.indexer_types = p.indexer_types
     hf_model.config.index_topk_pattern = str(p)
     st.pattern = p
     return p
 
 
+def _where(st: PatternState, positions: Sequence[int]) -> str:
+    """Pattern positions in words: ``layers 1,3`` when every layer owns an indexer, else both numberings."""
+    if st.slots == list(range(len(st.slots))):
+        return f"layers {format_ranges(positions)}"
+    layers = format_ranges([st.slots[p] for p in positions])
+    return f"indexer layers {format_ranges(positions)} (decoder layers {layers})"
+
+
 def _recorder(slot: _IndexSlot):
-    def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+    def hook(module: nn.Module, args, output: torch.Tensor) -> None:  # returns None: the output stays as it is
         slot.indices = output
 
     return hook
@@ -220,16 +304,19 @@ def remove_pattern(hf_model: nn.Module) -> None:
     st = hf_model.__dict__.get(STATE_ATTR)
     if st is None:
         return
-    layers = decoder_layers(hf_model)
     lost = [i for i, had in enumerate(st.had_indexer) if had and i not in st.indexers]
     if lost:
-        raise HFModelError(f"cannot restore layers {format_ranges(lost)}: their indexers were dropped by "
+        raise HFModelError(f"cannot restore {_where(st, lost)}: their indexers were dropped by "
                            "apply_pattern(..., drop_shared_indexers=True); reload the model instead")
-    for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        attn.indexer = st.indexers[i] if st.had_indexer[i] else None
-        if hasattr(attn, "skip_topk"):
-            attn.skip_topk = attn.indexer is None
+    for pos, layer in enumerate(st.slots):
+        h = holder(hf_model, layer)
+        if st.had_indexer[pos]:
+            h.indexer = st.indexers[pos]
+        elif st.arch == "glm_moe_dsa":
+            h.indexer = None
+        # elsewhere a position that never had a trained indexer keeps its stand-in (the attention calls one)
+        if st.arch == "glm_moe_dsa" and hasattr(h, "skip_topk"):
+            h.skip_topk = h.indexer is None
     for hook in [*st.record_hooks.values(), *st.model_hooks]:
         hook.remove()
     for key, value in st.config_before.items():
@@ -241,3 +328,36 @@ def remove_pattern(hf_model: nn.Module) -> None:
     del hf_model.__dict__[STATE_ATTR]
 
 
+def drop_indexers(hf_model: nn.Module, positions: Sequence[int]) -> None:
+    """Forget the indexers at ``positions`` (a checkpoint that ships none there: transformers built them with
+    random weights, which must never run)."""
+    st = pattern_state(hf_model)
+    for pos in positions:
+        if pos in st.indexers:
+            del st.indexers[pos]
+            st.had_indexer[pos] = False
+            hook = st.record_hooks.pop(pos, None)
+            if hook is not None:
+                hook.remove()
+
+
+__all__ = [
+    "SUPPORTED_CLASSES",
+    "PatternState",
+    "SharedBlockIndexer",
+    "SharedIndexer",
+    "apply_pattern",
+    "current_pattern",
+    "decoder_layers",
+    "device_of",
+    "drop_indexers",
+    "holder",
+    "indexer_layers",
+    "is_indexer",
+    "model_arch",
+    "pattern_state",
+    "remove_pattern",
+    "slot_layers",
+    "text_config",
+    "text_model",
+]

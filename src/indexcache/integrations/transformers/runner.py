@@ -34,6 +34,9 @@ from .patterns import (
     indexer_layers,
     model_arch,
     pattern_state,
+    slot_layers,
+    text_config,
+    text_model,
 )
 
 
@@ -43,10 +46,11 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def capture_layer_inputs(hf_model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(hidden states entering layer 0, the keyword arguments the model passes to every decoder layer).
+    """(the residual stream entering layer 0, the keyword arguments the model passes to every decoder layer).
 
-    The model's own forward builds them (embedding, RoPE tables, causal mask) and is stopped at layer 0,
-    so :func:`forward_layers` then runs the layers exactly as the model would.
+    The model's own forward builds them (embedding, RoPE tables, masks; DeepSeek-V4 and GLM-5.3 also widen
+    the stream to their hyper-connections) and is stopped at layer 0, so :func:`forward_layers` then runs
+    the layers exactly as the model would.
     """
     layers = decoder_layers(hf_model)
     base = getattr(hf_model, "model", hf_model)
@@ -77,22 +81,39 @@ def forward_layers(
     end: int | None = None,
     indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run decoder layers ``start .. end-1`` with the current pattern; ``indices`` are the top-k carried
-    in from before ``start`` (needed when layer ``start`` is Shared). Returns (hidden, carried indices)."""
+    """Run decoder layers ``start .. end-1`` with the current pattern; ``indices`` are the selection carried
+    in from before ``start`` (needed when the first indexer layer run is Shared). Returns (residual stream,
+    carried selection)."""
     st = pattern_state(hf_model)
     layers = decoder_layers(hf_model)
     end = len(layers) if end is None else end
     for i in range(start, end):
-        if st.arch == "glm_moe_dsa":
+        if st.arch == "glm_moe_dsa":  # native sharing: the layer takes and returns the indices
             hidden, indices = layers[i](hidden, prev_topk_indices=indices, **layer_kwargs)
-        else:
-            st.slot.indices = indices
-            try:
-                hidden = layers[i](hidden, **layer_kwargs)
-                indices = st.slot.indices
-            finally:
-                st.slot.indices = None
+            continue
+        st.slot.indices = indices
+        try:
+            extra = {"prev_topk_indices": None} if st.arch == "glm5_next" else {}  # stand-ins share, not the config
+            out = layers[i](hidden, **extra, **layer_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            indices = st.slot.indices
+        finally:
+            st.slot.indices = None
     return hidden, indices
+
+
+def final_hidden(hf_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What the text model does after its last layer: fold the hyper-connection streams (DeepSeek-V4,
+    GLM-5.3), then the final norm."""
+    tm = text_model(hf_model)
+    hc = getattr(tm, "hc_head", None)
+    return tm.norm(hc(hidden) if hc is not None else hidden)
+
+
+@torch.no_grad()
+def head_logits(hf_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of the final residual stream (all positions), as the model's own forward computes them."""
+    return hf_model.lm_head(final_hidden(hf_model, hidden))
 
 
 @torch.no_grad()
@@ -103,17 +124,16 @@ def head_nll(hf_model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
     The final norm and ``lm_head`` run on chunks of positions, so [B, S, vocab] logits (10 GiB at 16K
     tokens with a 155K vocabulary) never exist at once.
     """
-    base = getattr(hf_model, "model", None)
     head = getattr(hf_model, "lm_head", None)
-    if base is None or head is None:
+    if head is None:
         raise HFModelError(f"{type(hf_model).__name__} has no lm_head: load the ...ForCausalLM class")
-    B, S, _ = hidden.shape
-    vocab = head.out_features if isinstance(head, nn.Linear) else hf_model.config.vocab_size
+    B, S = hidden.shape[0], hidden.shape[1]
+    vocab = head.out_features if isinstance(head, nn.Linear) else text_config(hf_model).vocab_size
     step = max(1, budget_bytes // max(B * vocab * 4, 1))
     total = 0.0
     for s0 in range(0, S - 1, step):
         s1 = min(S - 1, s0 + step)
-        logits = head(base.norm(hidden[:, s0:s1]))
+        logits = head(final_hidden(hf_model, hidden[:, s0:s1]))
         target = ids[:, s0 + 1 : s1 + 1].to(logits.device)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                        reduction="sum"))
@@ -126,8 +146,8 @@ def describe_placement(hf_model: nn.Module) -> dict:
         dev = device_of(module)  # "meta": offloaded by accelerate, loaded to the execution device per call
         return str(dev) if dev is not None else "meta"
 
-    base = getattr(hf_model, "model", hf_model)
-    out = {"embed_tokens": where(base.embed_tokens)}
+    tm = text_model(hf_model)
+    out = {"embed_tokens": where(tm.embed_tokens)}
     for i, layer in enumerate(decoder_layers(hf_model)):
         out[f"layers.{i}"] = where(layer)
     if getattr(hf_model, "lm_head", None) is not None:
@@ -135,16 +155,17 @@ def describe_placement(hf_model: nn.Module) -> dict:
     return out
 
 
-
 class TransformersRunner:
-    """:class:`~indexcache.runner.LayerRunner` over a transformers DSA model. A pattern is applied when a
-    run asks for another one; candidates may make Full only the layers that hold a trained indexer."""
+    """:class:`~indexcache.runner.LayerRunner` over a transformers DSA-family model. A pattern (one character
+    per layer that owns an indexer) is applied when a run asks for another one; candidates may make Full
+    only the positions that hold a trained indexer."""
 
     def __init__(self, hf_model: nn.Module, head_budget_bytes: int = DEFAULT_BUDGET_BYTES):
         model_arch(hf_model)
         self.model = hf_model
-        self.config = hf_model.config
+        self.config = text_config(hf_model)
         self.num_layers = len(decoder_layers(hf_model))
+        self.slots = slot_layers(hf_model)
         self.indexer_layers = indexer_layers(hf_model)
         self.head_budget_bytes = head_budget_bytes
         self._applied: Pattern | None = None
@@ -155,7 +176,12 @@ class TransformersRunner:
         return self.model.get_input_embeddings().weight.device
 
     def validate(self, pattern: Pattern) -> Pattern:
-        return pattern.validate(num_layers=self.num_layers, indexer_layers=self.indexer_layers)
+        if len(pattern) != len(self.slots):
+            from ...errors import PatternError
+
+            raise PatternError(f"wrong length: pattern has {len(pattern)} characters but the model has "
+                               f"{len(self.slots)} layers with an indexer")
+        return pattern.validate(indexer_layers=self.indexer_layers)
 
     def start(self, ids: torch.Tensor) -> LayerState:
         h, kw = capture_layer_inputs(self.model, ids.to(self.device))
@@ -172,14 +198,18 @@ class TransformersRunner:
             apply_pattern(self.model, pattern, drop_shared_indexers=False)
             self._applied = pattern
         h, carry, chosen = state.hidden, state.carry, {}
+        owned = set(self.slots)
         for i in range(start, end):
             h, carry = forward_layers(self.model, h, state.extra, i, i + 1, carry)
-            if selections:
+            if selections and i in owned:
                 chosen[i] = carry.long()
         return LayerState(h, carry, state.extra), chosen
 
     def nll(self, state: LayerState, ids: torch.Tensor) -> tuple[float, int]:
         return head_nll(self.model, state.hidden, ids, self.head_budget_bytes)
+
+    def logits(self, state: LayerState) -> torch.Tensor:
+        return head_logits(self.model, state.hidden)
 
 
 def share_equal(kwargs: dict, earlier: list[dict]) -> dict:

@@ -18,7 +18,7 @@ from ...errors import HFModelError
 from ...ops.common import DEFAULT_BUDGET_BYTES
 from ...ops.fp8 import fp8_indexer_operands
 from ...ops.indexer import causal_windows, indexer_topk
-from .patterns import STATE_ATTR, decoder_layers, is_indexer, model_arch
+from .patterns import STATE_ATTR, holder, is_indexer, model_arch, slot_layers
 
 # The indexer's RoPE, looked up in the indexer class's own modeling module so that q and k are computed
 # by transformers' code: GLM rotates interleaved pairs, DeepSeek-V3.2 the two halves.
@@ -33,9 +33,10 @@ def _all_indexers(hf_model: nn.Module) -> list[nn.Module]:
     st = hf_model.__dict__.get(STATE_ATTR)
     if st is not None:
         found.update({id(m): m for m in st.indexers.values()})
-    for layer in decoder_layers(hf_model):
-        if is_indexer(layer.self_attn.indexer):
-            found[id(layer.self_attn.indexer)] = layer.self_attn.indexer
+    for layer in slot_layers(hf_model):
+        ind = holder(hf_model, layer).indexer
+        if is_indexer(ind):
+            found[id(ind)] = ind
     return list(found.values())
 
 
@@ -57,6 +58,8 @@ def patch_indexer_scoring(
     if budget_bytes < 1:
         raise HFModelError(f"budget_bytes must be positive, got {budget_bytes}")
     arch = model_arch(hf_model)
+    if arch not in _ROPE_FUNCTION:
+        return 0  # the newer architectures' indexers score in their own units and memory: nothing to patch
     count = 0
     for module in _all_indexers(hf_model):
         info = module.__dict__.get(_SCORING_ATTR)
