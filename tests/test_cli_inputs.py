@@ -37,13 +37,13 @@ def refused(capsys, *argv) -> str:
 def no_loading(monkeypatch):
     """Fail the test if a command gets as far as loading a model."""
     import indexcache.checkpoint as ck
-    import indexcache.search.run as sr
+    import indexcache.integrations.transformers.runner as hr
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the options were checked")
 
-    for mod in (ck, sr):
-        monkeypatch.setattr(mod, "load_model", boom)
+    monkeypatch.setattr(ck, "load_model", boom)
+    monkeypatch.setattr(hr, "load_pretrained", boom)
 
 
 # --------------------------------------------------------------------------------- nothing lost
@@ -140,8 +140,8 @@ def test_every_command_takes_every_pattern_form(capsys, tiny_dir, tmp_path):
     (["search", "{m}", "--keep", "1.5"], "argument --keep: expected a number in (0, 1]"),
     (["pattern", "FSFS", "--stage-starts", "a,b"], "argument --stage-starts: expected comma-separated layer numbers"),
     (["train", "o", "--stage", "dense", "--data", "d", "--synthetic-mix", "2"], "argument --synthetic-mix"),
-    (["search", "{m}", "--force-full", "9"], "--force-full layer 9 is outside the model's 6 layers (0-5)"),
-    (["search", "{m}", "--num-full", "7"], "--num-full 7 exceeds the model's 6 layers"),
+    (["search", "{m}", "--force-full", "9"], "--force-full layer 9 is outside the model's 6 indexer layers (0-5"),
+    (["search", "{m}", "--num-full", "7"], "--num-full 7 exceeds the model's 6 layers with an indexer"),
     (["search", "{m}", "--baselines", "uniform,magic"], "unknown baseline 'magic'"),
     (["search", "{m}", "--seq-len", "9000"], "--seq-len 9000 exceeds the model's max_position_embeddings 4096"),
     (["eval", "{m}", "--lengths", "5K", "--out", "o.json"],
@@ -238,7 +238,7 @@ def test_eval_skips_a_family_that_does_not_fit_the_length(capsys, tiny_dir, tmp_
 def test_eval_notes_lengths_where_patterns_cannot_matter(capsys, tiny_dir, tmp_path):
     rc, out, _ = run(capsys, "eval", tiny_dir, "--tasks", "none", "--ppl-data", tiny_dir / "tokenizer.json",
                      "--lengths", 8, 64, "--ppl-windows", 1, "--quiet", "--out", tmp_path / "e.json")
-    assert rc == 0 and "note: at 8 tokens (<= index_topk 8) every query keeps all the tokens it sees" in out
+    assert rc == 0 and "note: at 8 tokens (a query keeps 8 tokens) every query keeps all the tokens it sees" in out
 
 
 # ------------------------------------------------------------------------------------- search resume

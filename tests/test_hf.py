@@ -320,7 +320,7 @@ def test_cli_search_backend_hf(capsys, tmp_path):
     assert set(b["backend"]["placement"]["modules"].values()) == {"cpu"}
     assert len(b["backend"]["placement"]["modules"]) == 6 + 2  # embedding, 6 layers, head
     capsys.readouterr()
-    rc = main(["search", *common, "--out", str(tmp_path / "x"), "--device-map", "auto"])
+    rc = main(["search", *common, "--out", str(tmp_path / "x"), "--backend", "native", "--device-map", "auto"])
     err = capsys.readouterr().err
     assert rc == 2 and "--device-map spreads a transformers model: it needs --backend hf" in err
     assert err.count("\n") == 1

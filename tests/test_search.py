@@ -261,7 +261,7 @@ def test_search_and_overlap_commands_write_their_outputs(tmp_path, capsys):
     summary = json.loads((tmp_path / "o" / "overlap.json").read_text())
     assert 0 < summary["mean_shared_to_source_overlap"] <= 1
     rc = main(["search", str(mdir), "--seq-len", "8", "--out", str(tmp_path / "bad")])
-    assert rc == 2 and "is not longer than index_topk 8" in capsys.readouterr().err
+    assert rc == 2 and "a query keeps 8 tokens, so every query would keep all it sees" in capsys.readouterr().err
 
 
 @interpreter

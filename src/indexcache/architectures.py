@@ -110,6 +110,7 @@ class ModelInfo:
     pattern_source: str
     layer_types: list[str] = field(default_factory=list)
     index_heads: int = 1  # selections per query (MiniMax-M3: one per indexer head)
+    pool: int = 1  # GLM-5.3: tokens per scored pool (its selections are tokens, kept pool by pool)
 
     @property
     def arch(self) -> str:
@@ -164,14 +165,33 @@ class ModelInfo:
                                f"or the {self.num_layers}-character per-decoder-layer form with '-' elsewhere")
         return p
 
+    @property
+    def first_restrictive_query(self) -> int:
+        """The first query position that sees more than a selection holds (from there on, patterns differ)."""
+        if self.arch == "glm5_next":  # the tail pool is always kept: restrictive once a whole pool is left out
+            return self.index_topk + self.pool - 1
+        if self.arch == "minimax_m3":  # blocks are counted as soon as they start
+            return self.index_topk * self.tokens_per_unit
+        return (self.index_topk + 1) * self.tokens_per_unit - 1 if self.tokens_per_unit > 1 else self.index_topk
+
+    def describe_selection(self) -> str:
+        """What a query keeps, in words."""
+        if self.arch == "deepseek_v4":
+            return f"{self.index_topk} compressed entries of {self.tokens_per_unit} tokens"
+        if self.arch == "glm5_next":
+            return f"{self.index_topk} tokens in pools of {self.pool}, plus the incomplete tail pool"
+        if self.arch == "minimax_m3":
+            return f"{self.index_topk} key blocks of {self.tokens_per_unit} tokens per indexer head"
+        return f"{self.index_topk} tokens"
+
     def check_calibration(self, seq_len: int, option: str = "--seq-len") -> None:
         """Refuse windows in which every query keeps everything it sees: all patterns would tie."""
-        units = seq_len // self.tokens_per_unit
-        if units <= self.index_topk:
-            what = "tokens" if self.tokens_per_unit == 1 else f"{self.spec.unit}s of {self.tokens_per_unit} tokens"
-            raise ConfigError(f"{option} {seq_len} gives {units} {what}, not more than the {self.index_topk} a "
-                              "query keeps: every query would keep all it sees and every pattern would give the same "
-                              f"loss (use --seq-len above {(self.index_topk + 1) * self.tokens_per_unit})")
+        first = self.first_restrictive_query
+        if seq_len <= first:
+            seen = (f" ({seq_len // self.tokens_per_unit} compressed entries)" if self.arch == "deepseek_v4" else "")
+            raise ConfigError(f"{option} {seq_len} is too short{seen}: a query keeps {self.describe_selection()}, so "
+                              f"every query would keep all it sees and every pattern would give the same loss; "
+                              f"use --seq-len above {first}")
 
     def shipped_slots(self, tensor_names: list[str]) -> list[int]:
         """Pattern positions whose indexer weights the checkpoint ships."""
@@ -226,6 +246,17 @@ class ModelInfo:
                  "indexcache.integrations.transformers.apply_pattern adds it"}]
 
 
+def exports_text(info: ModelInfo, pattern: Pattern) -> str:
+    """The lines every command prints for a pattern: both forms, the config patch, each engine's flag."""
+    lines = [f"\nper decoder layer ('-': no indexer): {info.decoder_form(pattern)}"] if info.slots != list(
+        range(info.num_layers)) else []
+    lines += ["config.json patch:", "  " + json.dumps(info.config_patch(pattern))]
+    for e in info.engine_flags(pattern):
+        lines.append(f"{e['engine']}:")
+        lines.append("  " + (e["flag"] or "(no flag)") + (f"   # {e['note']}" if e["note"] else ""))
+    return "\n".join(lines)
+
+
 def read_config(path: str | Path) -> dict:
     p = Path(path)
     f = p / "config.json" if p.is_dir() else p
@@ -254,6 +285,7 @@ def model_info(path_or_config: str | Path | dict) -> ModelInfo:
     tc = _transformers_config(spec, d)
     n = int(tc.num_hidden_layers)
     types = list(tc.layer_types)[:n]
+    pool = 1
     if spec.key == "deepseek_v4":
         slots = [i for i, t in enumerate(types) if t == CSA]
         k, unit = int(tc.index_topk), int(tc.compress_rates[CSA])
@@ -262,6 +294,7 @@ def model_info(path_or_config: str | Path | dict) -> ModelInfo:
         slots = [i for i, t in enumerate(types) if t == "indexed_attention"]
         k, unit = int(tc.index_topk), 1
         heads = 1
+        pool = int(tc.index_kpool)
     else:
         slots = [i for i, t in enumerate(types) if t == "minimax_m3_sparse"]
         k, unit = int(tc.index_topk_blocks), int(tc.index_block_size)
@@ -270,7 +303,7 @@ def model_info(path_or_config: str | Path | dict) -> ModelInfo:
         raise ConfigError(f"{spec.classes[0]} config has no layer with an indexer (layer_types {sorted(set(types))})")
     pattern, source = _config_pattern(spec, d, tc, slots)
     return ModelInfo(spec, d, n, slots, k, unit, int(tc.max_position_embeddings), int(tc.vocab_size), pattern, source,
-                     types, heads)
+                     types, heads, pool)
 
 
 def _transformers_config(spec: ArchSpec, d: dict):
@@ -315,4 +348,5 @@ def arch_names() -> list[str]:
     return list(SPECS)
 
 
-__all__ = ["CSA", "NONE", "SPECS", "ArchSpec", "ModelInfo", "arch_names", "detect_arch", "model_info", "read_config"]
+__all__ = ["CSA", "NONE", "SPECS", "ArchSpec", "ModelInfo", "arch_names", "detect_arch", "exports_text", "model_info",
+           "read_config"]

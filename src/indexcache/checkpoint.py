@@ -9,6 +9,7 @@ weights of Shared layers (a GLM-5.2-style checkpoint).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -299,3 +300,83 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def export_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    info,
+    pattern: Pattern,
+    drop_shared_indexers: bool = False,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+    command: str = "",
+) -> Path:
+    """A copy of a checkpoint (any architecture of :mod:`indexcache.architectures`) whose ``config.json``
+    carries ``pattern``: the files are copied as they are, or rewritten shard by shard when the Shared
+    layers' indexer tensors are dropped or the dtype changes. Written beside ``out_dir`` and moved into
+    place when complete (:mod:`indexcache.outputs`)."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    src = TensorSource(src_dir)
+    try:
+        shipped = info.shipped_slots(src.names())
+        pattern.validate(indexer_layers=shipped)
+    except PatternError as e:
+        src.close()
+        raise CheckpointError(str(e)) from None
+    check_output_dir(out_dir, "output directory", overwrite=overwrite)
+    shared_layers = {info.slots[p] for p in pattern.shared_layers}
+
+    def dropped(name: str) -> bool:
+        m = info.spec.indexer_tensor.match(name)
+        return drop_shared_indexers and m is not None and int(m.group(1)) in shared_layers
+
+    tmp = new_temp_dir(out_dir)
+    try:
+        by_file: dict[Path, list[str]] = {}
+        for name, f in src.files.items():
+            by_file.setdefault(f, []).append(name)
+        weight_map: dict[str, str] = {}
+        for f, names in by_file.items():
+            keep = [n for n in names if not dropped(n)]
+            if len(keep) == len(names) and dtype is None:
+                shutil.copyfile(f, tmp / f.name)
+            elif keep:
+                tensors = {}
+                for n in keep:
+                    t = src.get(n)
+                    tensors[n] = t.to(dtype) if dtype is not None and t.is_floating_point() and not n.endswith(
+                        "_scale_inv") else t
+                save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
+            weight_map.update({n: f.name for n in keep})
+        if (src_dir / INDEX_FILE).exists():
+            total = sum((tmp / name).stat().st_size for name in set(weight_map.values()))
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+        conf = _merge(copy.deepcopy(info.raw), info.config_patch(pattern))
+        if dtype is not None:
+            conf["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        for f in TOKENIZER_FILES:
+            if (src_dir / f).exists():
+                shutil.copy2(src_dir / f, tmp / f)
+        if extra is not None:
+            extra(tmp)
+        publish_dir(tmp, out_dir, overwrite=overwrite, command=command)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        src.close()
+    return out_dir
+
+
+def _merge(base: dict, patch: dict) -> dict:
+    """``patch`` written into ``base``, nested objects merged key by key."""
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base

@@ -87,9 +87,10 @@ def layer_list(text: str) -> list[int]:
 
 
 # -------------------------------------------------------------------------------- pre-flight helpers
-def model_config(path: str, option: str = "MODEL"):
-    """The DSAConfig of a model directory, refusing anything that is not one (before any weight is read)."""
-    from .config import DSAConfig
+def model_info_arg(path: str, option: str = "MODEL"):
+    """The :class:`~indexcache.architectures.ModelInfo` of a model directory, refusing anything that is not
+    one (before any weight is read)."""
+    from .architectures import model_info
 
     p = Path(path)
     if not p.exists():
@@ -99,7 +100,7 @@ def model_config(path: str, option: str = "MODEL"):
                           "and safetensors weights)")
     if not (p / "config.json").is_file():
         raise OptionError(f"{option} {path} is not a model directory: it has no config.json")
-    return DSAConfig.from_file(p)
+    return model_info(p)
 
 
 def model_weights(path: str, option: str = "MODEL") -> None:
@@ -133,11 +134,13 @@ def data_path(path: str, option: str = "--data") -> None:
     decode_text(head, f"{option} {path}")
 
 
-def pattern_arg(spec: str | None, cfg, option: str = "--pattern") -> Pattern | None:
+def pattern_arg(spec: str | None, info, option: str = "--pattern") -> Pattern | None:
+    """A pattern option read for this model: one character per layer that owns an indexer, the
+    per-decoder-layer form, or a rule."""
     if spec is None:
         return None
     try:
-        return parse_spec(spec, cfg.num_hidden_layers)
+        return info.parse_pattern(spec)
     except PatternError as e:
         raise PatternError(f"{option} {spec}: {e}") from None
 
@@ -162,25 +165,28 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _exports_text(p: Pattern) -> str:
-    flags = p.engine_flags()
-    return (f"\nconfig.json patch (transformers):\n  {json.dumps(p.config_patch())}\n"
-            f"SGLang:\n  {flags['sglang']}\nvLLM:\n  {flags['vllm']}")
+def _exports_text(p: Pattern, info=None) -> str:
+    """Config patch and engine flags of a pattern (for a model's architecture when it is known)."""
+    from .architectures import exports_text, model_info
+
+    if info is None:  # no model: the per-layer convention of DeepSeek-V3.2 / GLM-5
+        info = model_info({"architectures": ["GlmMoeDsaForCausalLM"], "num_hidden_layers": len(p)})
+    return "\n" + exports_text(info, p).lstrip("\n")
 
 
 # ------------------------------------------------------------------------------------------ pattern
 def check_pattern(args: argparse.Namespace) -> None:
-    args.indexer_layers = None
+    args.indexer_layers, args.info = None, None
     if args.model:
-        args.cfg = model_config(args.model, "--model")
-        if args.num_layers is not None and args.num_layers != args.cfg.num_hidden_layers:
-            raise OptionError(f"--num-layers {args.num_layers} contradicts --model, which has "
-                              f"{args.cfg.num_hidden_layers} decoder layers; give one of them")
-        args.num_layers = args.cfg.num_hidden_layers
-        from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorSource, checkpoint_indexer_layers
+        args.info = info = model_info_arg(args.model, "--model")
+        if args.num_layers is not None and args.num_layers != info.num_slots:
+            raise OptionError(f"--num-layers {args.num_layers} contradicts --model, which has {info.num_slots} "
+                              f"layers with an indexer ({info.describe_slots()}); give one of them")
+        args.num_layers = info.num_slots
+        from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorSource
 
         if (Path(args.model) / SINGLE_FILE).exists() or (Path(args.model) / INDEX_FILE).exists():
-            args.indexer_layers = checkpoint_indexer_layers(TensorSource(args.model).names(), args.num_layers)
+            args.indexer_layers = info.shipped_slots(TensorSource(args.model).names())
     if args.freq is None and (args.offset is not None or args.convention != "official"):
         raise PatternError("--convention and --offset describe a uniform pattern: give --freq too")
     if args.freq is not None:
@@ -191,12 +197,13 @@ def check_pattern(args: argparse.Namespace) -> None:
         args.parsed = Pattern.uniform(args.num_layers, args.freq, args.convention, args.offset)
     elif args.pattern:
         try:
-            args.parsed = parse_spec(args.pattern, args.num_layers)
+            args.parsed = args.info.parse_pattern(args.pattern) if args.info else parse_spec(args.pattern,
+                                                                                                args.num_layers)
         except PatternError as e:
             raise PatternError(f"PATTERN {args.pattern}: {e}") from None
     elif args.model:
-        args.parsed = args.cfg.pattern
-        args.parsed.origin = args.cfg.pattern_source
+        args.parsed = args.info.pattern
+        args.parsed.origin = args.info.pattern_source
     else:
         raise PatternError(f"give a PATTERN ({SPEC_FORMS}), --freq with --num-layers, or --model DIR")
     args.parsed.validate(num_layers=args.num_layers, stage_starts=args.stage_starts,
@@ -204,46 +211,82 @@ def check_pattern(args: argparse.Namespace) -> None:
 
 
 def cmd_pattern(args: argparse.Namespace) -> int:
-    p, n = args.parsed, args.num_layers or len(args.parsed)
+    p, n, info = args.parsed, args.num_layers or len(args.parsed), args.info
     if args.json:
-        print(json.dumps(dict(p.describe(), uniform_matches=p.match_uniform(), config_patch=p.config_patch(),
-                              sglang=p.sglang_override(), vllm=p.vllm_override()), indent=2))
+        d = dict(p.describe(), uniform_matches=p.match_uniform())
+        if info is not None:
+            d.update(architecture=info.architecture, indexer_layers=info.slots, decoder_layers=info.decoder_form(p),
+                     config_patch=info.config_patch(p), engines=info.engine_flags(p))
+        else:
+            d.update(config_patch=p.config_patch(), sglang=p.sglang_override(), vllm=p.vllm_override())
+        print(json.dumps(d, indent=2))
         return 0
     lines = [p.describe_text()]
+    if info is not None:
+        lines.append(f"indexers  {info.describe_slots()}; a pattern has one character per such layer")
     matches = p.match_uniform()
     lines.append(f"uniform   {', '.join(matches) if matches else 'no uniform freq/offset reproduces it'}")
     if args.indexer_layers is not None and len(args.indexer_layers) < n:
-        lines.append(f"note      the checkpoint ships indexer weights only on {len(args.indexer_layers)} layers; "
-                     "only those can be Full")
-    print("\n".join(lines) + _exports_text(p))
+        lines.append(f"note      the checkpoint ships indexer weights only on {len(args.indexer_layers)} of its {n} "
+                     "indexer layers; only those can be Full")
+    print("\n".join(lines) + _exports_text(p, info))
     return 0
 
 
 # --------------------------------------------------------------------------------------------- info
 def check_info(args: argparse.Namespace) -> None:
-    args.cfg = model_config(args.model)
+    args.info = model_info_arg(args.model)
     model_weights(args.model)
-    args.parsed = pattern_arg(args.pattern, args.cfg)
+    args.parsed = pattern_arg(args.pattern, args.info)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import TensorSource, checkpoint_indexer_layers
-    from .stats import count_parameters, flops
+    from collections import Counter
 
-    cfg = args.cfg
-    pat = args.parsed or cfg.pattern
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    from .checkpoint import TensorSource
+
+    info = args.info
+    pat = args.parsed or info.pattern
     # everything is read and computed before anything is printed: a corrupt shard prints only its error
     src = TensorSource(args.model)
     try:
-        shipped = checkpoint_indexer_layers(src.names(), cfg.num_hidden_layers)
+        names = src.names()
+        shipped = info.shipped_slots(names)
         pat.validate(indexer_layers=shipped)
-        counts = count_parameters(cfg, {n: src.shape(n) for n in src.names()}, pat)
+        shapes = {n: src.shape(n) for n in names}
     finally:
         src.close()
+    lines = [f"model        {args.model}", f"architecture {info.architecture} ({info.arch})"]
+    if info.spec.native:
+        lines += _native_info_lines(info, pat, shipped, shapes, args.context, given=args.parsed is not None)
+    else:
+        import math
+
+        kinds = ", ".join(f"{c} {t}" for t, c in Counter(info.layer_types).items())
+        total = sum(math.prod(v) for v in shapes.values())
+        idx = sum(math.prod(v) for n, v in shapes.items() if info.spec.indexer_tensor.match(n))
+        lines += [f"layers       {info.num_layers} ({kinds})",
+                  f"indexer      on {info.describe_slots()}; a query keeps {info.describe_selection()}; "
+                  f"weights on {len(shipped)}/{info.num_slots} indexer layers",
+                  f"pattern      {pat}  ({pat.num_full} Full; {'given' if args.parsed else info.pattern_source}); "
+                  f"per decoder layer {info.decoder_form(pat)}",
+                  f"parameters   {_fmt_count(total)} in the checkpoint, {_fmt_count(idx)} of them in indexers "
+                  "(read from the headers)",
+                  f"note         the FLOP model covers DeepSeek-V3.2 and GLM-5.x; {info.architecture} runs through "
+                  "transformers' own class"]
+    print("\n".join(lines))
+    return 0
+
+
+def _native_info_lines(info, pat: Pattern, shipped: list[int], shapes: dict, contexts: list[int],
+                       given: bool) -> list[str]:
+    from .config import DSAConfig
+    from .stats import count_parameters, flops
+
+    cfg = DSAConfig.from_dict(info.raw)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    counts = count_parameters(cfg, shapes, pat)
     lines = [
-        f"model        {args.model}",
-        f"architecture {cfg.architecture} ({cfg.arch})",
         f"layers       {cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_moe} dense MLP, {n_moe} MoE"
         + (f", +{cfg.num_mtp_layers} MTP ignored" if cfg.num_mtp_layers else "") + ")",
         f"hidden       {cfg.hidden_size}, {cfg.num_attention_heads} heads, q_lora {cfg.q_lora_rank}, "
@@ -258,60 +301,60 @@ def cmd_info(args: argparse.Namespace) -> int:
                  f"weights on {len(shipped)}/{cfg.num_hidden_layers} layers")
     lines.append(f"rope         {cfg.rope.rope_type} theta={cfg.rope.theta:g}"
                  + (f" factor={cfg.rope.factor:g}" if cfg.rope.rope_type != "default" else ""))
-    lines.append(f"pattern      {pat}  ({pat.num_full} Full; {'given' if args.parsed else cfg.pattern_source})")
+    lines.append(f"pattern      {pat}  ({pat.num_full} Full; {'given' if given else cfg.pattern_source})")
     parts = ", ".join(f"{k} {_fmt_count(v)}" for k, v in counts.items() if k not in ("total", "active_per_token") and v)
     lines.append(f"parameters   {_fmt_count(counts['total'])} total, {_fmt_count(counts['active_per_token'])} "
                  f"active per token ({parts}; read from the checkpoint headers)")
-    for L in args.context:
+    for L in contexts:
         f_pat, f_full = flops(cfg, L, pat), flops(cfg, L, Pattern.all_full(cfg.num_hidden_layers))
         lines.append(f"context {L:>7}: prefill {_fmt_count(f_pat['prefill']['total'])}FLOP, indexer "
                      f"{f_pat['prefill']['indexer_share']:.1%} (all-Full {f_full['prefill']['indexer_share']:.1%}); "
                      f"decode step {_fmt_count(f_pat['decode']['total'])}FLOP, indexer "
                      f"{f_pat['decode']['indexer_share']:.1%} (all-Full {f_full['decode']['indexer_share']:.1%})")
-    print("\n".join(lines))
-    return 0
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- loss
 def check_loss(args: argparse.Namespace) -> None:
-    args.cfg = model_config(args.model)
+    args.info = model_info_arg(args.model)
     model_weights(args.model)
     data_path(args.data)
-    args.parsed = [pattern_arg(s, args.cfg) for s in args.pattern or []]
-    _check_length(args.seq_len, args.cfg, "--seq-len")
+    args.parsed = [pattern_arg(s, args.info) for s in args.pattern or []]
+    _check_length(args.seq_len, args.info, "--seq-len")
 
 
-def _check_length(n: int, cfg, option: str) -> None:
-    if n > cfg.max_position_embeddings:
-        raise OptionError(f"{option} {n} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+def _check_length(n: int, info, option: str) -> None:
+    if n > info.max_position_embeddings:
+        raise OptionError(f"{option} {n} exceeds the model's max_position_embeddings {info.max_position_embeddings}")
 
 
 def cmd_loss(args: argparse.Namespace) -> int:
     import math
 
-    from .checkpoint import load_model
     from .data import load_tokenizer, token_windows
+    from .runner import open_model
     from .search.evaluator import lm_loss
 
-    model = load_model(args.model, scoring=args.scoring, verbose=not args.json)
+    info = args.info
+    opened = open_model(args.model, info, args.backend, scoring=args.scoring, verbose=not args.json)
     tok = None if args.data.endswith(".npy") else load_tokenizer(args.model)
-    windows = token_windows(args.data, args.seq_len, tok, args.max_seqs, model.config.vocab_size)
+    windows = token_windows(args.data, args.seq_len, tok, args.max_seqs, info.vocab_size)
     results = []
-    for pat in args.parsed or [model.pattern]:
-        model.runnable_pattern(pat)
-        loss = lm_loss(model, windows, pat, args.batch_size, progress=not args.json, desc=str(pat))
+    for pat in args.parsed or [opened.start]:
+        opened.runner.validate(pat)
+        loss = lm_loss(opened.runner, windows, pat, args.batch_size, progress=not args.json, desc=str(pat))
         results.append({"pattern": str(pat), "num_full": pat.num_full, "loss": loss, "ppl": math.exp(loss)})
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len,
                           "num_seqs": int(windows.shape[0]), "results": results}, indent=2))
         return 0
     print(f"{windows.shape[0]} sequences x {args.seq_len} tokens from {args.data} "
-          f"(index_topk {model.config.index_topk}, scoring {args.scoring})")
+          f"(a query keeps {info.describe_selection()}; scoring {args.scoring}; {opened.backend} backend)")
     for r in results:
         print(f"{r['pattern']}  Full {r['num_full']:>3}  loss {r['loss']:.5f}  ppl {r['ppl']:.3f}")
-    if args.seq_len <= model.config.index_topk:
-        print(f"note: --seq-len {args.seq_len} <= index_topk {model.config.index_topk}: every query keeps all "
-              "its tokens, so patterns cannot change the loss")
+    if args.seq_len <= info.first_restrictive_query:
+        print(f"note: at --seq-len {args.seq_len} every query keeps all it sees ({info.describe_selection()}), so "
+              "patterns cannot change the loss")
     return 0
 
 
@@ -320,29 +363,32 @@ BASELINES = ("uniform", "similarity")
 
 
 def _calibration_checks(args: argparse.Namespace) -> None:
-    cfg = args.cfg
+    from .search.run import default_seq_len
+
+    info = args.info
     if args.data is not None:
         data_path(args.data)
-    seq = args.seq_len or max(2 * cfg.index_topk, 512)
-    _check_length(seq, cfg, "--seq-len" if args.seq_len else "the default --seq-len")
-    if seq <= cfg.index_topk:
-        raise OptionError(f"--seq-len {seq} is not longer than index_topk {cfg.index_topk}: every query would keep "
-                          "all its tokens and every pattern would give the same loss; use a larger --seq-len")
+    seq = args.seq_len or default_seq_len(info)
+    _check_length(seq, info, "--seq-len" if args.seq_len else "the default --seq-len")
+    info.check_calibration(seq)
 
 
 def check_search(args: argparse.Namespace) -> None:
+    from .runner import resolve_backend
     from .search.greedy import stage_starts
 
-    args.cfg = model_config(args.model)
+    args.info = info = model_info_arg(args.model)
     model_weights(args.model)
-    n = args.cfg.num_hidden_layers
+    n = info.num_slots
+    resolve_backend(args.backend, info.spec.native, info.architecture, args.device_map)
     if args.keep is not None and args.num_full is not None:
         raise OptionError("give --keep or --num-full, not both")
     if args.num_full is not None and args.num_full > n:
-        raise OptionError(f"--num-full {args.num_full} exceeds the model's {n} layers")
+        raise OptionError(f"--num-full {args.num_full} exceeds the model's {n} layers with an indexer")
     bad = [f for f in args.force_full if f >= n]
     if bad:
-        raise OptionError(f"--force-full layer {bad[0]} is outside the model's {n} layers (0-{n - 1})")
+        raise OptionError(f"--force-full layer {bad[0]} is outside the model's {n} indexer layers (0-{n - 1}; "
+                          f"{info.describe_slots()})")
     stage_starts(n, args.stages)
     names = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
     unknown = [b for b in names if b not in BASELINES]
@@ -357,8 +403,6 @@ def check_search(args: argparse.Namespace) -> None:
             check_backend("triton", args.device)
         except (ValueError, RuntimeError) as e:
             raise OptionError(f"--ops triton: {e}") from None
-    if args.device_map is not None and args.backend != "hf":
-        raise OptionError("--device-map spreads a transformers model: it needs --backend hf")
     _calibration_checks(args)
     _out_dir(args, resume_file="search_state.json")
 
@@ -402,9 +446,12 @@ def next_steps(args: argparse.Namespace, pattern: str) -> str:
 
 
 def check_overlap(args: argparse.Namespace) -> None:
-    args.cfg = model_config(args.model)
+    from .runner import resolve_backend
+
+    args.info = model_info_arg(args.model)
     model_weights(args.model)
-    args.parsed = pattern_arg(args.pattern, args.cfg)
+    resolve_backend(args.backend, args.info.spec.native, args.info.architecture)
+    args.parsed = pattern_arg(args.pattern, args.info)
     _calibration_checks(args)
     _out_dir(args)
 
@@ -414,10 +461,11 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     from .search.run import run_overlap
 
     mat = run_overlap(args.model, args.out, args.data, args.num_samples, args.seq_len, args.seed, args.parsed,
-                      args.device, overwrite=args.overwrite, command=command_line(args.argv))
+                      args.device, overwrite=args.overwrite, command=command_line(args.argv), backend=args.backend)
     n = mat.shape[0]
     adj = sum(float(mat[i + 1, i]) for i in range(n - 1)) / max(n - 1, 1)
-    print(f"{n}x{n} overlap: mean adjacent-layer overlap {adj:.3f}, minimum {float(mat.min()):.3f}")
+    print(f"{n}x{n} overlap over the indexer layers ({args.info.spec.unit}s): mean adjacent-layer overlap {adj:.3f}, "
+          f"minimum {float(mat.min()):.3f}")
     print(f"wrote {args.out}/overlap.csv, overlap.png, overlap.json")
     return 0
 
@@ -426,15 +474,17 @@ def cmd_overlap(args: argparse.Namespace) -> int:
 def check_eval(args: argparse.Namespace) -> None:
     from .evals.runner import parse_ppl_spec
     from .evals.tasks import parse_families
+    from .runner import resolve_backend
 
-    args.cfg = model_config(args.model)
+    args.info = model_info_arg(args.model)
     model_weights(args.model)
-    args.parsed = [pattern_arg(s, args.cfg) for s in args.pattern or []]
+    resolve_backend(args.backend, args.info.spec.native, args.info.architecture)
+    args.parsed = [pattern_arg(s, args.info) for s in args.pattern or []]
     families = parse_families(args.tasks)
     if not families and not args.ppl_data:
         raise OptionError("--tasks none leaves nothing to evaluate: give --ppl-data too, or some task families")
     for L in args.lengths:
-        _check_length(L, args.cfg, "--lengths")
+        _check_length(L, args.info, "--lengths")
     for spec in args.ppl_data:
         for p in parse_ppl_spec(spec)[1]:
             data_path(p, "--ppl-data")
@@ -496,6 +546,15 @@ def _add_calibration_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_backend(p: argparse.ArgumentParser, ops: bool = True) -> None:
+    p.add_argument("--backend", choices=["auto", "native", "hf"], default="auto",
+                   help="native: this package's model (DeepSeek-V3.2, GLM-5.x); hf: the model's transformers class "
+                   "with the pattern applied; auto (default): native where it covers the architecture, else hf")
+    if ops:
+        p.add_argument("--ops", choices=["auto", "torch", "triton"], default="auto",
+                       help="native backend: plain PyTorch ops, the Triton kernels, or auto (the kernels on CUDA)")
+
+
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier output of indexcache at --out (never anything else)")
@@ -503,36 +562,40 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------- export
 def check_export(args: argparse.Namespace) -> None:
-    args.cfg = model_config(args.model)
+    args.info = model_info_arg(args.model)
     model_weights(args.model)
-    args.parsed = pattern_arg(args.pattern, args.cfg)
+    args.parsed = pattern_arg(args.pattern, args.info)
     _out_dir(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_model, save_model
+    from .architectures import exports_text
+    from .checkpoint import export_checkpoint, load_model, save_model
     from .evals.runner import command_line
 
-    cfg, pat = args.cfg, args.parsed
+    info, pat = args.info, args.parsed
     names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    own = cfg.raw.get("dtype") or cfg.raw.get("torch_dtype") or "float32"
-    dtype = names.get(own if args.dtype == "keep" else args.dtype, torch.float32)
-    model = load_model(args.model, pattern=pat, verbose=False)  # fp32 in memory: nothing is lost
-    flags = pat.engine_flags()
 
     def engine_flags(tmp: Path) -> None:
         (tmp / "engine_flags.txt").write_text(
-            f"# pattern {pat} ({pat.num_full}/{cfg.num_hidden_layers} Full)\n"
-            f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
+            f"# pattern {pat} ({pat.num_full}/{info.num_slots} Full; per decoder layer {info.decoder_form(pat)})\n"
+            + exports_text(info, pat).lstrip("\n") + "\n")
 
-    out = save_model(model, args.out, pattern=pat, drop_shared_indexers=args.drop_shared_indexers, dtype=dtype,
-                     copy_tokenizer_from=args.model, overwrite=args.overwrite, extra=engine_flags,
-                     command=command_line(args.argv))
-    print(pat.describe_text() + _exports_text(pat))
+    common = dict(drop_shared_indexers=args.drop_shared_indexers, overwrite=args.overwrite, extra=engine_flags,
+                  command=command_line(args.argv))
+    if info.spec.native:  # through this package's model: the weights as transformers writes them
+        own = info.raw.get("dtype") or info.raw.get("torch_dtype") or "float32"
+        dtype = names.get(own if args.dtype == "keep" else args.dtype, torch.float32)
+        model = load_model(args.model, pattern=pat, verbose=False)  # fp32 in memory: nothing is lost
+        out = save_model(model, args.out, pattern=pat, dtype=dtype, copy_tokenizer_from=args.model, **common)
+    else:  # the files themselves, with the config patch
+        out = export_checkpoint(args.model, args.out, info, pat, dtype=names.get(args.dtype), **common)
+    print(pat.describe_text() + _exports_text(pat, info))
     dropped = "; Shared layers' indexer weights dropped" if args.drop_shared_indexers else ""
-    print(f"\nwrote {out}: config.json carries indexer_types + index_topk_pattern{dropped}; engine_flags.txt")
+    keys = ", ".join(info.config_patch(pat))
+    print(f"\nwrote {out}: config.json carries {keys}{dropped}; engine_flags.txt")
     return 0
 
 
@@ -542,10 +605,13 @@ def check_train(args: argparse.Namespace) -> None:
     if args.stage != "dense" and args.init is None:
         raise OptionError(f"--stage {args.stage} continues a trained model: give --init MODEL_DIR")
     if args.init is not None:
-        cfg = model_config(args.init, "--init")
+        info = model_info_arg(args.init, "--init")
+        if not info.spec.native:
+            raise OptionError(f"--init {args.init} is {info.architecture}: training runs this package's own model "
+                              "(DeepSeek-V3.2 and GLM-5.x shapes)")
         model_weights(args.init, "--init")
-        pattern_arg(args.pattern, cfg)
-        _check_length(args.seq_len, cfg, "--seq-len")
+        pattern_arg(args.pattern, info)
+        _check_length(args.seq_len, info, "--seq-len")
     elif args.pattern is not None:
         raise OptionError("--pattern trains a model for sharing in the warmup and sparse stages: give --init too")
     if args.token_cache is not None and not Path(args.token_cache).is_file():
@@ -614,9 +680,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def check_generate(args: argparse.Namespace) -> None:
     from .data.text import decode_text, load_tokenizer
 
-    args.cfg = model_config(args.model)
+    args.info = model_info_arg(args.model)
+    if not args.info.spec.native:
+        raise OptionError(f"generate runs this package's engine, which covers DeepSeek-V3.2 and GLM-5.x, not "
+                          f"{args.info.architecture}: use transformers' generate after "
+                          "indexcache.integrations.transformers.load_pretrained (eval does)")
     model_weights(args.model)
-    args.parsed = pattern_arg(args.pattern, args.cfg)
+    args.parsed = pattern_arg(args.pattern, args.info)
     p = Path(args.prompt_file)
     if not p.is_file():
         raise OptionError(f"--prompt-file {args.prompt_file} " + ("is a directory; give a text file" if p.is_dir()
@@ -626,7 +696,7 @@ def check_generate(args: argparse.Namespace) -> None:
     if not args.prompt_ids:
         raise OptionError(f"--prompt-file {args.prompt_file} tokenizes to nothing; give a non-empty prompt")
     need = len(args.prompt_ids) + args.max_new_tokens
-    limit = args.cfg.max_position_embeddings
+    limit = args.info.max_position_embeddings
     if need > limit:
         raise OptionError(f"--prompt-file holds {len(args.prompt_ids):,} tokens; with --max-new-tokens "
                           f"{args.max_new_tokens} that is {need:,}, beyond the model's max_position_embeddings "
@@ -707,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pattern", help="parse, build, validate and export a layer pattern")
     p.add_argument("pattern", nargs="?", help=f"the pattern: {SPEC_FORMS}")
-    p.add_argument("--num-layers", type=positive_int, help="number of decoder layers (MTP excluded)")
+    p.add_argument("--num-layers", type=positive_int, help="number of layers that own an indexer (every decoder "
+                   "layer of DeepSeek-V3.2 and GLM-5.x)")
     p.add_argument("--model", help="a model directory: its layer count, its own pattern, its indexer weights")
     p.add_argument("--freq", type=positive_int, help="build a uniform pattern with this frequency")
     p.add_argument("--convention", default="official", choices=list(CONVENTIONS),
@@ -733,6 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seqs", type=positive_int, default=None)
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
+    _add_backend(p, ops=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_loss)
 
@@ -750,16 +822,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
     p.add_argument("--cache-gb", type=positive_float, default=2.0, help="memory for cached prefix states (GiB, > 0)")
-    p.add_argument("--backend", choices=["native", "hf"], default="native",
-                   help="native: this package's model; hf: the model's transformers class with the pattern applied")
-    p.add_argument("--ops", choices=["auto", "torch", "triton"], default="auto",
-                   help="native backend: plain PyTorch ops, the Triton kernels, or auto (the kernels on CUDA)")
+    _add_backend(p)
     p.add_argument("--device-map", help="with --backend hf: transformers device_map to spread the model over "
                    "devices (auto, balanced, a device, a JSON object or a .json file of module -> device)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("overlap", help="cross-layer top-k overlap of the all-Full model (csv + heatmap)")
     _add_calibration_args(p, "runs/overlap")
+    _add_backend(p, ops=False)
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
     p.set_defaults(func=cmd_overlap)
 
@@ -786,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-draft", action="store_true",
                    help="with --decode recompute: one token per forward instead of verifying context drafts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_backend(p)
     p.add_argument("--out", required=True, help="JSON report to write")
     _add_overwrite(p)
     p.set_defaults(func=cmd_eval)

@@ -131,6 +131,68 @@ class NativeRunner:
         return own, cores
 
 
+@dataclass
+class OpenedModel:
+    """A model opened for the pattern commands: its runner, what was loaded, and how it runs."""
+
+    runner: LayerRunner
+    model: object  # DSAForCausalLM (native) or integrations.transformers.HFSearchModel
+    backend: str  # "native" or "hf"
+    ops: str  # the native model's ops backend ("torch" / "triton"); "torch" for transformers
+    start: Pattern  # the checkpoint's own pattern: Full exactly where trained indexers ship (or as its config says)
+
+
+def resolve_backend(backend: str, native_covers: bool, architecture: str, device_map: str | None = None) -> str:
+    """``auto``: this package's model where it covers the architecture, else transformers' class."""
+    from .errors import SearchError
+
+    if backend not in ("auto", "native", "hf"):
+        raise SearchError(f"unknown backend {backend!r} (auto, native or hf)")
+    if backend == "auto":
+        backend = "native" if native_covers and device_map is None else "hf"
+    if backend == "native" and not native_covers:
+        raise SearchError(f"the native model covers DeepSeek-V3.2 and GLM-5.x, not {architecture}: "
+                          "use --backend hf (or auto)")
+    if device_map is not None and backend != "hf":
+        raise SearchError("--device-map spreads a transformers model: it needs --backend hf")
+    return backend
+
+
+def native_ops(model: DSAForCausalLM, ops: str) -> str:
+    """The ops backend of the native model: ``auto`` takes the kernels on CUDA when the model's shapes suit
+    them, else the plain ops."""
+    if ops != "auto":
+        return ops
+    from .ops.backends import default_backend, get_backend
+
+    name = default_backend(model.device)
+    cfg = model.config
+    if name == "triton" and not get_backend("triton").supports(
+            cfg.index_n_heads, cfg.index_head_dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank):
+        return "torch"
+    return name
+
+
+def open_model(path, info, backend: str = "auto", dtype: torch.dtype = torch.float32, device: str = "cpu",
+               scoring: str = "exact", ops: str = "auto", device_map: str | None = None, world: int = 1,
+               verbose: bool = True) -> OpenedModel:
+    """Load ``path`` (whose :class:`~indexcache.architectures.ModelInfo` is ``info``) for the runner-based
+    commands: this package's model on its ops backend, or the model's transformers class."""
+    chosen = resolve_backend(backend, info.spec.native, info.architecture, device_map)
+    if chosen == "hf":
+        from .integrations.transformers import load_hf_for_search
+
+        m = load_hf_for_search(str(path), dtype=dtype, device=device, device_map=device_map, scoring=scoring,
+                               world=world)
+        return OpenedModel(m.runner(), m, "hf", "torch", m.pattern)
+    from .checkpoint import load_model
+
+    model = load_model(path, dtype=dtype, device=device, scoring=scoring, verbose=verbose)
+    used = native_ops(model, ops)
+    model.set_backend(used)
+    return OpenedModel(NativeRunner(model), model, "native", used, model.pattern)
+
+
 def as_runner(model) -> LayerRunner:
     """A runner for a model: this package's model gets a :class:`NativeRunner`; a runner is returned as is."""
     if isinstance(model, DSAForCausalLM):
@@ -140,4 +202,5 @@ def as_runner(model) -> LayerRunner:
     raise TypeError(f"no layer runner for {type(model).__name__}")
 
 
-__all__ = ["LayerRunner", "LayerState", "NativeRunner", "as_runner"]
+__all__ = ["LayerRunner", "LayerState", "NativeRunner", "OpenedModel", "as_runner", "native_ops", "open_model",
+           "resolve_backend"]

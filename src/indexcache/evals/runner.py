@@ -30,8 +30,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..architectures import model_info
 from ..data.text import DataError, load_tokenizer, token_windows
-from ..pattern import Pattern, parse_spec
+from ..model.dsa import DSAForCausalLM
+from ..pattern import Pattern
+from ..runner import open_model
 from ..search.evaluator import lm_loss
 from .tasks import INT, Haystack, Sample, TaskError, TooShortError, chance_levels, make_sample, parse_families, score
 
@@ -150,6 +153,33 @@ def greedy_generate_cached(
         forwards += 1
 
 
+@torch.inference_mode()
+def greedy_generate_transformers(hf_model, tokenizer, ids: list[int], max_new_tokens: int, stop: tuple[str, ...] = (),
+                                 eos_id: int | None = None) -> Generation:
+    """:func:`greedy_generate` through transformers' own ``generate`` (its cache, the applied pattern), stopped
+    at the first stop string or end-of-text by the same rule."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    prompt = torch.tensor([ids], dtype=torch.long, device=hf_model.get_input_embeddings().weight.device)
+    done: list[Generation] = []
+
+    class StopAtAnswer(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids[0, prompt.shape[1]:].tolist()
+            g = _ended(tokenizer, new, len(new), stop, eos_id) if new else None
+            if g is not None and not done:
+                done.append(g)
+            return torch.full((input_ids.shape[0],), g is not None, dtype=torch.bool, device=input_ids.device)
+
+    out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                            do_sample=False, num_beams=1, stopping_criteria=StoppingCriteriaList([StopAtAnswer()]),
+                            eos_token_id=None, pad_token_id=0)
+    if done:
+        return done[0]
+    new = out[0, prompt.shape[1]:].tolist()
+    return Generation(tokenizer.decode(new), new, len(new), "length")
+
+
 def make_engine(model, pattern: Pattern | str | None, max_len: int):
     """An engine for one request at a time; prefill chunks bound the memory of the indexer logits."""
     from ..engine import Engine
@@ -169,6 +199,8 @@ def run_sample(model, tokenizer, sample: Sample, pattern: Pattern | str | None =
             ids = ids + tokenizer.encode(outputs[-1]).ids + tokenizer.encode(sample.followups[turn - 1]).ids
         if engine is not None:
             g = greedy_generate_cached(engine, tokenizer, ids, sample.max_new_tokens, sample.stop, eos_id)
+        elif not isinstance(model, DSAForCausalLM):  # a transformers model, its pattern applied
+            g = greedy_generate_transformers(model, tokenizer, ids, sample.max_new_tokens, sample.stop, eos_id)
         else:
             g = greedy_generate(model, tokenizer, ids, sample.max_new_tokens, pattern, sample.stop, eos_id, draft)
         outputs.append(g.text)
@@ -214,29 +246,30 @@ class EvalOptions:
     draft: bool = True  # recompute only: verify context drafts (same tokens, fewer forwards)
     progress: bool = True
     command: str = ""
+    backend: str = "auto"  # native | hf | auto (the transformers class where the native model does not cover it)
+    ops: str = "auto"  # the native model's ops backend
 
 
 def run_eval(opt: EvalOptions) -> dict:
     """Generate the samples once per length, then score every pattern on the same samples, and measure
     perplexity on the same windows. Returns the report (what ``indexcache eval`` writes as JSON)."""
-    from ..checkpoint import load_model
-
     t_start = time.time()
     families = parse_families(opt.tasks)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model = load_model(opt.model, dtype=dtypes[opt.dtype], device=opt.device, verbose=False).eval()
-    cfg = model.config
-    too_long = [L for L in opt.lengths if L > cfg.max_position_embeddings]
+    info = model_info(opt.model)
+    too_long = [L for L in opt.lengths if L > info.max_position_embeddings]
     if too_long:
         raise TaskError(f"--lengths {too_long} exceed the model's max_position_embeddings "
-                        f"{cfg.max_position_embeddings}")
+                        f"{info.max_position_embeddings}")
     if opt.decode not in ("cache", "recompute"):
         raise TaskError(f"unknown decode mode {opt.decode!r} (choose from cache, recompute)")
     if not families and not opt.ppl_data:
         raise TaskError("nothing to evaluate: --tasks none measures perplexity only, so give --ppl-data too")
-    patterns = [model.pattern if s is None else parse_spec(s, cfg.num_hidden_layers) for s in opt.patterns]
+    opened = open_model(opt.model, info, opt.backend, dtypes[opt.dtype], opt.device, ops=opt.ops, verbose=False)
+    runner, model = opened.runner, opened.model
+    patterns = [opened.start if s is None else info.parse_pattern(s) for s in opt.patterns]
     for p in patterns:
-        model.runnable_pattern(p)  # fail before any work when a pattern needs indexers the model lacks
+        runner.validate(p)  # fail before any work when a pattern needs indexers the model lacks
     tok = load_tokenizer(opt.model)
     ppl_sets = [parse_ppl_spec(s) for s in opt.ppl_data]
     hay = Haystack(opt.haystack) if families else None
@@ -254,31 +287,38 @@ def run_eval(opt: EvalOptions) -> dict:
                 if opt.progress:
                     print(f"indexcache: skipping {fam} at {L} tokens: {e}", file=sys.stderr)
         for name, paths in ppl_sets:
-            windows[name, L] = ppl_windows(paths, tok, L, opt.ppl_windows, cfg.vocab_size)
+            windows[name, L] = ppl_windows(paths, tok, L, opt.ppl_windows, info.vocab_size)
     if not ppl_sets and not any(samples.values()):
         raise TaskError(f"no task family fits --lengths {' '.join(map(str, opt.lengths))}: "
                         + "; ".join(s["reason"] for s in skipped))
 
-    eos = cfg.raw.get("eos_token_id")
+    eos = info.raw.get("eos_token_id", (info.raw.get("text_config") or {}).get("eos_token_id"))
     eos_id = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
     # the longest context any turn can reach: the prompt and followups plus every turn's answer, re-encoded
     # (a byte that is not valid UTF-8 on its own decodes to U+FFFD, which encodes back to up to 3 tokens)
     everything = [s for ss in samples.values() for s in ss]
     max_len = max((s.num_tokens + s.turns * (3 * s.max_new_tokens + 8) for s in everything), default=0) + 16
     results, records = [], []
+    hf = opened.backend == "hf"
     for pat in patterns:
-        engine = make_engine(model, pat, max_len) if opt.decode == "cache" and everything else None
+        engine = None
+        if hf:
+            from ..integrations.transformers import apply_pattern
+
+            apply_pattern(model.hf, pat, drop_shared_indexers=False)  # fixed for every generation cache below
+        elif opt.decode == "cache" and everything:
+            engine = make_engine(model, pat, max_len)
         for L in opt.lengths:
             t0 = time.time()
             row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "tasks": {}}
             for name, _ in ppl_sets:
-                loss = lm_loss(model, windows[name, L], pat, progress=opt.progress, desc=f"ppl {name} {L}")
+                loss = lm_loss(runner, windows[name, L], pat, progress=opt.progress, desc=f"ppl {name} {L}")
                 row["ppl"][name] = math.exp(loss)
             scores: dict[str, list[float]] = {f: [] for f in families}
             bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
             for s in bar:
                 bar.set_postfix_str(s.family, refresh=False)
-                r = run_sample(model, tok, s, pat, opt.draft, eos_id, engine)
+                r = run_sample(model.hf if hf else model, tok, s, pat, opt.draft, eos_id, engine)
                 scores[s.family].append(r["score"])
                 records.append({"pattern": str(pat), "length": L, "family": s.family, "index": s.index,
                                 "score": r["score"], "outputs": r["outputs"], "answers": s.answers,
@@ -294,22 +334,24 @@ def run_eval(opt: EvalOptions) -> dict:
         "command": opt.command, "model": opt.model, "device": opt.device, "dtype": opt.dtype, "seed": opt.seed,
         "samples_per_task": opt.samples, "lengths": opt.lengths, "tasks": families,
         "haystack": hay.name if hay else None, "ppl_data": dict(ppl_sets), "ppl_windows": opt.ppl_windows,
-        "decoding": "greedy, " + ("cached (engine)" if opt.decode == "cache" else
+        "backend": opened.backend, "architecture": info.architecture,
+        "decoding": "greedy, " + ("transformers' generate with the pattern applied" if hf else
+                                  "cached (engine)" if opt.decode == "cache" else
                                   "recomputed, context drafts verified" if opt.draft else "recomputed"),
         "chance": {str(L): {f: {k: 100 * v for k, v in c.items()} for f, c in chance_levels(samples[L]).items()}
                    for L in opt.lengths if samples[L]},
-        "skipped": skipped, "notes": notes(cfg, opt.lengths), "results": results, "samples": records,
+        "skipped": skipped, "notes": notes(info, opt.lengths), "results": results, "samples": records,
         "seconds": round(time.time() - t_start, 2),
     }
 
 
-def notes(cfg, lengths: list[int]) -> list[str]:
-    """What a reader of the table must know: at or below index_topk every query keeps all its tokens."""
-    short = [L for L in lengths if L <= cfg.index_topk]
+def notes(info, lengths: list[int]) -> list[str]:
+    """What a reader of the table must know: where every query keeps all it sees, patterns cannot matter."""
+    short = [L for L in lengths if L <= info.first_restrictive_query]
     if not short:
         return []
-    return [f"at {', '.join(map(str, short))} tokens (<= index_topk {cfg.index_topk}) every query keeps all the "
-            "tokens it sees, so patterns cannot change the scores or perplexity there"]
+    return [f"at {', '.join(map(str, short))} tokens (a query keeps {info.describe_selection()}) every query keeps "
+            "all the tokens it sees, so patterns cannot change the scores or perplexity there"]
 
 
 def _short(p: Pattern) -> str:

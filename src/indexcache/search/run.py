@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..architectures import model_info
 from ..data import load_calibration
 from ..distributed import Dist
 from ..errors import SearchError
-from ..ops.backends import default_backend
 from ..outputs import OutputDir, check_output_dir, write_atomic
 from ..pattern import CONVENTIONS, Pattern, PatternError
-from ..runner import LayerRunner, NativeRunner
+from ..runner import LayerRunner, open_model
 from .evaluator import LossEvaluator
 from .greedy import GreedyResult, greedy_search, stage_starts
 from .similarity import similarity_dp, similarity_matrix
@@ -43,7 +42,8 @@ class SearchOptions:
     scoring: str = "exact"
     cache_gb: float = 2.0
     progress: bool = True
-    backend: str = "native"  # "native": this package's model; "hf": the transformers class (integrations/transformers)
+    backend: str = "auto"  # "native": this package's model; "hf": the transformers class; "auto": native where it
+    # covers the architecture (DeepSeek-V3.2, GLM-5.x), else hf
     ops: str = "auto"  # native backend: "torch" (plain ops), "triton" (kernels) or "auto" (triton on CUDA)
     device_map: str | None = None  # with backend "hf": transformers' device_map (auto, a device, JSON, .json file)
     overwrite: bool = False  # replace an earlier search's outputs in ``out``
@@ -71,27 +71,15 @@ def run_search(opt: SearchOptions) -> dict:
         opt.device = f"cuda:{dist.rank}"
         torch.cuda.set_device(opt.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opt.dtype]
-    if opt.backend not in ("native", "hf"):
-        raise SearchError(f"unknown backend {opt.backend!r} (native or hf)")
-    if opt.device_map is not None and opt.backend != "hf":
-        raise SearchError("--device-map needs --backend hf")
-    if opt.backend == "hf":
-        from ..integrations.transformers import load_hf_for_search
-
-        model = load_hf_for_search(opt.model, dtype=dtype, device=opt.device, device_map=opt.device_map,
-                                   scoring=opt.scoring, world=dist.world)
-        runner: LayerRunner = model.runner()
-        ops = "torch"
-    else:
-        model = load_model(opt.model, dtype=dtype, device=opt.device, scoring=opt.scoring, verbose=dist.is_main)
-        ops = native_ops(model, opt.ops)
-        model.set_backend(ops)
-        runner = NativeRunner(model)
-    cfg = model.config
-    n = cfg.num_hidden_layers
-    seq_len = opt.seq_len or max(2 * cfg.index_topk, 512)
-    cal = load_calibration(opt.model, opt.data, opt.num_samples, seq_len, opt.seed, cfg.index_topk, cfg.vocab_size)
-    start = model.pattern  # all Full, or a native-shared checkpoint's own Full layers
+    info = model_info(opt.model)
+    opened = open_model(opt.model, info, opt.backend, dtype, opt.device, opt.scoring, opt.ops, opt.device_map,
+                        dist.world, verbose=dist.is_main)
+    runner, model, backend, ops = opened.runner, opened.model, opened.backend, opened.ops
+    n = info.num_slots  # pattern positions: the layers that own an indexer
+    seq_len = opt.seq_len or default_seq_len(info)
+    info.check_calibration(seq_len)
+    cal = load_calibration(opt.model, opt.data, opt.num_samples, seq_len, opt.seed, None, info.vocab_size)
+    start = opened.start  # all Full, or a native-shared checkpoint's own Full layers
     target = target_full(n, opt.keep, opt.num_full)
     forced = sorted({0, *opt.force_full, *stage_starts(n, opt.stages)})
     if target < len(forced):
@@ -108,8 +96,8 @@ def run_search(opt: SearchOptions) -> dict:
                    "dtype": opt.dtype, "scoring": opt.scoring, "batch_size": opt.batch_size}
     if ops != "torch":  # kernels and plain ops agree to rounding, not bit for bit: no mixed resume
         fingerprint["ops"] = ops
-    if opt.backend != "native":  # the two backends agree to fp32 rounding, not bit for bit: no mixed resume
-        fingerprint["backend"] = opt.backend
+    if backend != "native":  # the two backends agree to fp32 rounding, not bit for bit: no mixed resume
+        fingerprint["backend"] = backend
     state_path = out.path / STATE_FILE
     result = greedy_search(evaluator, start=start, target_full=None if opt.to_end else target, stages=opt.stages,
                            forced_full=forced, state_path=state_path, resume=opt.resume,
@@ -122,12 +110,12 @@ def run_search(opt: SearchOptions) -> dict:
     if baselines is None:
         baselines = compute_baselines(opt, runner, evaluator, cal, start, target, forced)
         save_baselines(state_path, wanted, baselines)
-    report = build_report(opt, cfg, cal, seq_len, result, target, baselines)
+    report = build_report(opt, info, cal, seq_len, result, target, baselines)
     report.update(ops=ops, command=opt.command)
     if torch.device(opt.device).type == "cuda":
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    if opt.backend != "native":
-        report["backend"] = {"name": opt.backend, "placement": model.placement()}
+    if backend != "native":
+        report["backend"] = {"name": backend, "placement": model.placement()}
     write_outputs(report, out)
     dist.close()
     return report
@@ -151,19 +139,9 @@ def save_baselines(state_path: Path, wanted: dict, baselines: dict) -> None:
     write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=2)))
 
 
-def native_ops(model, ops: str) -> str:
-    """The ops backend of a native search: ``auto`` takes the kernels on CUDA when the model's shapes suit
-    them, else the plain ops."""
-    if ops != "auto":
-        return ops
-    name = default_backend(model.device)
-    cfg = model.config
-    from ..ops.backends import get_backend
-
-    if name == "triton" and not get_backend("triton").supports(
-            cfg.index_n_heads, cfg.index_head_dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank):
-        return "torch"
-    return name
+def default_seq_len(info) -> int:
+    """Twice what a query keeps, in tokens, and at least 512."""
+    return max(2 * info.index_topk * info.tokens_per_unit, 512)
 
 
 def compute_baselines(opt: SearchOptions, runner: LayerRunner, evaluator, cal, start: Pattern, target: int,
@@ -209,7 +187,7 @@ def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress
     return rows
 
 
-def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResult, target: int,
+def build_report(opt: SearchOptions, info, cal, seq_len: int, result: GreedyResult, target: int,
                  baselines: dict) -> dict:
     sel = result.at(target)
     sel_p = sel.pattern
@@ -217,8 +195,10 @@ def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResul
         "num_layers": result.num_layers,
         "method": "greedy" + (f" (stages={result.stages})" if result.stages > 1 else ""),
         "model": opt.model,
-        "architecture": cfg.architecture,
-        "index_topk": cfg.index_topk,
+        "architecture": info.architecture,
+        "index_topk": info.index_topk,
+        "selection_unit": info.spec.unit,
+        "indexer_layers": info.slots,
         "calibration": {"source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len,
                         "seed": opt.seed, "fingerprint": cal.fingerprint},
         "all_full_loss": result.all_full_loss,
@@ -226,8 +206,8 @@ def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResul
         "forced_full": result.forced_full,
         "trajectory": [e.as_dict() for e in result.trajectory],
         "selected": {"pattern": str(sel_p), "num_full": sel.num_full, "loss": sel.loss,
-                     "retention": round(sel_p.retention, 4), "config_patch": sel_p.config_patch(),
-                     "sglang": sel_p.sglang_override(), "vllm": sel_p.vllm_override()},
+                     "retention": round(sel_p.retention, 4), "decoder_layers": info.decoder_form(sel_p),
+                     "config_patch": info.config_patch(sel_p), "engines": info.engine_flags(sel_p)},
         "baselines": baselines,
         "counters": result.counters,
         "seconds": round(result.seconds, 2),
@@ -236,12 +216,18 @@ def build_report(opt: SearchOptions, cfg, cal, seq_len: int, result: GreedyResul
 
 def write_outputs(report: dict, out: OutputDir) -> None:
     out.write_text("report.json", json.dumps(report, indent=2) + "\n")
-    sel = Pattern.parse(report["selected"]["pattern"])
-    out.write_text("config_patch.json", json.dumps(sel.config_patch(), indent=2) + "\n")
-    flags = sel.engine_flags()
-    out.write_text("engine_flags.txt", f"SGLang: {flags['sglang']}\nvLLM:   {flags['vllm']}\n")
+    sel = report["selected"]
+    out.write_text("config_patch.json", json.dumps(sel["config_patch"], indent=2) + "\n")
+    out.write_text("engine_flags.txt", engine_flags_text(sel))
     out.write("loss_curve.png", lambda p: plot_loss_curve(report, p))
     out.write_text("summary.md", summary_markdown(report))
+
+
+def engine_flags_text(sel: dict) -> str:
+    lines = [f"# pattern {sel['pattern']} ({sel['num_full']} Full); per decoder layer {sel['decoder_layers']}"]
+    for e in sel["engines"]:
+        lines.append(f"{e['engine']}: {e['flag'] or '(no flag)'}" + (f"   # {e['note']}" if e["note"] else ""))
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(r: dict) -> str:
@@ -251,20 +237,23 @@ def summary_markdown(r: dict) -> str:
     lines = [
         f"# IndexCache greedy search: {Path(r['model']).name}",
         "",
-        f"- model: `{r['model']}` ({r['architecture']}, {r['num_layers']} layers, index_topk {r['index_topk']})",
+        f"- model: `{r['model']}` ({r['architecture']}, {r['num_layers']} layers with an indexer, index_topk "
+        f"{r['index_topk']} ({r.get('selection_unit', 'token')}s))",
         f"- calibration: {cal['num_samples']} x {cal['seq_len']} tokens from {cal['source']}, windows drawn with "
         f"seed {cal['seed']}",
         f"- all-Full loss: {r['all_full_loss']:.5f}",
-        f"- **selected ({sel['num_full']} Full, retention {sel['retention']:.3f})**: `{sel['pattern']}`, "
-        f"loss {sel['loss']:.5f} ({sel['loss'] - r['all_full_loss']:+.5f})",
+        f"- **selected ({sel['num_full']} Full, retention {sel['retention']:.3f})**: `{sel['pattern']}` (per decoder "
+        f"layer `{sel['decoder_layers']}`), loss {sel['loss']:.5f} ({sel['loss'] - r['all_full_loss']:+.5f})",
         f"- work: {c['evaluations']} pattern evaluations, {c['layer_forwards']} layer-forwards "
         f"({c['ratio_vs_naive']:.3f}x of the {c['naive_layer_forwards']} a search without prefix reuse runs), "
         f"{r['seconds']:.1f} s",
         "",
-        "SGLang: `--json-model-override-args '" + sel["sglang"] + "'`",
-        "",
-        "vLLM: `--hf-overrides '" + sel["vllm"] + "'`",
-        "",
+    ]
+    for e in sel["engines"]:
+        lines.append(f"{e['engine']}: " + (f"`{e['flag']}`" if e["flag"] else "no flag") +
+                     (f" ({e['note']})" if e["note"] else ""))
+        lines.append("")
+    lines += [
         "| #Full | greedy loss | flipped |",
         "|---:|---:|---:|",
     ]
@@ -332,26 +321,33 @@ def plot_loss_curve(r: dict, path: Path) -> None:
 
 def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, seq_len: int | None, seed: int,
                 pattern: Pattern | None, device: str = "cpu", progress: bool = True, overwrite: bool = False,
-                command: str = "") -> torch.Tensor:
-    from ..analysis.overlap import overlap_matrix, plot_heatmap, write_csv
+                command: str = "", backend: str = "auto") -> torch.Tensor:
+    """The cross-layer overlap of the all-Full model, over the pattern positions, in the architecture's unit
+    (per indexer head too where each head selects)."""
+    from ..analysis.overlap import overlap_by_head, plot_heatmap, write_csv
 
     check_output_dir(out, "--out", overwrite=overwrite)
-    model = load_model(model_dir, device=device)
-    model.set_backend(native_ops(model, "auto"))
-    cfg = model.config
-    seq_len = seq_len or max(2 * cfg.index_topk, 512)
-    cal = load_calibration(model_dir, data, num_samples, seq_len, seed, cfg.index_topk, cfg.vocab_size)
-    pat = None if pattern is None else pattern.validate(num_layers=cfg.num_hidden_layers)
-    mat = overlap_matrix(NativeRunner(model), cal.batches(1), progress=progress)
+    info = model_info(model_dir)
+    opened = open_model(model_dir, info, backend, device=device)
+    seq_len = seq_len or default_seq_len(info)
+    info.check_calibration(seq_len)
+    cal = load_calibration(model_dir, data, num_samples, seq_len, seed, None, info.vocab_size)
+    pat = None if pattern is None else pattern.validate(num_layers=info.num_slots)
+    inter, size = overlap_by_head(opened.runner, cal.batches(1), progress=progress,
+                                  first_query=info.first_restrictive_query)
+    mat = inter.sum(0) / size.sum(0).view(-1, 1)
     o = OutputDir(out, command).open(fresh=True)
     o.write("overlap.csv", lambda p: write_csv(mat, p))
     o.write("overlap.png", lambda p: plot_heatmap(mat, p, pat))
-    n = cfg.num_hidden_layers
+    n = info.num_slots
     adjacent = [float(mat[i + 1, i]) for i in range(n - 1)]
-    summary = {"num_layers": n, "index_topk": cfg.index_topk, "calibration": {
-        "source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len, "seed": seed},
-        "mean_adjacent_overlap": sum(adjacent) / max(len(adjacent), 1),
-        "min_overlap": float(mat.min()), "pattern": pat and str(pat)}
+    summary = {"num_layers": n, "indexer_layers": info.slots, "architecture": info.architecture,
+               "selection_unit": info.spec.unit, "index_topk": info.index_topk, "calibration": {
+                   "source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len, "seed": seed},
+               "mean_adjacent_overlap": sum(adjacent) / max(len(adjacent), 1),
+               "min_overlap": float(mat.min()), "pattern": pat and str(pat)}
+    if inter.shape[0] > 1:  # one selection per indexer head: each head's own matrix too
+        summary["per_head"] = [(inter[h] / size[h].view(-1, 1)).tolist() for h in range(inter.shape[0])]
     if pat is not None:
         shared = [float(mat[i, pat.source_layer(i)]) for i in pat.shared_layers]
         summary["mean_shared_to_source_overlap"] = sum(shared) / len(shared) if shared else math.nan

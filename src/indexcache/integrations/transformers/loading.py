@@ -10,7 +10,7 @@ from torch import nn
 from ...errors import CheckpointError, HFModelError, PatternError
 from ...ops.common import DEFAULT_BUDGET_BYTES
 from ...pattern import Pattern
-from .patterns import apply_pattern
+from .patterns import apply_pattern, drop_indexers
 from .scoring import patch_indexer_scoring
 
 
@@ -39,38 +39,36 @@ def load_pretrained(
         import transformers
     except ImportError:
         raise HFModelError("transformers is not installed (pip install transformers)") from None
-    from ...checkpoint import TensorSource, checkpoint_indexer_layers
-    from ...config import DSAConfig
+    from ...architectures import model_info
+    from ...checkpoint import TensorSource
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise HFModelError(f"{path} is not a local model directory with a config.json")
-    cfg = DSAConfig.from_file(path)
-    n = cfg.num_hidden_layers
+    info = model_info(path)
     src = TensorSource(path)
     try:
-        shipped = checkpoint_indexer_layers(src.names(), n)
+        shipped = info.shipped_slots(src.names())
     finally:
         src.close()
-    p = cfg.pattern if pattern is None else Pattern.parse(pattern)
-    p.validate(num_layers=n)
+    p = info.pattern if pattern is None else info.parse_pattern(pattern)
     try:
         p.validate(indexer_layers=shipped)
     except PatternError as e:
         raise CheckpointError(str(e)) from None
-    cls = getattr(transformers, cfg.architecture, None)
+    cls = getattr(transformers, info.architecture, None)
     if cls is None:
-        raise HFModelError(f"this transformers ({transformers.__version__}) has no {cfg.architecture}")
-    if cfg.arch == "glm_moe_dsa":
+        raise HFModelError(f"this transformers ({transformers.__version__}) has no {info.architecture}")
+    if info.arch == "glm_moe_dsa":
         kwargs.setdefault("indexer_types", p.indexer_types)  # build indexers only where they will run
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = cls.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
     if device_map is None:
         model.to(device)
+    # transformers fills indexers the checkpoint does not ship with random weights: they must never run
+    drop_indexers(model, [pos for pos in range(info.num_slots) if pos not in shipped])
     apply_pattern(model, p, drop_shared_indexers=True)
     if scoring is not None:
         patch_indexer_scoring(model, budget_bytes, scoring)
     return model
-
-

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import DSAConfig
+from ...architectures import ModelInfo, model_info
 from ...errors import HFModelError, SearchError
 from ...ops.common import DEFAULT_BUDGET_BYTES
 from ...pattern import Pattern
@@ -237,7 +237,7 @@ class HFSearchModel:
     """What ``run_search`` needs from a transformers model: its config, starting pattern and runner."""
 
     hf: nn.Module
-    config: DSAConfig
+    config: ModelInfo
     pattern: Pattern  # the start: Full exactly on the layers with trained indexers (the checkpoint's own)
     offload: tempfile.TemporaryDirectory | None = None  # disk-offloaded weights, removed with this object
 
@@ -290,7 +290,7 @@ def load_hf_for_search(path: str, dtype: torch.dtype = torch.float32, device: st
         import transformers  # noqa: F401
     except ImportError:
         raise SearchError("--backend hf needs transformers (pip install transformers)") from None
-    cfg = DSAConfig.from_file(path)
+    cfg = model_info(path)
     kwargs, offload = {}, None
     if isinstance(dm, dict) and "disk" in {str(v) for v in dm.values()}:
         # transformers re-saves disk-offloaded weights it fuses (the MoE experts); the folder lives as long
