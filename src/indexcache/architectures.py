@@ -31,6 +31,7 @@ from .errors import ConfigError, PatternError
 from .pattern import FULL, SHARED, Pattern, format_ranges, parse_spec
 
 NONE = "-"  # a decoder layer without an indexer, in the per-decoder-layer form
+NONE_ALIAS = "."  # the same, where a leading '-' would read as a command-line option
 CSA = "compressed_sparse_attention"
 
 
@@ -143,7 +144,7 @@ class ModelInfo:
         ``S`` at layers without an indexer), or a rule (``all-full``, ``uniform:...``) over the positions."""
         if isinstance(spec, Pattern):
             return self._check_length(spec)
-        text = str(spec).strip()
+        text = str(spec).strip().replace(NONE_ALIAS, NONE)
         n = self.num_slots
         if self.slots != list(range(self.num_layers)) and len(text) == self.num_layers and set(text.upper()) <= set(
                 "FS" + NONE):
@@ -156,7 +157,9 @@ class ModelInfo:
             if missing:
                 raise PatternError(f"decoder layers {format_ranges(missing)} own an indexer: give them F or S")
             return self._check_length(Pattern("".join(up[layer] for layer in self.slots)))
-        return self._check_length(parse_spec(text, n))
+        # an explicit string is parsed without a length so that a wrong one gets this model's own message
+        explicit = set(text.upper()) <= set("FS")
+        return self._check_length(parse_spec(text, None if explicit else n))
 
     def _check_length(self, p: Pattern) -> Pattern:
         if len(p) != self.num_slots:
@@ -244,6 +247,22 @@ class ModelInfo:
                  + ("" if env else ": this pattern is not uniform")},
                 {"engine": "transformers", "flag": None, "note": "MiniMaxM3VLForCausalLM has no sharing: "
                  "indexcache.integrations.transformers.apply_pattern adds it"}]
+
+
+def describe_positions(slots: list[int], positions: list[int]) -> str:
+    """Pattern positions in words: ``layers 1,3`` when every layer owns an indexer, else both numberings."""
+    if slots == list(range(len(slots))):
+        return f"layers {format_ranges(positions)}"
+    return f"indexer layers {format_ranges(positions)} (decoder layers {format_ranges([slots[p] for p in positions])})"
+
+
+def check_trained(slots: list[int], pattern: Pattern, trained: list[int]) -> Pattern:
+    """Refuse a pattern that makes Full a position without trained indexer weights."""
+    missing = [p for p in pattern.full_layers if p not in set(trained)]
+    if missing:
+        raise PatternError(f"{describe_positions(slots, missing)} are Full but the checkpoint has no indexer weights "
+                           f"for them (it ships them on {describe_positions(slots, trained) if trained else 'none'})")
+    return pattern
 
 
 def exports_text(info: ModelInfo, pattern: Pattern) -> str:
@@ -348,5 +367,5 @@ def arch_names() -> list[str]:
     return list(SPECS)
 
 
-__all__ = ["CSA", "NONE", "SPECS", "ArchSpec", "ModelInfo", "arch_names", "detect_arch", "exports_text", "model_info",
-           "read_config"]
+__all__ = ["CSA", "NONE", "NONE_ALIAS", "SPECS", "ArchSpec", "ModelInfo", "arch_names", "check_trained",
+           "describe_positions", "detect_arch", "exports_text", "model_info", "read_config"]

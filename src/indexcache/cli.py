@@ -134,15 +134,31 @@ def data_path(path: str, option: str = "--data") -> None:
     decode_text(head, f"{option} {path}")
 
 
-def pattern_arg(spec: str | None, info, option: str = "--pattern") -> Pattern | None:
+def pattern_arg(spec: str | None, info, option: str = "--pattern", model: str | None = None) -> Pattern | None:
     """A pattern option read for this model: one character per layer that owns an indexer, the
-    per-decoder-layer form, or a rule."""
+    per-decoder-layer form, or a rule; with ``model``, checked against the indexer weights it ships (the
+    checkpoint headers only)."""
     if spec is None:
         return None
+    from .architectures import check_trained
+
     try:
-        return info.parse_pattern(spec)
+        p = info.parse_pattern(spec)
+        if model is not None:
+            check_trained(info.slots, p, _shipped(info, model))
+        return p
     except PatternError as e:
         raise PatternError(f"{option} {spec}: {e}") from None
+
+
+def _shipped(info, model: str) -> list[int]:
+    from .checkpoint import TensorSource
+
+    src = TensorSource(model)
+    try:
+        return info.shipped_slots(src.names())
+    finally:
+        src.close()
 
 
 def _out_dir(args: argparse.Namespace, resume_file: str | None = None) -> None:
@@ -319,7 +335,7 @@ def check_loss(args: argparse.Namespace) -> None:
     args.info = model_info_arg(args.model)
     model_weights(args.model)
     data_path(args.data)
-    args.parsed = [pattern_arg(s, args.info) for s in args.pattern or []]
+    args.parsed = [pattern_arg(s, args.info, model=args.model) for s in args.pattern or []]
     _check_length(args.seq_len, args.info, "--seq-len")
 
 
@@ -479,7 +495,7 @@ def check_eval(args: argparse.Namespace) -> None:
     args.info = model_info_arg(args.model)
     model_weights(args.model)
     resolve_backend(args.backend, args.info.spec.native, args.info.architecture)
-    args.parsed = [pattern_arg(s, args.info) for s in args.pattern or []]
+    args.parsed = [pattern_arg(s, args.info, model=args.model) for s in args.pattern or []]
     families = parse_families(args.tasks)
     if not families and not args.ppl_data:
         raise OptionError("--tasks none leaves nothing to evaluate: give --ppl-data too, or some task families")
@@ -564,7 +580,7 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 def check_export(args: argparse.Namespace) -> None:
     args.info = model_info_arg(args.model)
     model_weights(args.model)
-    args.parsed = pattern_arg(args.pattern, args.info)
+    args.parsed = pattern_arg(args.pattern, args.info, model=args.model)
     _out_dir(args)
 
 
@@ -960,12 +976,22 @@ def default_model() -> str | None:
     return bundled()
 
 
+def _decoder_form_tokens(argv: list[str]) -> list[str]:
+    """A per-decoder-layer pattern that starts with '-' (a first layer without an indexer) would read as an
+    option: such tokens (only '-', 'F' and 'S', at least one F/S; no option is spelled so) pass as '.'-form."""
+    from .architectures import NONE, NONE_ALIAS
+
+    return [t.replace(NONE, NONE_ALIAS) if t.startswith(NONE) and set(t.upper()) <= {"F", "S", NONE}
+            and set(t.upper()) & {"F", "S"} else t for t in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_decoder_form_tokens(raw))
     except SystemExit as e:  # a bad option (one line already printed) or --help
         return e.code if isinstance(e.code, int) else 2
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports record their exact command line
+    args.argv = raw  # reports record their exact command line
     prog = f"indexcache {args.cmd}"
     if args.cmd == "generate" and args.device is None:
         args.device = "cuda" if _cuda() else "cpu"

@@ -103,7 +103,7 @@ def greedy_search(
     """Run Algorithm 1. ``start`` defaults to all Full (a checkpoint that ships indexers only on some
     layers starts from those). ``target_full=None`` runs to the end."""
     dist = dist or Dist()
-    n = evaluator.n_layers
+    n = len(evaluator.runner.slots)  # pattern positions: the layers that own an indexer
     start_p = (Pattern.all_full(n) if start is None else start).validate(num_layers=n)
     blocks = stage_starts(n, stages)
     forced = sorted({0, *forced_full, *blocks})

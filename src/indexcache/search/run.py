@@ -146,7 +146,7 @@ def default_seq_len(info) -> int:
 
 def compute_baselines(opt: SearchOptions, runner: LayerRunner, evaluator, cal, start: Pattern, target: int,
                       forced: list[int]) -> dict:
-    n = runner.num_layers
+    n = len(runner.slots)  # pattern positions
     baselines: dict = {}
     if "uniform" in opt.baselines:
         baselines["uniform"] = uniform_baselines(evaluator, n, start, opt.progress)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...architectures import describe_positions
 from ...errors import HFModelError, PatternError
 from ...pattern import Pattern, format_ranges
 
@@ -281,11 +282,7 @@ def apply_pattern(
 
 
 def _where(st: PatternState, positions: Sequence[int]) -> str:
-    """Pattern positions in words: ``layers 1,3`` when every layer owns an indexer, else both numberings."""
-    if st.slots == list(range(len(st.slots))):
-        return f"layers {format_ranges(positions)}"
-    layers = format_ranges([st.slots[p] for p in positions])
-    return f"indexer layers {format_ranges(positions)} (decoder layers {layers})"
+    return describe_positions(st.slots, list(positions))
 
 
 def _recorder(slot: _IndexSlot):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...architectures import ModelInfo, model_info
+from ...architectures import ModelInfo, check_trained, model_info
 from ...errors import HFModelError, SearchError
 from ...ops.common import DEFAULT_BUDGET_BYTES
 from ...pattern import Pattern
@@ -181,7 +181,7 @@ class TransformersRunner:
 
             raise PatternError(f"wrong length: pattern has {len(pattern)} characters but the model has "
                                f"{len(self.slots)} layers with an indexer")
-        return pattern.validate(indexer_layers=self.indexer_layers)
+        return check_trained(self.slots, pattern, self.indexer_layers)
 
     def start(self, ids: torch.Tensor) -> LayerState:
         h, kw = capture_layer_inputs(self.model, ids.to(self.device))
