@@ -28,14 +28,15 @@ from indexcache.search import LossEvaluator, greedy_search
 
 transformers = pytest.importorskip("transformers")
 ARCHS = tiny.NEW_ARCHS
+ALL = tiny.ALL_ARCHS  # the exactness tests and the distributed search run on all five
 SEQ = 96  # V4: 24 compressed entries against top-4; GLM-5.3: 96 tokens against 16 (+ tail); MiniMax: 12 blocks of 8
 
 
-@pytest.fixture(scope="module", params=[(a, s) for a in ARCHS for s in (1, 2)], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[(a, s) for a in ALL for s in (1, 2)], ids=lambda p: f"{p[0]}-{p[1]}")
 def ckpt(request, tmp_path_factory):
     arch, seed = request.param
     d = tmp_path_factory.mktemp(f"{arch}{seed}") / "m"
-    tiny.save_new(tiny.hf_new(arch, seed=seed), d)
+    tiny.save_new(tiny.any_model(arch, seed=seed), d)
     return arch, seed, d
 
 
@@ -46,7 +47,8 @@ def _ids(seed: int, n: int = 2, seq: int = SEQ) -> torch.Tensor:
 def _plain(arch: str, d):
     """The checkpoint in its transformers class, untouched by this package."""
     cls = {"deepseek_v4": transformers.DeepseekV4ForCausalLM, "minimax_m3": transformers.MiniMaxM3VLForCausalLM,
-           "glm5_next": transformers.Glm5NextForConditionalGeneration}[arch]
+           "glm5_next": transformers.Glm5NextForConditionalGeneration,
+           "deepseek_v32": transformers.DeepseekV32ForCausalLM, "glm_moe_dsa": transformers.GlmMoeDsaForCausalLM}[arch]
     return cls.from_pretrained(str(d)).eval()
 
 
@@ -178,9 +180,9 @@ def run(capsys, *argv):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     out = {}
-    for arch in ARCHS:
+    for arch in ALL:
         d = tmp_path_factory.mktemp(arch) / "m"
-        tiny.save_new(tiny.hf_new(arch, seed=3), d)
+        tiny.save_new(tiny.any_model(arch, seed=3), d)
         out[arch] = d
     return out
 
@@ -195,8 +197,10 @@ def test_info_and_pattern_name_the_indexer_layers(capsys, dirs, arch):
         "3,4", "3-4") in out
     rc, out, _ = run(capsys, "pattern", "FSFS", "--model", d, "--json")
     info = json.loads(out)
-    assert info["indexer_layers"] == layers and info["decoder_layers"].count("-") == info["num_layers"] * 0 + (
-        len(info["decoder_layers"]) - 4)
+    expected = ["-"] * model_info(d).num_layers
+    for layer, c in zip(layers, "FSFS"):
+        expected[layer] = c
+    assert info["indexer_layers"] == layers and info["decoder_layers"] == "".join(expected)
     assert {e["engine"] for e in info["engines"]} == {"vLLM", "SGLang", "transformers"}
     rc, out, err = run(capsys, "info", d, "--pattern", "FSFS")
     assert rc == 0 and "indexer layers" in out and "per decoder layer" in out, err
@@ -247,6 +251,8 @@ def test_loss_search_overlap_eval_export(capsys, dirs, arch, tmp_path):
     assert json.loads((tmp_path / "s2" / "report.json").read_text())["start_pattern"] == "FSFS"
     rc, _, err = run(capsys, "loss", tmp_path / "x", "--data", text, "--seq-len", SEQ, "--pattern", "FFFS")
     assert rc == 2 and "are Full but the checkpoint has no indexer weights" in err and "decoder layers" in err
+    rc, _, err = run(capsys, "generate", d, "--prompt-file", text, "--max-new-tokens", 2)
+    assert rc == 2 and "use transformers' generate" in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -285,3 +291,69 @@ def test_calibration_too_short_for_the_unit(capsys, dirs, tmp_path):
     assert rc == 2 and "(4 compressed entries)" in err and "a query keeps 4 compressed entries of 4 tokens" in err
     rc, _, err = run(capsys, "search", dirs["minimax_m3"], "--data", text, "--seq-len", 24, "--out", tmp_path / "s")
     assert rc == 2 and "3 key blocks of 8 tokens per indexer head" in err
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_two_gloo_processes_split_candidates_like_one(dirs, arch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    text = tmp_path / "doc.txt"
+    text.write_text("A long sentence about rivers, mountains and the sea, told again and again. " * 40)
+    common = ["search", dirs[arch], "--data", text, "--num-samples", 2, "--seq-len", SEQ, "--num-full", 2,
+              "--baselines", "none"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    one = subprocess.run([sys.executable, "-m", "indexcache.cli", *map(str, common), "--out", tmp_path / "one"],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = str(29600 + ALL.index(arch))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                          "-m", "indexcache.cli", *map(str, common), "--out", tmp_path / "two"], env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / k / "report.json").read_text()) for k in ("one", "two"))
+    assert a["trajectory"] == b["trajectory"] and a["all_full_loss"] == b["all_full_loss"]
+    assert a["counters"]["evaluations"] == b["counters"]["evaluations"]
+
+
+# ------------------------------------------------- DeepSeek-V3.2 and GLM-5.x: the same commands, native model
+@pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
+def test_every_command_on_the_native_architectures(capsys, arch, tmp_path):
+    d = tmp_path / "m"
+    tiny.save_new(tiny.hf_model(arch, seed=4, vocab_size=256), d)
+    text = tmp_path / "doc.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog while the cat sleeps by the fire. " * 40)
+    rc, out, err = run(capsys, "info", d)
+    assert rc == 0 and "6 layers" in out, err
+    rc, out, err = run(capsys, "pattern", "FSSFSS", "--model", d, "--json")
+    assert rc == 0 and json.loads(out)["pattern"] == "FSSFSS", err
+    assert json.loads(out)["indexer_layers"] == list(range(6))
+    rc, _, err = run(capsys, "pattern", "FSF", "--model", d)
+    assert rc == 2 and "wrong length" in err and "6 layers with an indexer" in err
+    rc, out, err = run(capsys, "loss", d, "--data", text, "--seq-len", 48, "--pattern", "all-full", "--pattern",
+                       "FSSFSS", "--json")
+    assert rc == 0, err
+    common = ["--data", text, "--num-samples", 2, "--seq-len", 48]
+    rc, _, err = run(capsys, "search", d, *common, "--num-full", 2, "--out", tmp_path / "s")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["backend"]["name"] == "native" and rep["baselines"]["uniform"]
+    rc, _, err = run(capsys, "search", d, *common, "--num-full", 2, "--backend", "hf", "--baselines", "none",
+                     "--out", tmp_path / "h")
+    assert rc == 0, err
+    via_hf = json.loads((tmp_path / "h" / "report.json").read_text())["trajectory"]
+    assert [t["pattern"] for t in via_hf] == [t["pattern"] for t in rep["trajectory"]]  # fp32 rounding apart
+    assert [t["loss"] for t in via_hf] == pytest.approx([t["loss"] for t in rep["trajectory"]], abs=1e-5)
+    rc, _, err = run(capsys, "overlap", d, *common, "--out", tmp_path / "o")
+    assert rc == 0 and json.loads((tmp_path / "o" / "overlap.json").read_text())["num_layers"] == 6, err
+    rc, _, err = run(capsys, "eval", d, "--pattern", "all-full", "--pattern", "FSSFSS", "--tasks", "niah_single",
+                     "--lengths", 200, "--samples", 1, "--ppl-data", text, "--quiet", "--out", tmp_path / "e.json")
+    assert rc == 0 and len(json.loads((tmp_path / "e.json").read_text())["results"]) == 2, err
+    rc, _, err = run(capsys, "export", d, "--pattern", "FSSFSS", "--out", tmp_path / "x")
+    assert rc == 0 and str(model_info(tmp_path / "x").pattern) == "FSSFSS", err
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox")
+    rc, out, err = run(capsys, "generate", tmp_path / "x", "--prompt-file", prompt, "--max-new-tokens", 3,
+                       "--device", "cpu")
+    assert rc == 0 and out.strip(), err

@@ -129,3 +129,15 @@ def save_new(model, path) -> None:
 
     model.save_pretrained(str(path))
     byte_tokenizer_files(Path(path))
+
+
+OLD_ARCHS = ["deepseek_v32", "glm_moe_dsa"]
+ALL_ARCHS = OLD_ARCHS + NEW_ARCHS
+INDEXER_LAYERS.update({a: [0, 1, 2, 3] for a in OLD_ARCHS})
+
+
+def any_model(arch: str, seed: int = 0):
+    """A tiny random model of any of the five architectures, four layers with an indexer each."""
+    if arch in OLD_ARCHS:
+        return hf_model(arch, seed=seed, vocab_size=256, num_hidden_layers=4, first_k_dense_replace=1)
+    return hf_new(arch, seed=seed)

@@ -114,8 +114,7 @@ def run_search(opt: SearchOptions) -> dict:
     report.update(ops=ops, command=opt.command)
     if torch.device(opt.device).type == "cuda":
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    if backend != "native":
-        report["backend"] = {"name": backend, "placement": model.placement()}
+    report["backend"] = {"name": backend, "placement": model.placement() if backend != "native" else opt.device}
     write_outputs(report, out)
     dist.close()
     return report
