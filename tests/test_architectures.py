@@ -198,7 +198,7 @@ def test_info_and_pattern_name_the_indexer_layers(capsys, dirs, arch):
     rc, out, _ = run(capsys, "pattern", "FSFS", "--model", d, "--json")
     info = json.loads(out)
     expected = ["-"] * model_info(d).num_layers
-    for layer, c in zip(layers, "FSFS"):
+    for layer, c in zip(layers, "FSFS", strict=True):
         expected[layer] = c
     assert info["indexer_layers"] == layers and info["decoder_layers"] == "".join(expected)
     assert {e["engine"] for e in info["engines"]} == {"vLLM", "SGLang", "transformers"}
