@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from markers import interpreter
 
 from indexcache import Pattern, Trace, load_model
+from indexcache.cli import main
 from indexcache.data import DataError, load_calibration
 from indexcache.presets import make_random_checkpoint
 from indexcache.search import LossEvaluator, SearchError, greedy_search, similarity_dp, similarity_score
@@ -98,6 +99,34 @@ def test_no_reuse_gives_the_same_trajectory(tmp_path):
     b = greedy_search(LossEvaluator(model, batches, reuse=False), target_full=3, progress=False)
     assert a.trajectory == b.trajectory
     assert b.counters["ratio_vs_naive"] == 1.0 and a.counters["ratio_vs_naive"] < 0.5
+
+
+def test_spilled_prefix_cache_gives_the_same_search(tmp_path):
+    """A device share that holds two layers' states, the rest spilled to host memory and copied back: the
+    same trajectory, bit for bit, and the same work as an unlimited cache; without the host tier, more work."""
+    model = load_model(_model_dir(tmp_path, 6), verbose=False)
+    batches = _batches(6)
+    big = greedy_search(LossEvaluator(model, batches, cache_bytes=1 << 34), target_full=3, progress=False)
+    probe = LossEvaluator(model, batches)
+    two_layers = 2 * probe.state_bytes() + 4096
+    spill = LossEvaluator(model, batches, cache_bytes=two_layers, host_bytes=1 << 34, separate_host=True)
+    res = greedy_search(spill, target_full=3, progress=False)
+    assert res.trajectory == big.trajectory
+    assert res.counters["layer_forwards"] == big.counters["layer_forwards"]
+    assert res.counters["spilled"] > 0 and res.counters["host_hits"] > 0
+    tight = greedy_search(LossEvaluator(model, batches, cache_bytes=two_layers), target_full=3, progress=False)
+    assert tight.trajectory == big.trajectory
+    assert tight.counters["layer_forwards"] > big.counters["layer_forwards"]
+
+
+def test_cache_below_one_layer_is_refused_before_writing(tmp_path, capsys):
+    mdir = _model_dir(tmp_path, 6)
+    out = tmp_path / "never"
+    rc = main(["search", str(mdir), "--num-samples", "2", "--seq-len", "64", "--cache-gb", "0.00001", "--out",
+               str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds less than one layer's states" in err and err.count("\n") == 1
+    assert not out.exists()
 
 
 def test_target_and_forced_validation(tmp_path):

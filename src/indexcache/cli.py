@@ -837,7 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/search_state.json")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
-    p.add_argument("--cache-gb", type=positive_float, default=2.0, help="memory for cached prefix states (GiB, > 0)")
+    p.add_argument("--cache-gb", type=positive_float, default=2.0,
+                   help="device memory for cached prefix states (GiB, > 0; default 2)")
+    p.add_argument("--host-cache-gb", type=nonneg_float, default=None,
+                   help="host memory for prefix states pushed out of --cache-gb (GiB; default: half the available "
+                        "host memory, at most 64; 0: none; not used on CPU, where --cache-gb is host memory)")
     _add_backend(p)
     p.add_argument("--device-map", help="with --backend hf: transformers device_map to spread the model over "
                    "devices (auto, balanced, a device, a JSON object or a .json file of module -> device)")

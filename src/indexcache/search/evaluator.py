@@ -6,6 +6,12 @@ longest cached prefix. In the greedy search a candidate that flips layer ``l`` s
 after a commit the prefix cache of the winning candidate is reused. Results are bit-identical to full
 forward passes: the same ops run on the same inputs. The layers run through a
 :class:`~indexcache.runner.LayerRunner`, so this loop serves every model the runners cover.
+
+Only the states entering a layer that owns an indexer are kept: two patterns first differ at such a
+layer, so those are the only states a later evaluation can start from. They live in two tiers: up to
+``cache_bytes`` on the model's device and, when a state is pushed out of it, up to ``host_bytes`` in
+host memory, copied back when a lookup hits it (long calibration windows of a large model do not fit
+the device's share).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import DataError, SearchError
 from ..pattern import Pattern
 from ..runner import LayerRunner, LayerState, as_runner
 
@@ -29,18 +35,59 @@ class Counters:
     evaluations: int = 0
     layer_forwards: int = 0  # decoder-layer forwards actually run (per batch)
     naive_layer_forwards: int = 0  # what full forward passes would have run
+    host_hits: int = 0  # evaluations that started from a state held in host memory
+    spilled: int = 0  # states moved from the device to host memory
 
     def as_dict(self) -> dict:
         ratio = self.layer_forwards / self.naive_layer_forwards if self.naive_layer_forwards else None
         return {"evaluations": self.evaluations, "layer_forwards": self.layer_forwards,
-                "naive_layer_forwards": self.naive_layer_forwards, "ratio_vs_naive": ratio}
+                "naive_layer_forwards": self.naive_layer_forwards, "ratio_vs_naive": ratio,
+                "host_hits": self.host_hits, "spilled": self.spilled}
+
+
+def _moved(state: State, device: torch.device | str) -> State:
+    return [LayerState(s.hidden.to(device), None if s.carry is None else s.carry.to(device), s.extra) for s in state]
+
+
+class _Tier:
+    """Least-recently-used states within a byte budget."""
+
+    def __init__(self, budget: int):
+        self.budget, self.size = budget, 0
+        self.items: OrderedDict[tuple[int, str], State] = OrderedDict()
+
+    def pop(self, key: tuple[int, str]) -> State | None:
+        state = self.items.pop(key, None)
+        if state is not None:
+            self.size -= _nbytes(state)
+        return state
+
+    def put(self, key: tuple[int, str], state: State) -> list[tuple[tuple[int, str], State]]:
+        """Store ``state`` (if it fits at all); returns what had to leave, oldest first."""
+        size = _nbytes(state)
+        if size > self.budget:
+            return [(key, state)]
+        out = []
+        while self.items and self.size + size > self.budget:
+            old_key, old = self.items.popitem(last=False)
+            self.size -= _nbytes(old)
+            out.append((old_key, old))
+        self.items[key] = state
+        self.size += size
+        return out
+
+
+def _nbytes(state: State) -> int:
+    # carried selections are often shared with neighbouring states; counting them every time errs on the safe side
+    return sum(s.nbytes() for s in state)
 
 
 class LossEvaluator:
     """``LossEvaluator(runner_or_model, batches).loss(pattern)``: the prefix cache, the loss loop and the
     work counters, over any :class:`LayerRunner` (this package's model is wrapped in a NativeRunner)."""
 
-    def __init__(self, runner, batches: list[torch.Tensor], cache_bytes: int = 2 << 30, reuse: bool = True):
+    def __init__(self, runner, batches: list[torch.Tensor], cache_bytes: int = 2 << 30, reuse: bool = True,
+                 host_bytes: int = 0, separate_host: bool | None = None):
         if not batches:
             raise DataError("no calibration batches")
         seq = batches[0].shape[1]
@@ -50,54 +97,73 @@ class LossEvaluator:
         self.n_layers = self.runner.num_layers
         # decoder layers [0, j) cover the pattern positions whose layer is below j
         self._covered = [sum(1 for layer in self.runner.slots if layer < j) for j in range(self.n_layers + 1)]
+        self._kept = {layer for layer in self.runner.slots if layer > 0}  # where two patterns can first differ
         self.batches = [b.to(self.runner.device) for b in batches]
         self.reuse = reuse
         self.cache_bytes = cache_bytes
+        # on CPU the two tiers are one (``separate_host`` keeps them apart, to exercise the spill)
+        on_host = torch.device(self.runner.device).type == "cpu" if separate_host is None else not separate_host
+        self._device = _Tier(cache_bytes + (host_bytes if on_host else 0))
+        self._host = _Tier(0 if on_host else host_bytes)
         self.counters = Counters()
-        self._cache: OrderedDict[tuple[int, str], State] = OrderedDict()  # (layers run, pattern prefix)
-        self._cache_size = 0
         self._embedded: State | None = None
         self.on_layer: Callable[[int], None] | None = None  # called after every layer-forward (progress)
 
     # ------------------------------------------------------------------------------- cache
-    @staticmethod
-    def _nbytes(state: State) -> int:
-        # carried selections are often shared with neighbouring states; counting them every time errs on the safe side
-        return sum(s.nbytes() for s in state)
+    def state_bytes(self) -> int:
+        """The size of one layer's states (every batch; the residual stream, the carried selection not
+        included): what the cache budget must at least hold."""
+        return sum(s.nbytes() for s in self._embedded_states())
+
+    def check_budget(self) -> None:
+        """Refuse a cache that cannot hold one layer's states: every evaluation would run every layer."""
+        need = self.state_bytes()
+        have = self._device.budget + self._host.budget
+        if self.reuse and need > have:
+            raise SearchError(f"--cache-gb {self.cache_bytes / 2**30:g} (with {self._host.budget / 2**30:g} GiB of "
+                              f"host memory) holds less than one layer's states, {need / 2**30:.2f} GiB for these "
+                              f"calibration windows: give --cache-gb {need / 2**30 * 4:.1f} or more (a few layers), "
+                              "or fewer/shorter windows")
 
     def _store(self, key: tuple[int, str], state: State) -> None:
-        if not self.reuse or key in self._cache:
+        if not self.reuse or key in self._device.items or key in self._host.items:
             return
-        size = self._nbytes(state)
-        if size > self.cache_bytes:
-            return
-        while self._cache and self._cache_size + size > self.cache_bytes:
-            _, old = self._cache.popitem(last=False)  # least recently used first
-            self._cache_size -= self._nbytes(old)
-        self._cache[key] = state
-        self._cache_size += size
+        for old_key, old in self._device.put(key, state):
+            if self._host.budget and _nbytes(old) <= self._host.budget:  # pushed out of the device: to the host
+                self._host.put(old_key, _moved(old, "cpu"))
+                self.counters.spilled += 1
 
     def _key(self, pattern: str, j: int) -> tuple[int, str]:
         """The cache key of the state entering decoder layer ``j``: it depends on the pattern of the layers
         below j only."""
         return j, pattern[: self._covered[j]]
 
-    def _lookup(self, pattern: str) -> tuple[int, State]:
-        if self.reuse:
-            for j in range(self.n_layers, 0, -1):
-                key = self._key(pattern, j)
-                state = self._cache.get(key)
-                if state is not None:
-                    self._cache.move_to_end(key)
-                    return j, state
+    def _embedded_states(self) -> State:
         if self._embedded is None:  # the embeddings, kept: every evaluation from layer 0 starts here
             self._embedded = [self.runner.start(b) for b in self.batches]
-        return 0, self._embedded
+        return self._embedded
+
+    def _lookup(self, pattern: str) -> tuple[int, State]:
+        if self.reuse:
+            for j in sorted(self._kept, reverse=True):
+                key = self._key(pattern, j)
+                state = self._device.items.get(key)
+                if state is not None:
+                    self._device.items.move_to_end(key)
+                    return j, state
+                state = self._host.pop(key)
+                if state is not None:  # back to the device, where it becomes the most recent entry
+                    self.counters.host_hits += 1
+                    state = _moved(state, self.runner.device)
+                    self._store(key, state)
+                    return j, state
+        return 0, self._embedded_states()
 
     def prune(self, keep: Callable[[str], bool]) -> None:
         """Drop cached states whose pattern prefix ``keep(prefix)`` rejects (e.g. no longer reachable)."""
-        for key in [k for k in self._cache if not keep(k[1])]:
-            self._cache_size -= self._nbytes(self._cache.pop(key))
+        for tier in (self._device, self._host):
+            for key in [k for k in tier.items if not keep(k[1])]:
+                tier.pop(key)
 
     # ---------------------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -110,7 +176,7 @@ class LossEvaluator:
             state = [self.runner.run(s, pattern, i, i + 1)[0] for s in state]
             if self.on_layer is not None:
                 self.on_layer(len(state))
-            if i + 1 < self.n_layers:
+            if i + 1 in self._kept:
                 self._store(self._key(key, i + 1), state)
         total, count = 0.0, 0
         for s, ids in zip(state, self.batches, strict=True):

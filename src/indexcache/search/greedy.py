@@ -145,8 +145,27 @@ def greedy_search(
     current = result.trajectory[-1].pattern if result.trajectory else result.start_pattern
     goal = min_full if target_full is None else target_full
     remaining = current.num_full - goal
-    bar = tqdm(total=remaining + len(result.trajectory), initial=len(result.trajectory),
-               desc="greedy flips", unit="flip", disable=not (progress and dist.is_main))
+    # the bar counts layer-forwards (this process's share), so its rate and ETA hold however far into the
+    # model a candidate's flip sits; what is left is estimated from the candidates' depths with prefix reuse
+    slots, n_batches = evaluator.runner.slots, len(evaluator.batches)
+
+    def forwards_left(pattern: Pattern, flips: int) -> int:
+        per_cand = []
+        for lo, hi in zip(blocks, blocks[1:] + [n], strict=True):
+            per_cand += [(evaluator.n_layers - slots[i]) * n_batches for i in range(lo, hi)
+                         if pattern.is_full(i) and i not in forced]
+        if not per_cand or flips <= 0:
+            return 0
+        mean, total, count = sum(per_cand) / len(per_cand), 0.0, len(per_cand)
+        for _ in range(flips):  # each flip removes one candidate from the next steps
+            total += mean * count
+            count = max(count - 1, 0)
+        return int(total / max(dist.world, 1))
+
+    bar = tqdm(total=forwards_left(current, remaining), desc="greedy search", unit="layer-fwd",
+               disable=not (progress and dist.is_main), dynamic_ncols=True)
+    bar.set_postfix_str(f"flips {len(result.trajectory)}/{len(result.trajectory) + remaining}")
+    evaluator.on_layer = bar.update
 
     def save() -> None:
         result.seconds = time.time() - t0
@@ -164,19 +183,20 @@ def greedy_search(
             if not cands:
                 continue
             mine = dist.split(cands)
-            inner = tqdm(mine, desc=f"  candidates ({len(cands)} total)", unit="cand", leave=False,
-                         disable=not (progress and dist.is_main))
-            scores = [(i, evaluator.loss(current.with_layer(i, SHARED))) for i in inner]
+            scores = [(i, evaluator.loss(current.with_layer(i, SHARED))) for i in mine]
             scores = [s for part in dist.gather(scores) for s in part]
             best_layer, best_loss = min(scores, key=lambda t: (t[1], t[0]))
             current = current.with_layer(best_layer, SHARED)
             remaining -= 1
             result.trajectory.append(Step(current, best_layer, best_loss))
-            bar.update(1)
-            bar.set_postfix(full=current.num_full, loss=f"{best_loss:.4f}", flipped=best_layer)
+            bar.total = bar.n + forwards_left(current, remaining)
+            bar.set_postfix_str(f"flips {len(result.trajectory)}/{len(result.trajectory) + remaining}, "
+                                f"Full {current.num_full}, loss {best_loss:.4f}, flipped {best_layer}")
+            bar.refresh()
             evaluator.prune(lambda key, p=str(current): _reachable(key, p, forced))
         save()
     bar.close()
+    evaluator.on_layer = None
     if not result.done:  # a finished state read back by --resume stays as it is (its baselines included)
         result.done = True
         save()
@@ -201,6 +221,7 @@ def _reachable(key: str, pattern: str, forced: Sequence[int]) -> bool:
 
 
 def _sum_counters(parts: list[dict]) -> dict:
-    out = {k: sum(p[k] for p in parts) for k in ("evaluations", "layer_forwards", "naive_layer_forwards")}
+    keys = ("evaluations", "layer_forwards", "naive_layer_forwards", "host_hits", "spilled")
+    out = {k: sum(p.get(k, 0) for p in parts) for k in keys}  # states saved before the host tier lack its keys
     out["ratio_vs_naive"] = out["layer_forwards"] / out["naive_layer_forwards"] if out["naive_layer_forwards"] else None
     return out

@@ -41,6 +41,7 @@ class SearchOptions:
     dtype: str = "float32"
     scoring: str = "exact"
     cache_gb: float = 2.0
+    host_cache_gb: float | None = None  # host memory for states pushed out of the device's share (None: auto)
     progress: bool = True
     backend: str = "auto"  # "native": this package's model; "hf": the transformers class; "auto": native where it
     # covers the architecture (DeepSeek-V3.2, GLM-5.x), else hf
@@ -62,6 +63,31 @@ def target_full(n: int, keep: float | None, num_full: int | None) -> int:
 
 
 STATE_FILE = "search_state.json"
+
+
+def available_host_gb() -> float:
+    """Host memory available now (GiB): MemAvailable where /proc/meminfo has it, else 0."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def host_cache_gb(requested: float | None, device: str) -> float:
+    """The host tier of the prefix cache: none when the model runs on the CPU (its states are already in
+    host memory); by default half the available host memory, at most 64 GiB."""
+    if torch.device(device).type == "cpu":
+        return 0.0
+    if requested is not None:
+        avail = available_host_gb()
+        if avail and requested > avail:
+            raise SearchError(f"--host-cache-gb {requested:g} is more than the {avail:.1f} GiB of host memory "
+                              "available now")
+        return requested
+    return min(64.0, available_host_gb() / 2)
 
 
 def run_search(opt: SearchOptions) -> dict:
@@ -86,12 +112,14 @@ def run_search(opt: SearchOptions) -> dict:
         raise SearchError(f"--keep/--num-full asks for {target} Full layers but {len(forced)} are forced Full")
     if target > start.num_full:
         raise SearchError(f"the checkpoint has indexers on only {start.num_full} layers; cannot keep {target}")
+    cache_bytes = int(opt.cache_gb * (1 << 30))
+    host_bytes = int(host_cache_gb(opt.host_cache_gb, opt.device) * (1 << 30))
+    evaluator = LossEvaluator(runner, cal.batches(opt.batch_size), cache_bytes=cache_bytes, host_bytes=host_bytes)
+    evaluator.check_budget()  # before anything is written
     out = OutputDir(opt.out, opt.command)
     if dist.is_main:
         out.open(fresh=not opt.resume)
         out.record(STATE_FILE)
-    cache_bytes = int(opt.cache_gb * (1 << 30))
-    evaluator = LossEvaluator(runner, cal.batches(opt.batch_size), cache_bytes=cache_bytes)
     fingerprint = {"model": str(Path(opt.model).resolve()), "calibration": cal.fingerprint, "seq_len": seq_len,
                    "dtype": opt.dtype, "scoring": opt.scoring, "batch_size": opt.batch_size}
     if ops != "torch":  # kernels and plain ops agree to rounding, not bit for bit: no mixed resume
