@@ -136,7 +136,7 @@ def test_every_command_takes_every_pattern_form(capsys, tiny_dir, tmp_path):
     (["generate", "{m}", "--prompt-file", "p", "--temperature", "-1"],
      "argument --temperature: expected a number >= 0"),
     (["generate", "{m}", "--prompt-file", "p", "--top-k", "-5"], "argument --top-k: expected a whole number >= 0"),
-    (["search", "{m}", "--cache-gb", "-1"], "argument --cache-gb: expected a number > 0, got '-1'"),
+    (["search", "{m}", "--cache-gb", "-1"], "argument --cache-gb: expected 'auto' or a number > 0, got '-1'"),
     (["search", "{m}", "--keep", "1.5"], "argument --keep: expected a number in (0, 1]"),
     (["pattern", "FSFS", "--stage-starts", "a,b"], "argument --stage-starts: expected comma-separated layer numbers"),
     (["train", "o", "--stage", "dense", "--data", "d", "--synthetic-mix", "2"], "argument --synthetic-mix"),

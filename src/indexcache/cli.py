@@ -47,6 +47,13 @@ def nonneg_int(text: str) -> int:
     return _number(text, int, 0, accepted="a whole number >= 0")
 
 
+def auto_or_positive_float(text: str) -> float | None:
+    """``auto`` (None) or a number > 0."""
+    if text.strip().lower() == "auto":
+        return None
+    return _number(text, float, 0.0, lo_open=True, accepted="'auto' or a number > 0")
+
+
 def positive_float(text: str) -> float:
     return _number(text, float, 0.0, lo_open=True, accepted="a number > 0")
 
@@ -837,8 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/search_state.json")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--scoring", choices=["exact", "fp8"], default="exact")
-    p.add_argument("--cache-gb", type=positive_float, default=2.0,
-                   help="device memory for cached prefix states (GiB, > 0; default 2)")
+    p.add_argument("--cache-gb", type=auto_or_positive_float, default=None,
+                   help="device memory for cached prefix states (GiB, > 0; default auto: a quarter of the GPU's "
+                        "free memory once the model is loaded, at least 2; 2 on CPU)")
     p.add_argument("--host-cache-gb", type=nonneg_float, default=None,
                    help="host memory for prefix states pushed out of --cache-gb (GiB; default: half the available "
                         "host memory, at most 64; 0: none; not used on CPU, where --cache-gb is host memory)")

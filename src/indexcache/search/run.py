@@ -40,7 +40,7 @@ class SearchOptions:
     device: str = "cpu"
     dtype: str = "float32"
     scoring: str = "exact"
-    cache_gb: float = 2.0
+    cache_gb: float | None = None  # device memory for prefix states (None: auto, see device_cache_gb)
     host_cache_gb: float | None = None  # host memory for states pushed out of the device's share (None: auto)
     progress: bool = True
     backend: str = "auto"  # "native": this package's model; "hf": the transformers class; "auto": native where it
@@ -74,6 +74,18 @@ def available_host_gb() -> float:
     except OSError:
         pass
     return 0.0
+
+
+def device_cache_gb(requested: float | None, device: torch.device | str) -> float:
+    """The device tier of the prefix cache: by default a quarter of the GPU's free memory once the model is
+    loaded (at least 2 GiB; the rest is left to the forward's own working memory), 2 GiB on CPU."""
+    if requested is not None:
+        return requested
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(2.0, free / 4 / 2**30)
+    return 2.0
 
 
 def host_cache_gb(requested: float | None, device: str) -> float:
@@ -112,7 +124,7 @@ def run_search(opt: SearchOptions) -> dict:
         raise SearchError(f"--keep/--num-full asks for {target} Full layers but {len(forced)} are forced Full")
     if target > start.num_full:
         raise SearchError(f"the checkpoint has indexers on only {start.num_full} layers; cannot keep {target}")
-    cache_bytes = int(opt.cache_gb * (1 << 30))
+    cache_bytes = int(device_cache_gb(opt.cache_gb, runner.device) * (1 << 30))
     host_bytes = int(host_cache_gb(opt.host_cache_gb, opt.device) * (1 << 30))
     evaluator = LossEvaluator(runner, cal.batches(opt.batch_size), cache_bytes=cache_bytes, host_bytes=host_bytes)
     evaluator.check_budget()  # before anything is written
@@ -139,7 +151,8 @@ def run_search(opt: SearchOptions) -> dict:
         baselines = compute_baselines(opt, runner, evaluator, cal, start, target, forced)
         save_baselines(state_path, wanted, baselines)
     report = build_report(opt, info, cal, seq_len, result, target, baselines)
-    report.update(ops=ops, command=opt.command)
+    report.update(ops=ops, command=opt.command,
+                  prefix_cache={"device_gib": round(cache_bytes / 2**30, 2), "host_gib": round(host_bytes / 2**30, 2)})
     if torch.device(opt.device).type == "cuda":
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     report["backend"] = {"name": backend, "placement": model.placement() if backend != "native" else opt.device}
