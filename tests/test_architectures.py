@@ -222,6 +222,10 @@ def test_loss_search_overlap_eval_export(capsys, dirs, arch, tmp_path):
     assert rc == 0, err
     rep = json.loads((tmp_path / "s" / "report.json").read_text())
     assert rep["backend"]["name"] == "hf" and rep["indexer_layers"] == tiny.INDEXER_LAYERS[arch]
+    # what it prints is this architecture's patch and flags, the same as the report's and the pattern command's
+    assert json.dumps(rep["selected"]["config_patch"]) in out and f"per decoder layer ('-': no indexer): " \
+        f"{rep['selected']['decoder_layers']}" in out
+    assert all((e["flag"] or "(no flag)") in out for e in rep["selected"]["engines"])
     assert rep["forced_full"] == [0, 2] and rep["baselines"]["uniform"]
     assert len(rep["selected"]["decoder_layers"]) == model_info(d).num_layers
     # a finished run resumes without recomputing (same report), and the state is refused for other settings

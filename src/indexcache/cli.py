@@ -444,7 +444,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"selected {sel['num_full']}/{report['num_layers']} Full: {sel['pattern']}  loss {sel['loss']:.5f}")
     print(f"work: {c['layer_forwards']} layer-forwards = {c['ratio_vs_naive']:.3f}x a search without prefix reuse; "
           f"{report['seconds']:.1f} s")
-    print(_exports_text(Pattern.parse(sel["pattern"])))
+    print(_exports_text(Pattern.parse(sel["pattern"]), model_info_arg(args.model, "MODEL")))
     print(f"\nwrote {args.out}/report.json, loss_curve.png, summary.md, config_patch.json, engine_flags.txt")
     print(next_steps(args, sel["pattern"]))
     return 0
