@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import read_config
 from .errors import ConfigError, PatternError
 from .pattern import FULL, SHARED, Pattern, format_ranges, parse_spec
 
@@ -274,20 +275,6 @@ def exports_text(info: ModelInfo, pattern: Pattern) -> str:
         lines.append(f"{e['engine']}:")
         lines.append("  " + (e["flag"] or "(no flag)") + (f"   # {e['note']}" if e["note"] else ""))
     return "\n".join(lines)
-
-
-def read_config(path: str | Path) -> dict:
-    p = Path(path)
-    f = p / "config.json" if p.is_dir() else p
-    if not f.is_file():
-        raise ConfigError(f"no config.json at {f}")
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{f} must hold a JSON object")
-    return d
 
 
 def model_info(path_or_config: str | Path | dict) -> ModelInfo:

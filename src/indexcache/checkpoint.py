@@ -287,14 +287,7 @@ def save_model(
             )
         conf = cfg.to_dict(pat)
         conf["dtype"] = str(dtype if dtype is not None else model.dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-        tok_src = copy_tokenizer_from or getattr(model, "source_dir", None)
-        if tok_src is not None:
-            for f in TOKENIZER_FILES:
-                if (Path(tok_src) / f).exists():
-                    shutil.copy2(Path(tok_src) / f, tmp / f)
-        if extra is not None:
-            extra(tmp)
+        _finish(tmp, conf, copy_tokenizer_from or getattr(model, "source_dir", None), extra)
         publish_dir(tmp, out_dir, overwrite=overwrite, command=command)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -357,12 +350,7 @@ def export_checkpoint(
         conf = _merge(copy.deepcopy(info.raw), info.config_patch(pattern))
         if dtype is not None:
             conf["dtype"] = str(dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-        for f in TOKENIZER_FILES:
-            if (src_dir / f).exists():
-                shutil.copy2(src_dir / f, tmp / f)
-        if extra is not None:
-            extra(tmp)
+        _finish(tmp, conf, src_dir, extra)
         publish_dir(tmp, out_dir, overwrite=overwrite, command=command)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -370,6 +358,17 @@ def export_checkpoint(
     finally:
         src.close()
     return out_dir
+
+
+def _finish(tmp: Path, conf: dict, tokenizer_dir: str | Path | None, extra: Callable[[Path], None] | None) -> None:
+    """What every exported directory gets besides its weights: config.json, the tokenizer files, extras."""
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for f in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / f).exists():
+                shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
+    if extra is not None:
+        extra(tmp)
 
 
 def _merge(base: dict, patch: dict) -> dict:

@@ -217,16 +217,7 @@ class DSAConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> DSAConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise ConfigError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_config(path))
 
     def _check_dims(self) -> None:
         if self.qk_rope_head_dim % 2:
@@ -339,3 +330,18 @@ def _fp8_block_size(d: dict) -> tuple[int, int] | None:
         bs = q.get("weight_block_size") or [128, 128]
         return int(bs[0]), int(bs[1])
     return None
+
+
+def read_config(path: str | Path) -> dict:
+    """A model directory's (or a file's) config.json as a dict, with one-line errors."""
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    if not f.is_file():
+        raise ConfigError(f"no config.json at {f}")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f} must hold a JSON object")
+    return d
