@@ -188,6 +188,45 @@ class ModelInfo:
             return f"{self.index_topk} key blocks of {self.tokens_per_unit} tokens per indexer head"
         return f"{self.index_topk} tokens"
 
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Refuse a ``--tp`` that transformers' tensor-parallel plan for this architecture cannot shard evenly:
+        the attention heads and the MLP widths that the plan splits must be multiples of it."""
+        if tp <= 1:
+            return
+        import transformers
+
+        cls = getattr(transformers, _TP_CONFIG[self.arch], None)
+        plan = dict(getattr(cls, "base_model_tp_plan", None) or {})
+        if not plan:
+            raise ConfigError(f"transformers has no tensor-parallel plan for {self.architecture}: use --device-map")
+        tc = self.raw.get("text_config", self.raw) if self.arch == "glm5_next" else self.raw
+        if "linear_attention" in (tc.get("layer_types") or []):
+            # transformers' plan shards every ``self_attn.o_proj`` row-wise but leaves the linear-attention
+            # layers' q/k/v whole, so those layers' shapes do not meet (checked on transformers 5.23)
+            raise ConfigError(f"transformers' tensor-parallel plan for {self.architecture} does not cover its "
+                              "linear-attention layers: split the model with --device-map instead")
+        default = cls()
+
+        def value(key: str) -> int | None:
+            v = tc.get(key, getattr(default, key, None))
+            return int(v) if isinstance(v, (int, float)) else None
+
+        keys = " ".join(plan)
+        checks = []
+        if "self_attn.q_proj" in keys or "self_attn.q_b_proj" in keys:
+            checks.append(("num_attention_heads", "attention heads"))
+        if "self_attn.k_proj" in keys:
+            checks.append(("num_key_value_heads", "key/value heads"))
+        if "experts.gate_up_proj" in keys:
+            checks.append(("moe_intermediate_size" if value("moe_intermediate_size") else "intermediate_size",
+                           "experts' intermediate size"))
+        if "layers.*.mlp.gate_proj" in keys:
+            checks.append(("intermediate_size", "dense MLP's intermediate size"))
+        bad = [f"{what} {value(key)} ({key})" for key, what in checks if value(key) and value(key) % tp]
+        if bad:
+            raise ConfigError(f"--tp {tp} does not divide the model's {' and '.join(bad)}: transformers' tensor "
+                              "parallel plan splits them evenly over the ranks")
+
     def check_calibration(self, seq_len: int, option: str = "--seq-len") -> None:
         """Refuse windows in which every query keeps everything it sees: all patterns would tie."""
         first = self.first_restrictive_query
@@ -310,6 +349,10 @@ def model_info(path_or_config: str | Path | dict) -> ModelInfo:
     pattern, source = _config_pattern(spec, d, tc, slots)
     return ModelInfo(spec, d, n, slots, k, unit, int(tc.max_position_embeddings), int(tc.vocab_size), pattern, source,
                      types, heads, pool)
+
+
+_TP_CONFIG = {"glm_moe_dsa": "GlmMoeDsaConfig", "deepseek_v32": "DeepseekV32Config", "deepseek_v4": "DeepseekV4Config",
+              "glm5_next": "Glm5NextTextConfig", "minimax_m3": "MiniMaxM3VLTextConfig"}
 
 
 def _transformers_config(spec: ArchSpec, d: dict):

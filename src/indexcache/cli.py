@@ -403,7 +403,17 @@ def check_search(args: argparse.Namespace) -> None:
     args.info = info = model_info_arg(args.model)
     model_weights(args.model)
     n = info.num_slots
-    resolve_backend(args.backend, info.spec.native, info.architecture, args.device_map)
+    resolve_backend(args.backend, info.spec.native, info.architecture, args.device_map, args.tp)
+    if args.tp > 1:
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % args.tp:
+            raise OptionError(f"--tp {args.tp} needs torchrun with a multiple of {args.tp} processes "
+                              f"(--nproc_per_node); this is {world} process{'es' if world > 1 else ''}")
+        if args.device_map is not None:
+            raise OptionError("--tp and --device-map are two ways of splitting the model: give one")
+        info.check_tensor_parallel(args.tp)
     if args.keep is not None and args.num_full is not None:
         raise OptionError("give --keep or --num-full, not both")
     if args.num_full is not None and args.num_full > n:
@@ -781,6 +791,49 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- main
+def check_plan(args: argparse.Namespace) -> None:
+    from .architectures import model_info
+
+    p = Path(args.model)
+    if p.is_dir():
+        args.info = model_info_arg(args.model)
+    elif p.is_file() and p.suffix == ".json":
+        args.info = model_info(p)  # a config.json alone is enough: the plan reads no weights
+    else:
+        raise OptionError(f"MODEL {args.model} is neither a model directory nor a config.json")
+    if args.seq_len is None:  # 32K, or the model's longest window if that is shorter
+        args.seq_len = min(32768, args.info.max_position_embeddings)
+    args.info.check_calibration(args.seq_len)
+    if args.seq_len > args.info.max_position_embeddings:
+        raise OptionError(f"--seq-len {args.seq_len} is above the model's max_position_embeddings "
+                          f"({args.info.max_position_embeddings})")
+    if args.keep is not None and args.num_full is not None:
+        raise OptionError("give --keep or --num-full, not both")
+    if args.num_full is not None and args.num_full > args.info.num_slots:
+        raise OptionError(f"--num-full {args.num_full} is more than the {args.info.num_slots} layers with an indexer")
+    if args.probe and not str(args.device or "cuda").startswith("cuda") and not args.allow_cpu_probe:
+        raise OptionError("--probe times the layers on this machine's GPU: give --device cuda (or "
+                          "--allow-cpu-probe for a CPU timing)")
+    if args.out is not None:
+        _out_file(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .outputs import write_report
+    from .plan import format_plan, make_plan
+
+    plan = make_plan(args.model, args.seq_len, args.num_samples, args.num_full, args.keep, args.gpus,
+                     args.gpu_memory_gib, args.flips, args.probe, args.device or "cuda", args.backend)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+    if args.out is not None:
+        write_report(Path(args.out), {**plan.as_dict(), "command": "indexcache " + " ".join(args.argv)})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -790,7 +843,7 @@ def _cuda() -> bool:
 PREFLIGHT = {
     "pattern": check_pattern, "info": check_info, "loss": check_loss, "search": check_search,
     "overlap": check_overlap, "eval": check_eval, "export": check_export, "train": check_train,
-    "bench": check_bench, "generate": check_generate, "random-model": check_random_model,
+    "bench": check_bench, "generate": check_generate, "random-model": check_random_model, "plan": check_plan,
 }
 
 
@@ -818,6 +871,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=token_count, nargs="+", default=[10_000, 60_000, 120_000, 200_000],
                    help="context lengths in tokens (8192 or 8K)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="memory per GPU and wall time of a search, before running it")
+    p.add_argument("model", help="model directory, or only its config.json")
+    p.add_argument("--seq-len", type=token_count, help="calibration tokens per sequence (default 32768, or the "
+                   "model's max_position_embeddings if less)")
+    p.add_argument("--num-samples", type=positive_int, default=4, help="calibration sequences (default 4)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep", type=fraction, help="fraction of indexer layers kept Full (default 0.25)")
+    g.add_argument("--num-full", type=positive_int, help="Full layers to search down to")
+    p.add_argument("--flips", type=positive_int, help="only the first F greedy steps (default: the whole search)")
+    p.add_argument("--gpus", type=positive_int, default=1, help="GPUs on the node (default 1)")
+    p.add_argument("--gpu-memory-gib", type=positive_float,
+                   help="memory of one GPU (default: this machine's GPU, else 139 for an H200)")
+    p.add_argument("--probe", action="store_true",
+                   help="time one or two random layers of each kind on this GPU instead of using the committed table")
+    p.add_argument("--allow-cpu-probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", help="device of the probe (default cuda)")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "hf"],
+                   help="which runner the search would use (default auto)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--out", help="also write the plan as a JSON report")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier plan report at --out")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("loss", help="mean LM loss on a text/jsonl/.npy file, per pattern")
     p.add_argument("model")
@@ -851,6 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host memory for prefix states pushed out of --cache-gb (GiB; default: half the available "
                         "host memory, at most 64; 0: none; not used on CPU, where --cache-gb is host memory)")
     _add_backend(p)
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="under torchrun: ranks per model, sharded by transformers' tensor-parallel plan (--backend "
+                        "hf); the candidates are split across the WORLD_SIZE/tp model replicas (default 1)")
     p.add_argument("--device-map", help="with --backend hf: transformers device_map to spread the model over "
                    "devices (auto, balanced, a device, a JSON object or a .json file of module -> device)")
     p.set_defaults(func=cmd_search)

@@ -142,14 +142,18 @@ class OpenedModel:
     start: Pattern  # the checkpoint's own pattern: Full exactly where trained indexers ship (or as its config says)
 
 
-def resolve_backend(backend: str, native_covers: bool, architecture: str, device_map: str | None = None) -> str:
-    """``auto``: this package's model where it covers the architecture, else transformers' class."""
+def resolve_backend(backend: str, native_covers: bool, architecture: str, device_map: str | None = None,
+                    tp: int = 1) -> str:
+    """``auto``: this package's model where it covers the architecture (and the model is not split), else
+    transformers' class."""
     from .errors import SearchError
 
     if backend not in ("auto", "native", "hf"):
         raise SearchError(f"unknown backend {backend!r} (auto, native or hf)")
     if backend == "auto":
-        backend = "native" if native_covers and device_map is None else "hf"
+        backend = "native" if native_covers and device_map is None and tp == 1 else "hf"
+    if tp > 1 and backend != "hf":
+        raise SearchError("--tp shards a transformers model with its tensor-parallel plan: it needs --backend hf")
     if backend == "native" and not native_covers:
         raise SearchError(f"the native model covers DeepSeek-V3.2 and GLM-5.x, not {architecture}: "
                           "use --backend hf (or auto)")
@@ -175,15 +179,16 @@ def native_ops(model: DSAForCausalLM, ops: str) -> str:
 
 def open_model(path, info, backend: str = "auto", dtype: torch.dtype = torch.float32, device: str = "cpu",
                scoring: str = "exact", ops: str = "auto", device_map: str | None = None, world: int = 1,
-               verbose: bool = True) -> OpenedModel:
+               verbose: bool = True, tp: int = 1) -> OpenedModel:
     """Load ``path`` (whose :class:`~indexcache.architectures.ModelInfo` is ``info``) for the runner-based
-    commands: this package's model on its ops backend, or the model's transformers class."""
-    chosen = resolve_backend(backend, info.spec.native, info.architecture, device_map)
+    commands: this package's model on its ops backend, or the model's transformers class (``tp`` > 1:
+    sharded by transformers' tensor-parallel plan)."""
+    chosen = resolve_backend(backend, info.spec.native, info.architecture, device_map, tp)
     if chosen == "hf":
         from .integrations.transformers import load_hf_for_search
 
         m = load_hf_for_search(str(path), dtype=dtype, device=device, device_map=device_map, scoring=scoring,
-                               world=world)
+                               world=world, tp=tp)
         return OpenedModel(m.runner(), m, "hf", "torch", m.pattern)
     from .checkpoint import load_model
 

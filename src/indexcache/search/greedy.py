@@ -88,6 +88,32 @@ def stage_starts(num_layers: int, stages: int) -> list[int]:
     return sorted({round(b * num_layers / stages) for b in range(stages)})
 
 
+def estimate_layer_forwards(pattern: Pattern, flips: int, slots: Sequence[int], n_layers: int, n_batches: int,
+                            forced: Sequence[int] = (0,), replicas: int = 1, last_flip: int | None = None,
+                            draws: int = 64) -> int:
+    """Layer-forwards that ``flips`` more greedy steps from ``pattern`` take with prefix reuse, per model
+    replica. A candidate that flips position i was a candidate at the previous step too, with a pattern
+    that differed only at the previous flip b; so it starts at the later of its own layer and b's (the
+    cached states of its previous evaluation, or of the winner's). Which layers the search will flip is not
+    known: the count is averaged over ``draws`` random flip orders (seeded, so the same every time). The
+    search's bar and ``indexcache plan`` both count with this."""
+    import random
+
+    cands = [i for i in range(len(slots)) if pattern.is_full(i) and i not in forced]
+    if not cands or flips <= 0:
+        return 0
+    rng = random.Random(0)
+    total = 0
+    for _ in range(draws):
+        left, prev, work = list(cands), last_flip, 0
+        for _ in range(min(flips, len(cands))):
+            floor = slots[prev] if prev is not None else 0
+            work += sum(n_layers - max(slots[i], floor) for i in left)
+            prev = left.pop(rng.randrange(len(left)))
+        total += work
+    return int(total * n_batches / draws / max(replicas, 1))
+
+
 def greedy_search(
     evaluator: LossEvaluator,
     start: Pattern | None = None,
@@ -138,7 +164,8 @@ def greedy_search(
         print(f"indexcache: --resume: no {state_path.name if state_path else 'search state'} in "
               f"{state_path.parent if state_path else 'the output directory'}; starting a new search", file=sys.stderr)
     if result is None:
-        first = evaluator.loss(start_p) if dist.is_main else None  # evaluated (and counted) once
+        # evaluated (and counted) once: by the first model replica, all of whose tensor-parallel ranks take part
+        first = evaluator.loss(start_p) if dist.group == 0 else None
         result = GreedyResult(num_layers=n, start_pattern=start_p, all_full_loss=dist.gather(first)[0],
                               forced_full=forced, stages=stages)
 
@@ -149,18 +176,9 @@ def greedy_search(
     # model a candidate's flip sits; what is left is estimated from the candidates' depths with prefix reuse
     slots, n_batches = evaluator.runner.slots, len(evaluator.batches)
 
-    def forwards_left(pattern: Pattern, flips: int) -> int:
-        per_cand = []
-        for lo, hi in zip(blocks, blocks[1:] + [n], strict=True):
-            per_cand += [(evaluator.n_layers - slots[i]) * n_batches for i in range(lo, hi)
-                         if pattern.is_full(i) and i not in forced]
-        if not per_cand or flips <= 0:
-            return 0
-        mean, total, count = sum(per_cand) / len(per_cand), 0.0, len(per_cand)
-        for _ in range(flips):  # each flip removes one candidate from the next steps
-            total += mean * count
-            count = max(count - 1, 0)
-        return int(total / max(dist.world, 1))
+    def forwards_left(pattern: Pattern, flips: int, last: int | None = None) -> int:
+        return estimate_layer_forwards(pattern, flips, slots, evaluator.n_layers, n_batches, forced, dist.groups,
+                                       last)
 
     bar = tqdm(total=forwards_left(current, remaining), desc="greedy search", unit="layer-fwd",
                disable=not (progress and dist.is_main), dynamic_ncols=True)
@@ -189,7 +207,7 @@ def greedy_search(
             current = current.with_layer(best_layer, SHARED)
             remaining -= 1
             result.trajectory.append(Step(current, best_layer, best_loss))
-            bar.total = bar.n + forwards_left(current, remaining)
+            bar.total = bar.n + forwards_left(current, remaining, best_layer)
             bar.set_postfix_str(f"flips {len(result.trajectory)}/{len(result.trajectory) + remaining}, "
                                 f"Full {current.num_full}, loss {best_loss:.4f}, flipped {best_layer}")
             bar.refresh()

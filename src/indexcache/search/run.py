@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class SearchOptions:
     # covers the architecture (DeepSeek-V3.2, GLM-5.x), else hf
     ops: str = "auto"  # native backend: "torch" (plain ops), "triton" (kernels) or "auto" (triton on CUDA)
     device_map: str | None = None  # with backend "hf": transformers' device_map (auto, a device, JSON, .json file)
+    tp: int = 1  # with backend "hf" under torchrun: ranks per model, sharded by transformers' tensor-parallel plan
     overwrite: bool = False  # replace an earlier search's outputs in ``out``
     command: str = ""  # the command line, recorded in the output directory's manifest
 
@@ -104,14 +106,15 @@ def host_cache_gb(requested: float | None, device: str) -> float:
 
 def run_search(opt: SearchOptions) -> dict:
     check_output_dir(opt.out, "--out", overwrite=opt.overwrite, resume_file=STATE_FILE, resume=opt.resume)
-    dist = Dist.from_env(opt.device)
+    dist = Dist.from_env(opt.device, opt.tp)
+    opt.progress = opt.progress and dist.is_main  # one bar, not one per rank
     if opt.device.startswith("cuda") and dist.world > 1:
-        opt.device = f"cuda:{dist.rank}"
+        opt.device = f"cuda:{os.environ.get('LOCAL_RANK', dist.rank)}"
         torch.cuda.set_device(opt.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opt.dtype]
     info = model_info(opt.model)
     opened = open_model(opt.model, info, opt.backend, dtype, opt.device, opt.scoring, opt.ops, opt.device_map,
-                        dist.world, verbose=dist.is_main)
+                        dist.world, verbose=dist.is_main, tp=opt.tp)
     runner, model, backend, ops = opened.runner, opened.model, opened.backend, opened.ops
     n = info.num_slots  # pattern positions: the layers that own an indexer
     seq_len = opt.seq_len or default_seq_len(info)
@@ -124,8 +127,8 @@ def run_search(opt: SearchOptions) -> dict:
         raise SearchError(f"--keep/--num-full asks for {target} Full layers but {len(forced)} are forced Full")
     if target > start.num_full:
         raise SearchError(f"the checkpoint has indexers on only {start.num_full} layers; cannot keep {target}")
-    cache_bytes = int(device_cache_gb(opt.cache_gb, runner.device) * (1 << 30))
-    host_bytes = int(host_cache_gb(opt.host_cache_gb, opt.device) * (1 << 30))
+    cache_bytes = int(dist.agree_min(device_cache_gb(opt.cache_gb, runner.device)) * (1 << 30))
+    host_bytes = int(dist.agree_min(host_cache_gb(opt.host_cache_gb, opt.device)) * (1 << 30))
     evaluator = LossEvaluator(runner, cal.batches(opt.batch_size), cache_bytes=cache_bytes, host_bytes=host_bytes)
     evaluator.check_budget()  # before anything is written
     out = OutputDir(opt.out, opt.command)
@@ -142,20 +145,28 @@ def run_search(opt: SearchOptions) -> dict:
     result = greedy_search(evaluator, start=start, target_full=None if opt.to_end else target, stages=opt.stages,
                            forced_full=forced, state_path=state_path, resume=opt.resume,
                            fingerprint=fingerprint, dist=dist, progress=opt.progress)
-    if not dist.is_main:
+    if dist.group != 0:  # the baselines run on the first model replica (all of its tensor-parallel ranks)
         dist.close()
         return {}
     wanted = {"requested": sorted(opt.baselines), "target": target}
     baselines = saved_baselines(state_path, wanted) if opt.resume else None
     if baselines is None:
         baselines = compute_baselines(opt, runner, evaluator, cal, start, target, forced)
-        save_baselines(state_path, wanted, baselines)
+        if dist.is_main:
+            save_baselines(state_path, wanted, baselines)
+    if not dist.is_main:
+        dist.close()
+        return {}
     report = build_report(opt, info, cal, seq_len, result, target, baselines)
     report.update(ops=ops, command=opt.command,
                   prefix_cache={"device_gib": round(cache_bytes / 2**30, 2), "host_gib": round(host_bytes / 2**30, 2)})
     if torch.device(opt.device).type == "cuda":
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     report["backend"] = {"name": backend, "placement": model.placement() if backend != "native" else opt.device}
+    if dist.world > 1:  # how the processes shared the work: ranks per model (tensor parallel) and replicas
+        local = sum(t.numel() for t in model.parameters()) if backend == "native" else model.local_parameters()
+        report["backend"]["processes"] = {"world": dist.world, "tensor_parallel": opt.tp, "replicas": dist.groups,
+                                          "parameters_on_rank_0": local}
     write_outputs(report, out)
     dist.close()
     return report
@@ -208,8 +219,9 @@ def compute_baselines(opt: SearchOptions, runner: LayerRunner, evaluator, cal, s
     return baselines
 
 
-def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress: bool) -> list[dict]:
-    rows, seen = [], set()
+def uniform_patterns(n: int, start: Pattern) -> list[tuple[str, int, Pattern]]:
+    """The uniform baselines' (convention, frequency, pattern) over ``n`` positions that ``start`` allows."""
+    out = []
     for conv in ("official", "glm52", "paper"):
         for freq in (2, 4, 8):
             try:
@@ -217,13 +229,17 @@ def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress
                 p.validate(indexer_layers=start.full_layers)
             except PatternError:
                 continue
-            if str(p) in seen:
-                rows.append({"convention": conv, "freq": freq, "pattern": str(p), "num_full": p.num_full,
-                             "loss": next(r["loss"] for r in rows if r["pattern"] == str(p))})
-                continue
-            seen.add(str(p))
-            rows.append({"convention": conv, "freq": freq, "pattern": str(p), "num_full": p.num_full,
-                         "loss": evaluator.loss(p)})
+            out.append((conv, freq, p))
+    return out
+
+
+def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress: bool) -> list[dict]:
+    rows, losses = [], {}
+    for conv, freq, p in uniform_patterns(n, start):
+        if str(p) not in losses:  # conventions that agree on a pattern share its evaluation
+            losses[str(p)] = evaluator.loss(p)
+        rows.append({"convention": conv, "freq": freq, "pattern": str(p), "num_full": p.num_full,
+                     "loss": losses[str(p)]})
     return rows
 
 

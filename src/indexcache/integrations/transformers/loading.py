@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ def load_pretrained(
     device_map: str | dict | None = None,
     scoring: str | None = "exact",
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    tp: int = 1,
     **kwargs,
 ) -> nn.Module:
     """``from_pretrained`` a local DSA checkpoint with a pattern (default: the checkpoint's own) applied.
@@ -32,7 +34,9 @@ def load_pretrained(
     layer and would initialise the missing ones at random; they are dropped here). ``scoring`` patches
     the indexers' scoring (:func:`patch_indexer_scoring`); ``None`` keeps transformers' dense scoring.
     ``device_map`` (``"auto"``, or {module name: device}) spreads the model over several devices and
-    needs ``accelerate``; without it the model is loaded and moved to ``device``. Other keyword arguments
+    needs ``accelerate``; without it the model is loaded and moved to ``device``. ``tp`` > 1 (under
+    ``torchrun``) shards it with transformers' own tensor-parallel plan over groups of ``tp`` ranks; the
+    ranks beyond one group hold replicas (for splitting the search's candidates). Other keyword arguments
     go to ``from_pretrained``.
     """
     try:
@@ -63,9 +67,19 @@ def load_pretrained(
         kwargs.setdefault("indexer_types", p.indexer_types)  # build indexers only where they will run
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if tp > 1:  # transformers' own tensor parallel plan, on the process group torchrun set up
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        kwargs["distributed_config"] = transformers.DistributedConfig(
+            tp_size=tp, **({"dp_replicate_size": world // tp} if world > tp else {}))
     model = cls.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
-    if device_map is None:
+    if device_map is None and tp == 1:  # a tensor-parallel model is already placed, one shard per rank
         model.to(device)
+    if tp > 1 and int(os.environ.get("WORLD_SIZE", "1")) > tp:
+        # transformers keeps the replicas with FSDP2 wrappers (one shard per replica: the weights stay whole);
+        # FSDP2 sets its modules up at the root's first forward, and the layer runner calls the decoder layers
+        # one by one, so one token through the whole model first
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
     # transformers fills indexers the checkpoint does not ship with random weights: they must never run
     drop_indexers(model, [pos for pos in range(info.num_slots) if pos not in shipped])
     apply_pattern(model, p, drop_shared_indexers=True)

@@ -244,6 +244,10 @@ class HFSearchModel:
     def runner(self) -> TransformersRunner:
         return TransformersRunner(self.hf)
 
+    def local_parameters(self) -> int:
+        """Parameter elements held by this process: the whole model, or this rank's tensor-parallel shards."""
+        return sum(getattr(t, "_local_tensor", t).numel() for t in self.hf.parameters())
+
     def placement(self) -> dict:
         """Where the weights are: the device of the embedding, of each decoder layer and of the head, and
         transformers' ``hf_device_map`` when the model was spread with a device_map."""
@@ -276,7 +280,8 @@ def parse_device_map(text: str | None) -> str | dict | None:
 
 
 def load_hf_for_search(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                       device_map: str | None = None, scoring: str = "exact", world: int = 1) -> HFSearchModel:
+                       device_map: str | None = None, scoring: str = "exact", world: int = 1,
+                       tp: int = 1) -> HFSearchModel:
     """Load ``path`` with its transformers class for the search, with chunked indexer scoring.
 
     The start pattern is the checkpoint's own (all Full, or a GLM-5.2-style checkpoint's Full layers):
@@ -297,5 +302,7 @@ def load_hf_for_search(path: str, dtype: torch.dtype = torch.float32, device: st
         # as the model does
         offload = tempfile.TemporaryDirectory(prefix="indexcache-offload-")
         kwargs["offload_folder"] = offload.name
-    hf = load_pretrained(path, dtype=dtype, device=device, device_map=dm, scoring=scoring, **kwargs)
+    if tp > 1 and dm is not None:
+        raise SearchError("--tp and --device-map are two ways of splitting the model: give one")
+    hf = load_pretrained(path, dtype=dtype, device=device, device_map=dm, scoring=scoring, tp=tp, **kwargs)
     return HFSearchModel(hf=hf, config=cfg, pattern=current_pattern(hf), offload=offload)
