@@ -27,10 +27,29 @@ def v4_flash_config() -> dict:
     return d
 
 
-# name, config, measured report, what to read from it, backend
+def v32_cut_config() -> dict:
+    import tempfile
+
+    from scale_evidence import configs
+
+    return json.loads((configs(Path(tempfile.mkdtemp()))["deepseek-v3.2-16-experts-12-layers"] / "config.json")
+                      .read_text())
+
+
+def bundled_config() -> dict:
+    return json.loads((ROOT / "models/dsa-mini/config.json").read_text())
+
+
+# name, config, measured report, the part of it that is the search, backend
 MEASURED = [
-    ("bundled dsa-mini, 4 x 32K, native + Triton, bf16", lambda: json.loads((ROOT / "models/dsa-mini/config.json")
-     .read_text()), "results/long_calibration/search_triton.json", None, "native"),
+    ("bundled dsa-mini, 4 x 32K, native + Triton, bf16", bundled_config, "results/long_calibration/search_triton.json",
+     None, "native"),
+    ("bundled dsa-mini, 4 x 64K, native + Triton, bf16", bundled_config,
+     "results/scale/search_bundled_4x65536_cache100.json", None, "native"),
+    ("bundled dsa-mini, 1 x 128K (two steps), native + Triton, bf16", bundled_config,
+     "results/scale/search_bundled_1x131072.json", None, "native"),
+    ("DeepSeek-V3.2-shaped FP8, 16 experts, 12 layers, 1 x 32K (two steps), native + Triton", v32_cut_config,
+     "results/scale/v32_fp8_cut_steps.json", None, "native"),
     ("DeepSeek-V4-Flash-shaped 12 layers, 2 x 8K, transformers, bf16", v4_flash_config,
      "results/v4_flash/v4_flash_step.json", "search", "hf"),
 ]
@@ -39,8 +58,9 @@ MEASURED = [
 def entry(name: str, config: dict, report: dict, backend: str) -> dict:
     info = model_info(config)
     size = model_size(info)
-    cal = report["calibration"]
-    tokens, samples = int(cal["seq_len"]), int(cal["num_samples"])
+    cal = report.get("calibration")
+    tokens = int(report.get("seq_len") or cal["seq_len"])
+    samples = int(report.get("num_samples") or cal["num_samples"])
     traj = report["trajectory"]
     target = traj[-1]["num_full"]
     work = search_work(info, samples, target, flips=len(traj))
@@ -50,10 +70,11 @@ def entry(name: str, config: dict, report: dict, backend: str) -> dict:
         flops.full_s.setdefault(layer.kind, layer_flops(info, size, i, tokens, True))
         flops.shared_s.setdefault(layer.kind, layer_flops(info, size, i, tokens, False))
     per_fwd = mean_forward_seconds(info, size, flops, work)
+    seconds = report.get("search_s") or report.get("seconds")
     return {"name": name, "backend": backend, "device": report.get("gpu", "NVIDIA H200"), "tokens": tokens,
             "num_samples": samples, "layer_forwards": report["counters"]["layer_forwards"],
-            "s_per_layer_forward": round(report["s_per_layer_forward"], 5), "flops_per_layer_forward": per_fwd,
-            "architecture": info.architecture}
+            "s_per_layer_forward": round(seconds / report["counters"]["layer_forwards"], 5),
+            "flops_per_layer_forward": per_fwd, "architecture": info.architecture}
 
 
 def main() -> None:

@@ -140,3 +140,40 @@ def test_plan_refuses_bad_input_in_one_line(capsys, dirs, tmp_path):
     ]:
         rc, _, err = run(capsys, *argv)
         assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_without_room_for_a_step_every_candidate_starts_at_its_own_layer():
+    from indexcache.search import layer_forward_counts
+
+    n = 10
+    full, shared = layer_forward_counts(Pattern.all_full(n), 3, list(range(n)), n, 2, reuse_previous=False)
+    # each step runs every remaining candidate from its own layer; which one leaves varies with the order
+    first_step = sum(n - i for i in range(1, n))
+    assert first_step * 2 < sum(full) + sum(shared) <= 3 * first_step * 2
+    # each candidate's own layer runs Shared once per step, and flipped layers stay Shared
+    assert sum(shared) >= 3 * 9 * 2 - 3 * 2
+    reused = layer_forward_counts(Pattern.all_full(n), 3, list(range(n)), n, 2)
+    assert sum(reused[0]) + sum(reused[1]) < sum(full) + sum(shared)
+
+
+def test_the_probe_loads_the_checkpoints_own_layers():
+    """A checkpoint with weights is probed on its trained layers: layer j of the probe model is layer keep[j]
+    of the checkpoint, tensor for tensor."""
+    import torch
+
+    from indexcache.bundled import default_model
+    from indexcache.checkpoint import load_layers, load_model
+    from indexcache.plan import _kinds_to_probe, _reduced_config
+
+    info = model_info(default_model())
+    keep = _kinds_to_probe(info, model_size(info))
+    sub = load_layers(default_model(), keep, _reduced_config(info, keep), torch.float32, "cpu")
+    whole = load_model(default_model(), verbose=False)
+    assert len(sub.model.layers) == len(keep)
+    for j, orig in enumerate(keep):
+        a = dict(sub.model.layers[j].state_dict())
+        b = dict(whole.model.layers[orig].state_dict())
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(sub.lm_head.weight, whole.lm_head.weight)
+    plan = make_plan(default_model(), seq_len=512, num_samples=1, target_full=8, do_probe=True, device="cpu")
+    assert any("trained layers" in n for n in plan.timing.notes) and plan.s_per_layer_forward > 0

@@ -193,22 +193,18 @@ class ModelInfo:
         the attention heads and the MLP widths that the plan splits must be multiples of it."""
         if tp <= 1:
             return
-        import transformers
-
-        cls = getattr(transformers, _TP_CONFIG[self.arch], None)
-        plan = dict(getattr(cls, "base_model_tp_plan", None) or {})
+        tc = self.transformers_config()
+        plan = dict(getattr(type(tc), "base_model_tp_plan", None) or {})
         if not plan:
             raise ConfigError(f"transformers has no tensor-parallel plan for {self.architecture}: use --device-map")
-        tc = self.raw.get("text_config", self.raw) if self.arch == "glm5_next" else self.raw
-        if "linear_attention" in (tc.get("layer_types") or []):
+        if "linear_attention" in (getattr(tc, "layer_types", None) or []):
             # transformers' plan shards every ``self_attn.o_proj`` row-wise but leaves the linear-attention
             # layers' q/k/v whole, so those layers' shapes do not meet (checked on transformers 5.23)
             raise ConfigError(f"transformers' tensor-parallel plan for {self.architecture} does not cover its "
                               "linear-attention layers: split the model with --device-map instead")
-        default = cls()
 
         def value(key: str) -> int | None:
-            v = tc.get(key, getattr(default, key, None))
+            v = getattr(tc, key, None)
             return int(v) if isinstance(v, (int, float)) else None
 
         keys = " ".join(plan)
@@ -226,6 +222,10 @@ class ModelInfo:
         if bad:
             raise ConfigError(f"--tp {tp} does not divide the model's {' and '.join(bad)}: transformers' tensor "
                               "parallel plan splits them evenly over the ranks")
+
+    def transformers_config(self, text: bool = True):
+        """The model's transformers config object (``text``: the text config of a multimodal one)."""
+        return transformers_config(self.spec, self.raw, text)
 
     def check_calibration(self, seq_len: int, option: str = "--seq-len") -> None:
         """Refuse windows in which every query keeps everything it sees: all patterns would tie."""
@@ -327,7 +327,7 @@ def model_info(path_or_config: str | Path | dict) -> ModelInfo:
         n = cfg.num_hidden_layers
         return ModelInfo(spec, d, n, list(range(n)), cfg.index_topk, 1, cfg.max_position_embeddings, cfg.vocab_size,
                          cfg.pattern, cfg.pattern_source, ["indexed"] * n, 1)
-    tc = _transformers_config(spec, d)
+    tc = transformers_config(spec, d)
     n = int(tc.num_hidden_layers)
     types = list(tc.layer_types)[:n]
     pool = 1
@@ -351,27 +351,30 @@ def model_info(path_or_config: str | Path | dict) -> ModelInfo:
                      types, heads, pool)
 
 
-_TP_CONFIG = {"glm_moe_dsa": "GlmMoeDsaConfig", "deepseek_v32": "DeepseekV32Config", "deepseek_v4": "DeepseekV4Config",
-              "glm5_next": "Glm5NextTextConfig", "minimax_m3": "MiniMaxM3VLTextConfig"}
+CONFIG_CLASSES = {"deepseek_v32": "DeepseekV32Config", "glm_moe_dsa": "GlmMoeDsaConfig",
+                  "deepseek_v4": "DeepseekV4Config", "glm5_next": "Glm5NextConfig",
+                  "minimax_m3": "MiniMaxM3VLTextConfig"}
 
 
-def _transformers_config(spec: ArchSpec, d: dict):
+def transformers_config(spec: ArchSpec, d: dict, text: bool = True):
+    """A config dict as transformers' own config object; ``text``: the text config of GLM-5.3's multimodal
+    one (the model class takes the whole)."""
     try:
         import transformers
     except ImportError:
         raise ConfigError(f"{spec.classes[0]} is read through transformers' own classes: pip install transformers") \
             from None
-    names = {"deepseek_v4": "DeepseekV4Config", "glm5_next": "Glm5NextConfig", "minimax_m3": "MiniMaxM3VLTextConfig"}
-    cls = getattr(transformers, names[spec.key], None)
+    cls = getattr(transformers, CONFIG_CLASSES[spec.key], None)
     if cls is None:
-        raise ConfigError(f"this transformers ({transformers.__version__}) has no {names[spec.key]}: "
+        raise ConfigError(f"this transformers ({transformers.__version__}) has no {CONFIG_CLASSES[spec.key]}: "
                           "indexcache needs transformers 5.23 or newer for it")
-    body = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "transformers_version")}
+    body = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "transformers_version",
+                                                    "quantization_config")}
     try:
         cfg = cls(**body)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{spec.classes[0]} config: {e}") from None
-    return cfg.text_config if spec.key == "glm5_next" else cfg
+    return cfg.text_config if spec.key == "glm5_next" and text else cfg
 
 
 def _config_pattern(spec: ArchSpec, d: dict, tc, slots: list[int]) -> tuple[Pattern, str]:

@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import DSAConfig
+from .config import DSAConfig, read_config
 from .errors import CheckpointError
 from .model.dsa import DSAForCausalLM, checkpoint_tensors
-from .ops.fp8 import block_dequant
+from .ops.fp8 import block_dequant, block_quant
 from .outputs import check_output_dir, new_temp_dir, publish_dir
 from .pattern import Pattern, PatternError, format_ranges
 
@@ -110,6 +110,51 @@ class TensorSource:
         self._handles.clear()
 
 
+class LayerSubset:
+    """A checkpoint seen as if it held only the decoder layers ``keep`` (renumbered 0, 1, ...), with the
+    embeddings, final norm and head: what ``indexcache plan --probe`` loads to time real layers."""
+
+    def __init__(self, src: TensorSource, keep: list[int]):
+        self.src = src
+        new_index = {old: j for j, old in enumerate(keep)}
+        self.map: dict[str, str] = {}
+        for name in src.names():
+            m = LAYER_RE.match(name)
+            if m is None:
+                self.map[name] = name
+            elif int(m.group(1)) in new_index:
+                self.map[f"model.layers.{new_index[int(m.group(1))]}.{name[m.end():]}"] = name
+        self.files = {n: src.files[old] for n, old in self.map.items()}
+
+    def names(self) -> list[str]:
+        return list(self.map)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.src.get(self.map[name])
+
+    def shape(self, name: str) -> list[int]:
+        return self.src.shape(self.map[name])
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def load_layers(path: str | Path, keep: list[int], config: dict, dtype: torch.dtype = torch.bfloat16,
+                device: str | torch.device = "cuda", keep_fp8: bool | None = None) -> DSAForCausalLM:
+    """Decoder layers ``keep`` of a checkpoint (their trained weights) as a model of ``len(keep)`` layers
+    whose config is ``config`` (the checkpoint's, with per-layer lists cut to ``keep``)."""
+    path = Path(path)
+    cfg = DSAConfig.from_dict(config)
+    if keep_fp8 is None:
+        keep_fp8 = torch.device(device).type == "cuda"
+    scale_fmt = (read_config(path).get("quantization_config") or {}).get("scale_fmt") if keep_fp8 else None
+    src = LayerSubset(TensorSource(path), keep)
+    try:
+        return _load(src, cfg, path, None, dtype, device, "exact", False, keep_fp8, scale_fmt)
+    finally:
+        src.close()
+
+
 def checkpoint_indexer_layers(names: list[str], num_layers: int) -> list[int]:
     """Layers (below ``num_layers``) for which the checkpoint ships indexer weights."""
     found = {int(m.group(1)) for n in names if (m := INDEXER_RE.match(n))}
@@ -123,22 +168,29 @@ def load_model(
     device: str | torch.device = "cpu",
     scoring: str = "exact",
     verbose: bool = True,
+    keep_fp8: bool | None = None,
 ) -> DSAForCausalLM:
     """Load a transformers-format DSA checkpoint.
 
     ``pattern``: None uses the checkpoint's own (``indexer_types`` etc.), or a :class:`Pattern` / ``"FSSF..."``
     string. Shared layers get no indexer module; their checkpoint indexer weights are skipped.
+    ``keep_fp8``: block-FP8 weights stay FP8 in memory (:class:`~indexcache.model.dsa.FP8Linear`), so the
+    model takes its FP8 size; ``False`` dequantises them to ``dtype``; ``None`` keeps them on CUDA.
     """
     path = Path(path)
     cfg = DSAConfig.from_file(path)
+    if keep_fp8 is None:
+        keep_fp8 = torch.device(device).type == "cuda"
+    scale_fmt = (read_config(path).get("quantization_config") or {}).get("scale_fmt") if keep_fp8 else None
     src = TensorSource(path)
     try:
-        return _load(src, cfg, path, pattern, dtype, device, scoring, verbose)
+        return _load(src, cfg, path, pattern, dtype, device, scoring, verbose, keep_fp8, scale_fmt)
     finally:
         src.close()
 
 
-def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device, scoring, verbose) -> DSAForCausalLM:
+def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device, scoring, verbose,
+          keep_fp8: bool = False, scale_fmt: str | None = None) -> DSAForCausalLM:
     names = src.names()
     n = cfg.num_hidden_layers
     indexer_layers = checkpoint_indexer_layers(names, n)
@@ -153,6 +205,9 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
 
     with torch.device("meta"):
         model = DSAForCausalLM(cfg, pat)
+        if keep_fp8:  # FP8 weights (those that ship their block scales) stay FP8
+            have = set(names)
+            model.keep_fp8({n for n in names if n.endswith(".weight") and f"{n}_scale_inv" in have}, scale_fmt)
     model.to_empty(device=device)
     model.tie_weights()
     model.to_dtype(dtype)
@@ -191,8 +246,21 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if scale_name is None or scale_name not in src.files:
                 raise CheckpointError(f"corrupt tensor {name}: FP8 weight without its {scale_name or 'scale'}")
+            scale = src.get(scale_name)
+            if target.dtype == torch.float8_e4m3fn:  # kept FP8: the weight as it is, and its block scales
+                held = params[scale_name]
+                if list(held.shape) != list(scale.shape):
+                    raise CheckpointError(f"corrupt tensor {scale_name}: shape {list(scale.shape)}, the weight's "
+                                          f"128 x 128 blocks need {list(held.shape)}")
+                if not torch.isfinite(scale).all():
+                    raise CheckpointError(f"corrupt tensor {scale_name}: contains NaN or Inf")
+                with torch.no_grad():
+                    target.copy_(t.to(torch.float8_e4m3fn))
+                    held.copy_(scale.float())
+                loaded.update((name, scale_name))
+                continue
             try:
-                t = block_dequant(t, src.get(scale_name), block)
+                t = block_dequant(t, scale, block)
             except ValueError as e:
                 raise CheckpointError(f"corrupt tensor {name}: {e}") from None
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -217,8 +285,18 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
 
 
 # ----------------------------------------------------------------------------------------- writing
+_FP8_WEIGHT = re.compile(r"^model\.layers\.\d+\..*\.weight$")
+_KEPT_WIDE = ("norm.", "weights_proj.", "mlp.gate.weight")  # DeepSeek's FP8 checkpoints keep these in bf16/fp32
+
+
+def fp8_eligible(name: str, t: torch.Tensor) -> bool:
+    """A decoder layer's projection or expert weight, which DeepSeek's FP8 checkpoints store block-FP8."""
+    return t.dim() == 2 and bool(_FP8_WEIGHT.match(name)) and not any(k in name for k in _KEPT_WIDE)
+
+
 def _state_for_saving(
-    model: DSAForCausalLM, pattern: Pattern, drop_shared_indexers: bool, dtype: torch.dtype | None
+    model: DSAForCausalLM, pattern: Pattern, drop_shared_indexers: bool, dtype: torch.dtype | None,
+    fp8: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     tied = model.config.tie_word_embeddings
     for name, t in checkpoint_tensors(model.state_dict().items()):
@@ -226,6 +304,14 @@ def _state_for_saving(
             continue
         mi = INDEXER_RE.match(name)
         if mi and drop_shared_indexers and not pattern.is_full(int(mi.group(1))):
+            continue
+        if t.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):  # already FP8, with its scales
+            yield name, t.detach().contiguous().cpu()
+            continue
+        if fp8 and fp8_eligible(name, t):
+            q, scale = block_quant(t.detach())
+            yield name, q.cpu()
+            yield f"{name}_scale_inv", scale.cpu()
             continue
         keep_fp32 = name.endswith("e_score_correction_bias") or name.endswith("weights_proj.weight")
         if dtype is not None and t.is_floating_point() and not keep_fp32:
@@ -244,8 +330,11 @@ def save_model(
     overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
     command: str = "",
+    fp8: bool = False,
 ) -> Path:
     """Write ``model`` as a transformers checkpoint with ``pattern`` (default: the model's) in config.json.
+    ``fp8``: the decoder layers' projections and experts in block-FP8 (e4m3, one fp32 scale per 128 x 128
+    block, DeepSeek's layout and ``quantization_config``), the rest in ``dtype``.
 
     The directory is written in a temporary sibling and renamed into place, so a failure never leaves a
     half-written checkpoint behind. ``extra(tmp_dir)`` may add files (a tokenizer, engine flags) before
@@ -266,7 +355,8 @@ def save_model(
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         total = 0
-        for name, t in _state_for_saving(model, pat, drop_shared_indexers, dtype):
+        has_fp8 = fp8 or any(t.dtype == torch.float8_e4m3fn for t in model.parameters())
+        for name, t in _state_for_saving(model, pat, drop_shared_indexers, dtype, fp8):
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})
@@ -287,6 +377,9 @@ def save_model(
             )
         conf = cfg.to_dict(pat)
         conf["dtype"] = str(dtype if dtype is not None else model.dtype).removeprefix("torch.")
+        if has_fp8:
+            conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                           "weight_block_size": [128, 128]}
         _finish(tmp, conf, copy_tokenizer_from or getattr(model, "source_dir", None), extra)
         publish_dir(tmp, out_dir, overwrite=overwrite, command=command)
     except BaseException:

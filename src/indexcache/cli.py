@@ -748,7 +748,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.model)
     ids = args.prompt_ids
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = load_model(args.model, dtype=dtype, device=args.device, verbose=False)
+    # the engine decodes under CUDA graphs, which the FP8 layers are not yet checked in: FP8 is dequantised
+    model = load_model(args.model, dtype=dtype, device=args.device, verbose=False, keep_fp8=False)
     max_len = args.max_len or len(ids) + args.max_new_tokens
     eng = Engine(model, args.parsed, max_batch=1, max_len=max_len, chunk=args.chunk)
     eos = model.config.raw.get("eos_token_id")
@@ -785,8 +786,9 @@ def cmd_random_model(args: argparse.Namespace) -> int:
     from .presets import make_random_checkpoint
 
     out = make_random_checkpoint(args.out, args.arch, args.preset, args.seed, args.parsed, overwrite=args.overwrite,
-                                 command=command_line(args.argv))
-    print(f"wrote a random {args.arch} ({args.preset}) checkpoint with a byte-level tokenizer to {out}")
+                                 command=command_line(args.argv), fp8=args.fp8)
+    kind = "block-FP8 " if args.fp8 else ""
+    print(f"wrote a random {kind}{args.arch} ({args.preset}) checkpoint with a byte-level tokenizer to {out}")
     return 0
 
 
@@ -814,6 +816,10 @@ def check_plan(args: argparse.Namespace) -> None:
     if args.probe and not str(args.device or "cuda").startswith("cuda") and not args.allow_cpu_probe:
         raise OptionError("--probe times the layers on this machine's GPU: give --device cuda (or "
                           "--allow-cpu-probe for a CPU timing)")
+    if args.data is not None:
+        if not args.probe:
+            raise OptionError("--data gives the probe its tokens: it needs --probe")
+        data_path(args.data)
     if args.out is not None:
         _out_file(args)
 
@@ -823,7 +829,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import format_plan, make_plan
 
     plan = make_plan(args.model, args.seq_len, args.num_samples, args.num_full, args.keep, args.gpus,
-                     args.gpu_memory_gib, args.flips, args.probe, args.device or "cuda", args.backend)
+                     args.gpu_memory_gib, args.flips, args.probe, args.device or "cuda", args.backend, args.data)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
@@ -886,6 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory of one GPU (default: this machine's GPU, else 139 for an H200)")
     p.add_argument("--probe", action="store_true",
                    help="time one or two random layers of each kind on this GPU instead of using the committed table")
+    p.add_argument("--data", help="with --probe: text whose tokens the probe runs (the calibration data; default "
+                   "random tokens). The top-k's cost depends on how the index scores spread")
     p.add_argument("--allow-cpu-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--device", help="device of the probe (default cuda)")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "hf"],
@@ -1024,7 +1032,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels: ceilings, then each Triton kernel at anchor shapes; e2e: engine prefill/decode")
     p.add_argument("--out", required=True, help="JSON file to write")
     _add_overwrite(p)
-    p.add_argument("--parts", default="indexer,topk,sparse_mla", help="comma list of kernel groups (kernels)")
+    p.add_argument("--parts", default="indexer,topk,sparse_mla", help="comma list of kernel groups (kernels): "
+                   "indexer, topk, sparse_mla, fp8_gemm")
     p.add_argument("--contexts", type=token_counts, default=[10_000, 60_000, 120_000, 200_000],
                    help="context lengths, comma-separated (e2e; default 10K,60K,120K,200K)")
     p.add_argument("--experts", type=positive_int, default=16, help="routed experts (e2e; the real model has 64)")
@@ -1056,6 +1065,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pattern", help="pattern to write into config.json")
+    p.add_argument("--fp8", action="store_true", help="store the projections and experts block-FP8 (e4m3, one "
+                   "scale per 128 x 128 block), as DeepSeek's checkpoints do")
     p.set_defaults(func=cmd_random_model)
     return ap
 

@@ -25,7 +25,7 @@ import torch
 from .architectures import ModelInfo, model_info
 from .errors import ConfigError
 from .pattern import Pattern
-from .search.greedy import estimate_layer_forwards, stage_starts
+from .search.greedy import layer_forward_counts, stage_starts
 
 TABLE = Path(__file__).with_name("bundled") / "layer_forward_table.json"
 GIB = 1 << 30
@@ -66,38 +66,17 @@ class ModelSize:
         return 2 * (self.params - q) + q + 4 * math.ceil(q / (128 * 128))
 
 
-def transformers_config(info: ModelInfo):
-    """The transformers config object of a model (the text config of a multimodal one)."""
-    import transformers
-
-    names = {"deepseek_v32": "DeepseekV32Config", "glm_moe_dsa": "GlmMoeDsaConfig", "deepseek_v4": "DeepseekV4Config",
-             "glm5_next": "Glm5NextConfig", "minimax_m3": "MiniMaxM3VLTextConfig"}
-    cls = getattr(transformers, names[info.arch], None)
-    if cls is None:
-        raise ConfigError(f"this transformers ({transformers.__version__}) has no {names[info.arch]}")
-    body = {k: v for k, v in info.raw.items() if k not in ("architectures", "model_type", "transformers_version",
-                                                           "quantization_config")}
-    try:
-        return cls(**body)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{info.architecture} config: {e}") from None
-
-
-def _text(cfg):
-    return getattr(cfg, "text_config", None) or cfg
-
-
 def model_size(info: ModelInfo) -> ModelSize:
     """Exact parameter counts per decoder layer, from transformers' own class built on the meta device."""
     import transformers
 
     from .integrations.transformers.patterns import decoder_layers
 
-    cfg = transformers_config(info)
+    cfg = info.transformers_config(text=False)
     cls = getattr(transformers, info.architecture)
     with torch.device("meta"):
         model = cls._from_config(cfg)
-    tc = _text(cfg)
+    tc = info.transformers_config()
     top_k = int(getattr(tc, "num_experts_per_tok", 0) or 0)
     q = info.raw.get("quantization_config") or {}
     fp8 = str(q.get("quant_method", "")).lower() == "fp8"
@@ -157,18 +136,24 @@ class SearchWork:
     first_evaluation: int  # the all-Full loss: every layer, every batch
     flips: int
     candidates: int
+    full_runs: list[float] = field(default_factory=list)  # per decoder layer: runs with its own selection
+    shared_runs: list[float] = field(default_factory=list)  # and runs reusing an earlier layer's
 
 
 def search_work(info: ModelInfo, num_samples: int, target_full: int, flips: int | None = None,
-                start: Pattern | None = None, stages: int = 1) -> SearchWork:
+                start: Pattern | None = None, stages: int = 1, reuse_previous: bool = True) -> SearchWork:
+    """The greedy search's work, counted as the search's own bar counts it
+    (:func:`~indexcache.search.layer_forward_counts`)."""
     n = info.num_slots
     start = start or info.pattern
     forced = sorted({0, *stage_starts(n, stages)})
     flips = start.num_full - target_full if flips is None else min(flips, start.num_full - target_full)
-    fwd = estimate_layer_forwards(start, flips, info.slots, info.num_layers, num_samples, forced)
+    full, shared = layer_forward_counts(start, flips, info.slots, info.num_layers, num_samples, forced,
+                                        reuse_previous=reuse_previous)
     cands = sum(1 for i in range(n) if start.is_full(i) and i not in forced)
     evals = sum(max(cands - j, 0) for j in range(flips)) * num_samples
-    return SearchWork(fwd, evals, info.num_layers * num_samples, flips, cands)
+    return SearchWork(int(round(sum(full) + sum(shared))), evals, info.num_layers * num_samples, flips, cands,
+                      [round(x, 3) for x in full], [round(x, 3) for x in shared])
 
 
 # ------------------------------------------------------------------------------------------ seconds per forward
@@ -179,7 +164,7 @@ class Timing:
     shared_s: dict[str, float]  # the same for indexer layers run Shared
     head_s: float  # the head and the loss, one batch
     working_bytes: int = 0  # memory one layer-forward needs beyond the weights (probe only)
-    state_bytes: int = 0  # one cached prefix state (one batch at one layer)
+    state_bytes: int = 0  # one cached prefix state (one batch at one layer, with the selection it carries)
     notes: list[str] = field(default_factory=list)
 
 
@@ -223,9 +208,13 @@ def _sync(device: torch.device) -> None:
 
 
 def probe(info: ModelInfo, size: ModelSize, tokens: int, device: str = "cuda", backend: str = "auto",
-          dtype: torch.dtype = torch.bfloat16, repeats: int = 2) -> Timing:
-    """Time each layer kind at ``tokens`` on a random model made of one or two layers of every kind, run by
-    the runner the search would use (this package's model with its kernels, or transformers' class)."""
+          dtype: torch.dtype = torch.bfloat16, repeats: int = 2, weights: str | Path | None = None,
+          ids: torch.Tensor | None = None) -> Timing:
+    """Time each layer kind at ``tokens`` on a model made of one or two layers of every kind, run by the
+    runner the search would use (this package's model with its kernels, or transformers' class). The
+    layers carry the checkpoint's trained weights when ``weights`` (its directory) is given and the native
+    model runs it, else random ones; ``ids`` [1, tokens] are the tokens (default: random). Both matter: the
+    top-k's cost depends on how the index scores are spread."""
     from .runner import NativeRunner, native_ops, resolve_backend
 
     keep = _kinds_to_probe(info, size)
@@ -233,29 +222,40 @@ def probe(info: ModelInfo, size: ModelSize, tokens: int, device: str = "cuda", b
     dev = torch.device(device)
     chosen = resolve_backend(backend, info.spec.native, info.architecture)
     torch.manual_seed(0)
-    if chosen == "native":
+    notes = []
+    if chosen == "native":  # FP8 layers where the checkpoint is FP8, as the loader keeps them on CUDA
         from .config import DSAConfig
-        from .model.dsa import DSAForCausalLM
+        from .presets import random_model_in_place
 
-        with dev:
-            model = DSAForCausalLM(DSAConfig.from_dict(cfg)).to(dtype)
-        _randomize(model)
+        if weights is not None:
+            from .checkpoint import load_layers
+
+            model = load_layers(weights, keep, cfg, dtype, dev)
+            notes.append(f"trained layers {keep} of {weights}")
+        else:
+            model = random_model_in_place(DSAConfig.from_dict(cfg), dev, dtype, fp8=size.fp8 and dev.type == "cuda")
+            notes.append("random layers")
         model.set_backend(native_ops(model, "auto"))
-        runner = NativeRunner(model.eval())
+        runner = NativeRunner(model)
     else:
         import transformers
 
         from .integrations.transformers import TransformersRunner, apply_pattern, patch_indexer_scoring
 
         reduced = model_info(cfg)
-        tcfg = transformers_config(reduced)
+        tcfg = reduced.transformers_config(text=False)
         with dev:
             hf = getattr(transformers, info.architecture)._from_config(tcfg, dtype=dtype).eval()
         _randomize(hf)
         apply_pattern(hf, Pattern.all_full(reduced.num_slots), drop_shared_indexers=False)
         patch_indexer_scoring(hf)
         runner = TransformersRunner(hf)
-    ids = torch.randint(1, info.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+        notes.append("random layers")
+    if ids is None:
+        ids = torch.randint(1, info.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+        notes.append("random tokens")
+    else:
+        notes.append("calibration tokens")
     full = Pattern.all_full(len(runner.slots))
     slot_of = {layer: j for j, layer in enumerate(runner.slots)}
     full_s: dict[str, list[float]] = {}
@@ -275,6 +275,7 @@ def probe(info: ModelInfo, size: ModelSize, tokens: int, device: str = "cuda", b
             t0 = time.perf_counter()
             nxt, _ = runner.run(state, full, j, j + 1)
             _sync(dev)
+            state_bytes = max(state_bytes, nxt.nbytes())  # with the selection it carries on
             if rep:
                 full_s.setdefault(kind, []).append(time.perf_counter() - t0)
             if dev.type == "cuda":
@@ -293,9 +294,9 @@ def probe(info: ModelInfo, size: ModelSize, tokens: int, device: str = "cuda", b
             head.append(time.perf_counter() - t0)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     med = {k: sorted(v)[len(v) // 2] for k, v in full_s.items()}
-    return Timing(f"probe on {name} ({chosen} backend, {tokens} tokens)", med,
+    return Timing(f"probe on {name} ({chosen} backend, {tokens} tokens, {', '.join(notes)})", med,
                   {k: sorted(v)[len(v) // 2] for k, v in shared_s.items()}, sorted(head)[len(head) // 2],
-                  int(working), int(state_bytes))
+                  int(working), int(state_bytes), notes)
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -313,7 +314,10 @@ def table_timing(info: ModelInfo, size: ModelSize, tokens: int, backend: str) ->
     backend nearest in length, its achieved FLOP/s applied to this model's layer-forwards."""
     entries = json.loads(TABLE.read_text())["entries"]
     same = [e for e in entries if e["backend"] == backend] or entries
-    e = min(same, key=lambda e: abs(math.log(e["tokens"] / tokens)))
+    mine = sum(layer_flops(info, size, i, tokens, True) for i in range(len(size.layers))) / len(size.layers)
+    # the measured search nearest in length and in the work of a layer-forward
+    e = min(same, key=lambda e: abs(math.log(e["tokens"] / tokens))
+            + abs(math.log(e["flops_per_layer_forward"] / mine)))
     rate = e["flops_per_layer_forward"] / e["s_per_layer_forward"]
     full_s, shared_s = {}, {}
     for i, layer in enumerate(size.layers):
@@ -352,54 +356,82 @@ class Plan:
     timing: Timing
     s_per_layer_forward: float  # weighted over the layers a candidate runs
     search_s_one_gpu: float
-    prefix_cache_gib: float  # what full prefix reuse keeps: one state per batch at every indexer layer
+    prefix_cache_gib: float  # what full reuse keeps: the states one greedy step stores for the next
     layouts: list[Layout]
+    auto_cache_gib: float = 0.0  # what --cache-gb auto gives on one GPU of this size
+    reuse_previous: bool = True  # whether the count assumes candidates restart from their previous evaluation
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def mean_forward_seconds(info: ModelInfo, size: ModelSize, timing: Timing, work: SearchWork) -> float:
-    """Seconds per layer-forward averaged as the search spends them: layer l runs for every candidate whose
-    flip sits at or before it, and an indexer layer runs Shared in a share of them that grows as the search
-    goes on (counted as the midpoint, half the flips made)."""
-    n_cand = [sum(1 for s in info.slots[1:] if s <= layer) for layer in range(info.num_layers)]
-    shared_frac = work.flips / max(info.num_slots, 1) / 2
-    total = weight = 0.0
-    for layer, cnt in enumerate(n_cand):
+    """Seconds per layer-forward averaged as the search spends them: each decoder layer's runs with its own
+    selection and its Shared runs (``work``), at the probe's or the table's time for its kind."""
+    slowest = max(timing.full_s.values())
+    total = 0.0
+    for layer, (f, sh) in enumerate(zip(work.full_runs, work.shared_runs, strict=True)):
         kind = size.layers[layer].kind
-        t = timing.full_s.get(kind)
-        if t is None:  # a kind the probe did not see (cannot happen with the table): the slowest measured
-            t = max(timing.full_s.values())
-        if layer in info.slots:
-            t = (1 - shared_frac) * t + shared_frac * timing.shared_s.get(kind, t)
-        total += cnt * t
-        weight += cnt
-    return total / max(weight, 1)
+        t_full = timing.full_s.get(kind, slowest)
+        total += f * t_full + sh * timing.shared_s.get(kind, t_full)
+    return total / max(sum(work.full_runs) + sum(work.shared_runs), 1e-9)
+
+
+def cache_for_reuse(info: ModelInfo, work: SearchWork, num_samples: int) -> int:
+    """States the prefix cache must hold for the reuse the estimate counts: those one greedy step stores
+    (every candidate's state entering each later layer that owns an indexer, per batch), which the next step
+    starts from, plus the all-Full pass's. The first step, with the most candidates, stores the most."""
+    first = search_work(info, num_samples, 0, flips=1)
+    entering = {s - 1 for s in info.slots if s > 0}
+    stored = sum(first.full_runs[layer] + first.shared_runs[layer] for layer in entering)
+    return int(stored + info.num_slots * num_samples) if work.flips else info.num_slots * num_samples
 
 
 def make_plan(model: str | Path, seq_len: int, num_samples: int, target_full: int | None = None,
               keep: float | None = None, gpus: int = 1, gpu_gib: float | None = None, flips: int | None = None,
-              do_probe: bool = False, device: str = "cuda", backend: str = "auto") -> Plan:
+              do_probe: bool = False, device: str = "cuda", backend: str = "auto", data: str | None = None) -> Plan:
     from .runner import resolve_backend
 
     info = model_info(model)
     size = model_size(info)
     if target_full is None:
         target_full = max(1, round(info.num_slots * (keep if keep is not None else 0.25)))
+    chosen = resolve_backend(backend, info.spec.native, info.architecture)  # the one-GPU search's runner
+    if do_probe:
+        path = Path(model)
+        has_weights = path.is_dir() and any(path.glob("*.safetensors"))
+        ids = None
+        if data is not None:
+            from .data import load_calibration
+
+            ids = load_calibration(path, data, 1, seq_len, 0, None, info.vocab_size).batches(1)[0]
+        timing = probe(info, size, seq_len, device, backend, weights=path if has_weights else None, ids=ids)
+    else:
+        timing = table_timing(info, size, seq_len, chosen)
+    return estimate_plan(str(model), info, size, timing, seq_len, num_samples, target_full, flips, gpus, gpu_gib)
+
+
+def estimate_plan(model: str, info: ModelInfo, size: ModelSize, timing: Timing, seq_len: int, num_samples: int,
+                  target_full: int, flips: int | None = None, gpus: int = 1, gpu_gib: float | None = None) -> Plan:
+    """The plan from a timing (a probe's, the table's, or one recorded earlier): work, memory, layouts."""
     work = search_work(info, num_samples, target_full, flips)
-    chosen = resolve_backend(backend, info.spec.native, info.architecture, None, 1 if gpus == 1 else gpus)
-    timing = probe(info, size, seq_len, device, backend) if do_probe else table_timing(info, size, seq_len, chosen)
-    per_fwd = mean_forward_seconds(info, size, timing, work)
-    first = sum(timing.full_s.get(x.kind, per_fwd) for x in size.layers) * num_samples
-    one = work.layer_forwards * per_fwd + first + (work.evaluations + num_samples) * timing.head_s
     weights = size.weight_bytes()
-    state = timing.state_bytes or seq_len * size.hidden * 2
-    cache = info.num_slots * num_samples * state
+    # a state: the residual stream and the selection it carries (int64 indices), unless the probe measured it
+    state = timing.state_bytes or seq_len * size.hidden * 2 + seq_len * info.index_topk * info.index_heads * 8
+    cache = cache_for_reuse(info, work, num_samples) * state
     working = timing.working_bytes or seq_len * size.hidden * 2 * 24  # rough without a probe
     if gpu_gib is None:
         gpu_gib = (torch.cuda.get_device_properties(0).total_memory / GIB) if torch.cuda.is_available() else 139.0
     usable = 0.9 * gpu_gib
+    auto_cache = max(2 * GIB, (gpu_gib * GIB - weights - working) / 4)  # what --cache-gb auto will take
+    # with less than a step's states (with host memory, --host-cache-gb's default of up to 64 GiB), no
+    # candidate finds its previous evaluation: each starts at its own layer
+    reuse_previous = cache <= auto_cache + 64 * GIB
+    if not reuse_previous:
+        work = search_work(info, num_samples, target_full, flips, reuse_previous=False)
+    per_fwd = mean_forward_seconds(info, size, timing, work)
+    first = sum(timing.full_s.get(x.kind, per_fwd) for x in size.layers) * num_samples
+    one = work.layer_forwards * per_fwd + first + (work.evaluations + num_samples) * timing.head_s
     layouts = []
     layer_bytes = weights - 2 * size.other_params
 
@@ -421,8 +453,9 @@ def make_plan(model: str | Path, seq_len: int, num_samples: int, target_full: in
         row(f"{gpus} replicas (candidates split, NCCL)", 1, gpus, weights, one / gpus,
             "each GPU holds the whole model")
         row(f"device_map over {gpus}", 1, 1, weights / gpus, one, "one GPU busy at a time")
-    return Plan(str(model), info.architecture, size.params, round(weights / GIB, 3), size.fp8, seq_len, num_samples,
-                target_full, work, timing, per_fwd, round(one, 3), round(cache / GIB, 3), layouts)
+    return Plan(model, info.architecture, size.params, round(weights / GIB, 3), size.fp8, seq_len, num_samples,
+                target_full, work, timing, per_fwd, round(one, 3), round(cache / GIB, 3), layouts,
+                round(auto_cache / GIB, 3), reuse_previous)
 
 
 def format_plan(p: Plan) -> str:
@@ -435,8 +468,13 @@ def format_plan(p: Plan) -> str:
         f"work: {w.layer_forwards:,} layer-forwards with prefix reuse (+ {w.first_evaluation:,} for the all-Full "
         f"loss), {w.evaluations:,} head evaluations",
         f"seconds per layer-forward: {p.s_per_layer_forward:.4f} ({p.timing.source})",
-        f"prefix cache for full reuse: {p.prefix_cache_gib:.1f} GiB (the search keeps what --cache-gb and "
-        "--host-cache-gb allow and recomputes the rest)",
+        f"prefix cache for full reuse: {p.prefix_cache_gib:.1f} GiB; --cache-gb auto gives {p.auto_cache_gib:.1f} GiB "
+        "on one GPU",
+        *([f"  more than auto gives: pass --cache-gb {math.ceil(p.prefix_cache_gib) + 1} if it fits, or states spill "
+           "to host memory, which the estimate does not count (the bundled model at 4 x 64K took over twice as long "
+           "spilling)"] if p.reuse_previous and p.prefix_cache_gib > p.auto_cache_gib else []),
+        *(["  beyond device and host memory: counted with each candidate starting at its own layer (no reuse of "
+           "the previous step's evaluations)"] if not p.reuse_previous else []),
         "",
         f"{'layout':<40} {'GPUs':>4} {'weights/GPU':>12} {'working':>8} {'fits':>5} {'search':>10}",
     ]
@@ -470,5 +508,5 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-__all__ = ["ModelSize", "Plan", "SearchWork", "Timing", "format_plan", "layer_flops", "make_plan", "model_size",
-           "probe", "search_work", "table_timing"]
+__all__ = ["ModelSize", "Plan", "SearchWork", "Timing", "estimate_plan", "format_plan", "layer_flops", "make_plan",
+           "model_size", "probe", "search_work", "table_timing"]

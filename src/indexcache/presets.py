@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import save_model
+import torch
+
+from .checkpoint import fp8_eligible, save_model
 from .config import ARCHITECTURES, DSAConfig
 from .model.dsa import DSAForCausalLM
 from .pattern import Pattern
@@ -83,8 +85,44 @@ def make_random_checkpoint(
     pattern: Pattern | str | None = None,
     overwrite: bool = False,
     command: str = "",
+    fp8: bool = False,
     **overrides,
 ) -> Path:
-    """A random checkpoint with a byte-level tokenizer, written atomically (:func:`save_model`)."""
+    """A random checkpoint with a byte-level tokenizer, written atomically (:func:`save_model`); ``fp8``:
+    the projections and experts in block-FP8, as DeepSeek ships them."""
     model = DSAForCausalLM(preset_config(preset, arch, pattern, **overrides)).init_random(seed)
-    return save_model(model, out_dir, extra=byte_tokenizer_files, overwrite=overwrite, command=command)
+    return save_model(model, out_dir, extra=byte_tokenizer_files, overwrite=overwrite, command=command, fp8=fp8)
+
+
+def random_model_in_place(cfg: DSAConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                          fp8: bool = False, std: float = 0.02, seed: int = 0) -> DSAForCausalLM:
+    """A random model built directly on ``device`` (no checkpoint, no host copy: fast for full-width shapes).
+    ``fp8``: the projections and experts a DeepSeek FP8 checkpoint stores in FP8 are held as
+    :class:`~indexcache.model.dsa.FP8Linear` / ``FP8Experts``, with e4m3 values and block scales that give
+    them the same ``std``; the model then takes its FP8 size, as a loaded FP8 checkpoint does."""
+    from .model.dsa import checkpoint_tensors
+
+    with torch.device("meta"):
+        model = DSAForCausalLM(cfg)
+        if fp8:
+            names = {n for n, t in checkpoint_tensors(model.named_parameters()) if fp8_eligible(n, t)}
+            model.keep_fp8(names)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to_dtype(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("scale_inv"):
+                p.fill_(std / 2.0)  # e4m3 values of std 2 below: weights of std `std`
+            elif p.dtype == torch.float8_e4m3fn:
+                for row in p.view(-1, p.shape[-1]).split(4096):  # bounded temporaries
+                    row.copy_((torch.randn(row.shape, device=device, generator=g) * 2.0).to(p.dtype))
+            elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=g)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.05, generator=g)
+    return model.eval()

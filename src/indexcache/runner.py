@@ -179,10 +179,11 @@ def native_ops(model: DSAForCausalLM, ops: str) -> str:
 
 def open_model(path, info, backend: str = "auto", dtype: torch.dtype = torch.float32, device: str = "cpu",
                scoring: str = "exact", ops: str = "auto", device_map: str | None = None, world: int = 1,
-               verbose: bool = True, tp: int = 1) -> OpenedModel:
+               verbose: bool = True, tp: int = 1, keep_fp8: bool | None = None) -> OpenedModel:
     """Load ``path`` (whose :class:`~indexcache.architectures.ModelInfo` is ``info``) for the runner-based
     commands: this package's model on its ops backend, or the model's transformers class (``tp`` > 1:
-    sharded by transformers' tensor-parallel plan)."""
+    sharded by transformers' tensor-parallel plan). ``keep_fp8``: a block-FP8 checkpoint stays FP8 in the
+    native model (default: on CUDA)."""
     chosen = resolve_backend(backend, info.spec.native, info.architecture, device_map, tp)
     if chosen == "hf":
         from .integrations.transformers import load_hf_for_search
@@ -192,7 +193,7 @@ def open_model(path, info, backend: str = "auto", dtype: torch.dtype = torch.flo
         return OpenedModel(m.runner(), m, "hf", "torch", m.pattern)
     from .checkpoint import load_model
 
-    model = load_model(path, dtype=dtype, device=device, scoring=scoring, verbose=verbose)
+    model = load_model(path, dtype=dtype, device=device, scoring=scoring, verbose=verbose, keep_fp8=keep_fp8)
     used = native_ops(model, ops)
     model.set_backend(used)
     return OpenedModel(NativeRunner(model), model, "native", used, model.pattern)

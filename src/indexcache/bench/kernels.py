@@ -277,6 +277,42 @@ def bench_sparse_mla(dev, ceil: dict, log) -> dict:
     return res
 
 
+# DeepSeek-V3.2's FP8 projections (out, in): q_a, q_b, kv_a, o_proj, an expert's gate/up and down, the
+# dense MLP's gate/up and down
+FP8_SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "o_proj": (7168, 16384),
+              "expert_gate_up": (2048, 7168), "expert_down": (7168, 2048), "dense_gate_up": (18432, 7168),
+              "dense_down": (7168, 18432)}
+
+
+def bench_fp8_gemm(dev, ceil: dict, log) -> dict:
+    """The block-scaled FP8 linear layer (e4m3 weight with 128 x 128 scales, activations per token and
+    128 channels): the product alone, and with the activations' quantisation, against the dequantised
+    bf16 product through torch. Rates count 2 M N K."""
+    from ..ops.fp8 import act_quant, block_quant
+    from ..ops.fp8_gemm import fp8_linear
+    from ..ops.fp8_gemm.kernel import fp8_gemm
+
+    res: dict = {"prefill": []}
+    for name, (N, K) in FP8_SHAPES.items():
+        for M in (1, 4096, 32768):  # decode, a prefill chunk, a 32K-token calibration window
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            wq, ws = block_quant(torch.randn(N, K, device=dev) * 0.02)
+            xq, xs = act_quant(x, 128, None)
+            w_bf16 = (wq.float() * ws.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]).bfloat16()
+            gemm_ms = _bench(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16))
+            linear_ms = _bench(lambda: fp8_linear(x, wq, ws, "triton"))
+            bf16_ms = _bench(lambda: x @ w_bf16.T)
+            flops = 2 * M * N * K
+            row = {"layer": name, "M": M, "N": N, "K": K, "gemm_ms": gemm_ms, "linear_ms": linear_ms,
+                   "bf16_torch_ms": bf16_ms, "gemm_tflops": flops / gemm_ms / 1e9,
+                   "linear_tflops": flops / linear_ms / 1e9, "bf16_torch_tflops": flops / bf16_ms / 1e9,
+                   "pct_of_fp8_ceiling": 100 * flops / gemm_ms / 1e9 / ceil.get("fp8_gemm_tflops", float("nan"))}
+            res["prefill"].append(row)
+            log(f"  fp8 {name} M={M} N={N} K={K}: gemm {gemm_ms:.3f} ms {row['gemm_tflops']:.0f} TFLOP/s, with "
+                f"activation quant {linear_ms:.3f} ms; bf16 torch {bf16_ms:.3f} ms")
+    return res
+
+
 def summary_table(result: dict) -> str:
     c = result["ceilings"]
     lines = [f"ceilings: bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s, fp8 GEMM "
@@ -308,7 +344,17 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("indexer", "topk", "sparse_mla")
+def fp8_table(result: dict) -> str:
+    lines = ["| FP8 layer | M x N x K | block-FP8 GEMM | with activation quant | bf16 torch | % of fp8 ceiling |",
+             "|---|---|---|---|---|---|"]
+    for r in result["fp8_gemm"]["prefill"]:
+        lines.append(f"| {r['layer']} | {r['M']} x {r['N']} x {r['K']} | {r['gemm_ms']:.3f} ms, "
+                     f"{r['gemm_tflops']:.0f} TFLOP/s | {r['linear_ms']:.3f} ms | {r['bf16_torch_ms']:.3f} ms | "
+                     f"{r['pct_of_fp8_ceiling']:.0f}% |")
+    return "\n".join(lines)
+
+
+PARTS = ("indexer", "topk", "sparse_mla", "fp8_gemm")
 
 
 def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
@@ -335,7 +381,8 @@ def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
     log("ceilings ...")
     result["ceilings"] = ceilings(dev)
     log(str(result["ceilings"]))
-    for part, fn in (("indexer", bench_indexer), ("topk", bench_topk), ("sparse_mla", bench_sparse_mla)):
+    for part, fn in (("indexer", bench_indexer), ("topk", bench_topk), ("sparse_mla", bench_sparse_mla),
+                     ("fp8_gemm", bench_fp8_gemm)):
         if part in parts:
             log(f"{part} ...")
             t0 = time.time()
@@ -345,4 +392,6 @@ def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
     write_report(Path(out), result)
     if all(p in result for p in ("indexer", "topk", "sparse_mla")):
         print(summary_table(result))
+    if "fp8_gemm" in result:
+        print(fp8_table(result))
     return result

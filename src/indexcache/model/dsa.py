@@ -32,6 +32,7 @@ from ..errors import PatternError
 from ..ops.backends import BACKENDS, check_backend, get_backend
 from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..ops.fp8 import fp8_indexer_operands
+from ..ops.fp8_gemm import fp8_linear
 from ..ops.indexer import causal_windows, indexer_logits, indexer_topk
 from ..ops.sparse_mla import mla_attention
 from ..ops.topk import topk as topk_reference
@@ -308,6 +309,49 @@ class Experts(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
 
+class FP8Linear(nn.Module):
+    """A linear layer whose weight stays block-FP8 in memory: ``weight`` e4m3 [out, in] and
+    ``weight_scale_inv`` fp32 [out/128, in/128], the names and layout of DeepSeek's FP8 checkpoints. The
+    activations are quantised per token and 128 channels and multiplied on the model's ops backend
+    (:func:`indexcache.ops.fp8_gemm.fp8_linear`): half the memory of bf16, and Hopper's FP8 tensor cores."""
+
+    def __init__(self, in_features: int, out_features: int, scale_fmt: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(-(-out_features // 128), -(-in_features // 128)),
+                                             requires_grad=False)
+        self.scale_fmt = scale_fmt
+        self.backend = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.backend, self.scale_fmt)
+
+
+class FP8Experts(Experts):
+    """The stacked experts in block-FP8: ``{part}`` e4m3 [E, out, in] beside ``{part}_scale_inv``
+    [E, out/128, in/128] (per expert, the checkpoint's ``experts.{e}.{part}.weight`` and its
+    ``weight_scale_inv``)."""
+
+    def __init__(self, n: int, hidden: int, inter: int, scale_fmt: str | None = None):
+        nn.Module.__init__(self)
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        for part, (o, i) in shapes.items():
+            setattr(self, part, nn.Parameter(torch.empty(n, o, i, dtype=torch.float8_e4m3fn), requires_grad=False))
+            setattr(self, f"{part}_scale_inv",
+                    nn.Parameter(torch.empty(n, -(-o // 128), -(-i // 128)), requires_grad=False))
+        self.scale_fmt = scale_fmt
+        self.backend = "torch"
+
+    def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        def lin(part: str, v: torch.Tensor) -> torch.Tensor:
+            return fp8_linear(v, getattr(self, part)[e], getattr(self, f"{part}_scale_inv")[e], self.backend,
+                              self.scale_fmt)
+
+        return lin("down_proj", F.silu(lin("gate_proj", x)) * lin("up_proj", x))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: DSAConfig):
         super().__init__()
@@ -338,7 +382,7 @@ class MoE(nn.Module):
         token and keep the chosen ones."""
         ex = self.experts
         N, k = idx.shape
-        if N * k < len(ex):
+        if N * k < len(ex) and not isinstance(ex, FP8Experts):
             sel = idx.flatten()
             xs = flat.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, hidden, 1]
             h = F.silu(torch.bmm(ex.gate_proj[sel], xs)) * torch.bmm(ex.up_proj[sel], xs)
@@ -438,6 +482,31 @@ class DSAForCausalLM(nn.Module):
                                               cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank):
             raise ValueError("the triton kernels need power-of-two indexer heads/dims, kv_lora_rank and rope dim")
         self.backend = backend
+        for m in self.modules():
+            if isinstance(m, (FP8Linear, FP8Experts)):
+                m.backend = backend
+
+    def keep_fp8(self, fp8_weights: set[str], scale_fmt: str | None = None) -> int:
+        """Make the layers whose checkpoint weights are block-FP8 (``fp8_weights``: checkpoint names) hold
+        them as FP8 (:class:`FP8Linear`, :class:`FP8Experts`) instead of dequantised. Call before the
+        weights are loaded (on the meta model). ``kv_b_proj`` stays dequantised: attention absorbs its
+        weight into the queries and outputs, so it is read as a matrix, not applied as a layer. Returns the
+        number of layers converted."""
+        converted = 0
+        for name, module in list(self.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if isinstance(child, nn.Linear) and f"{full}.weight" in fp8_weights \
+                        and child_name != "kv_b_proj" and child.bias is None and child.in_features % 128 == 0:
+                    setattr(module, child_name, FP8Linear(child.in_features, child.out_features, scale_fmt))
+                    converted += 1
+                elif isinstance(child, Experts) and not isinstance(child, FP8Experts) \
+                        and f"{full}.0.gate_proj.weight" in fp8_weights:
+                    n, inter, hidden = child.gate_proj.shape
+                    if hidden % 128 == 0 and inter % 128 == 0:
+                        setattr(module, child_name, FP8Experts(n, hidden, inter, scale_fmt))
+                        converted += 1
+        return converted
 
     def set_tie_break(self, ties: str) -> None:
         """How the plain path breaks exact index-score ties (a score of exactly 0 when every head's ReLU is
@@ -453,9 +522,10 @@ class DSAForCausalLM(nn.Module):
         round-tripped through a lower precision)."""
         for name, module in self.named_modules():
             keep = name.endswith("weights_proj")
-            for t in list(module._parameters.values()):
-                if t is not None and t.is_floating_point():
-                    t.data = t.data.to(torch.float32 if keep else dtype)
+            for pname, t in list(module._parameters.items()):
+                if t is None or not t.is_floating_point() or t.dtype == torch.float8_e4m3fn:
+                    continue  # FP8 weights stay FP8
+                t.data = t.data.to(torch.float32 if keep or pname.endswith("scale_inv") else dtype)
             for key, t in list(module._buffers.items()):
                 if t is not None and t.is_floating_point():
                     module._buffers[key] = t.to(torch.float32 if key == "e_score_correction_bias" else dtype)
@@ -553,8 +623,8 @@ class DSAForCausalLM(nn.Module):
 
 
 # --------------------------------------------------------------------------------- checkpoint names
-_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.((?:gate_proj|up_proj|down_proj)(?:_scale_inv)?)$")
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
 
 
 def checkpoint_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -569,6 +639,8 @@ def checkpoint_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tu
                 for part in Experts.PARTS:
                     if part in parts:
                         yield f"{prefix}.{e}.{part}.weight", parts[part][e]
+                    if f"{part}_scale_inv" in parts:  # an FP8 expert's block scales
+                        yield f"{prefix}.{e}.{part}.weight_scale_inv", parts[f"{part}_scale_inv"][e]
         held.clear()
 
     for name, t in items:
@@ -585,5 +657,5 @@ def model_tensor(name: str) -> tuple[str, int | None]:
     """Where a checkpoint tensor lives in the model: (parameter or buffer name, expert index or None)."""
     m = _PER_EXPERT.match(name)
     if m:
-        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+        return f"{m.group(1)}.{m.group(3)}{m.group(4) or ''}", int(m.group(2))
     return name, None

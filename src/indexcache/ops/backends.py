@@ -7,6 +7,7 @@ same signature in both backends:
 * ``indexer_logits(q [R,H,D], k [G,T,D], w [R,H], ks, ke, scale=1.0, k_scale=None, budget_bytes=..., clean=True)``
 * ``topk(logits [R,n], k, ks, ke, row_len=None, ties="topk")``
 * ``sparse_mla(q [R,H,Dk], kv [G,T,Dk], indices [R,K], scale, d_v, budget_bytes=...)``
+* ``fp8_gemm(a [M,K] e4m3, a_scale [M,K/128], b [N,K] e4m3, b_scale [N/128,K/128], out_dtype)`` (FP8 layers)
 
 ``torch`` runs the plain-PyTorch references (any device; what every kernel is tested against), ``triton``
 the kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``). The composite :func:`indexcache.ops.indexer.indexer_topk`
@@ -35,6 +36,7 @@ class Backend:
     # power-of-two block scales (the model's fp8 mode). None: it takes those dequantised values as they are.
     fp8_operands: Callable | None = None
     ties: str = "topk"  # how its top-k breaks exact ties: like torch.topk, or lowest index first
+    fp8_gemm: Callable | None = None  # block-scaled FP8 product of the FP8 linear layers
 
     def supports(self, index_heads: int, index_dim: int, latent_dim: int, d_v: int) -> bool:
         """Whether the kernels take these shapes (the references take any)."""
@@ -58,21 +60,24 @@ def _triton_fp8_operands(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor):
 
 
 def _torch() -> Backend:
+    from .fp8_gemm.reference import fp8_gemm
     from .indexer.reference import indexer_logits
     from .sparse_mla.reference import sparse_mla
     from .topk.reference import topk
 
-    return Backend("torch", indexer_logits, topk, sparse_mla)
+    return Backend("torch", indexer_logits, topk, sparse_mla, fp8_gemm=fp8_gemm)
 
 
 def _triton() -> Backend:
+    from .fp8_gemm.kernel import fp8_gemm
     from .indexer.kernel import indexer_logits
     from .sparse_mla.kernel import sparse_mla
     from .topk.kernel import topk
     from .triton_support import require_triton
 
     require_triton()
-    return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest")
+    return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest",
+                   fp8_gemm=fp8_gemm)
 
 
 _MADE: dict[str, Backend] = {}

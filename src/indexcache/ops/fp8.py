@@ -77,6 +77,22 @@ def block_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, in
     return w.float() * s
 
 
+def block_quant(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a weight [N, K] to e4m3 with one fp32 scale per block (amax / 448): the inverse of
+    :func:`block_dequant`, and the layout of DeepSeek's FP8 checkpoints."""
+    if w.dim() != 2:
+        raise ValueError(f"block quant wants a 2-D weight, got {tuple(w.shape)}")
+    bm, bn = block
+    rows, cols = w.shape
+    nr, nc = math.ceil(rows / bm), math.ceil(cols / bn)
+    padded = w.new_zeros(nr * bm, nc * bn, dtype=torch.float32)
+    padded[:rows, :cols] = w.float()
+    blocks = padded.view(nr, bm, nc, bn)
+    s = blocks.abs().amax(dim=(1, 3)).clamp_min(AMAX_FLOOR) / FP8_MAX
+    q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(nr * bm, nc * bn)[:rows, :cols].contiguous(), s
+
+
 def fp8_indexer_operands(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's fp8 indexer step, in the reference layout of the head dims: a Hadamard rotation, then e4m3
     with a power-of-two scale per 128 dims (one block per head for q, per token for k). The values come

@@ -88,30 +88,64 @@ def stage_starts(num_layers: int, stages: int) -> list[int]:
     return sorted({round(b * num_layers / stages) for b in range(stages)})
 
 
+def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_layers: int, n_batches: int,
+                         forced: Sequence[int] = (0,), replicas: int = 1, last_flip: int | None = None,
+                         draws: int = 64, reuse_previous: bool = True) -> tuple[list[float], list[float]]:
+    """How often each decoder layer runs in ``flips`` more greedy steps from ``pattern`` with prefix reuse,
+    per model replica: ``(full, shared)``, where ``shared[l]`` counts the runs in which layer l reuses an
+    earlier selection (a layer without an indexer counts as Full: it has one way to run).
+
+    A candidate that flips position i was a candidate at the previous step too, with a pattern that differed
+    only at the previous flip b; so it starts at the later of its own layer and b's (the cached states of
+    its previous evaluation, or of the winner's), and runs from there to the last layer. Which layers the
+    search will flip is not known: the counts are averaged over ``draws`` random flip orders (seeded, so the
+    same every time). ``reuse_previous=False``: a prefix cache too small to keep a step's states for the
+    next, so every candidate starts at its own layer."""
+    import random
+
+    cands = [i for i in range(len(slots)) if pattern.is_full(i) and i not in forced]
+    full, shared = [0.0] * n_layers, [0.0] * n_layers
+    if not cands or flips <= 0:
+        return full, shared
+    position = {layer: j for j, layer in enumerate(slots)}
+    rng = random.Random(0)
+    for _ in range(draws):
+        left, prev, is_full = list(cands), last_flip, [pattern.is_full(j) for j in range(len(slots))]
+        for _ in range(min(flips, len(cands))):
+            floor = slots[prev] if prev is not None and reuse_previous else 0
+            starts = [0] * (n_layers + 1)  # candidates starting at each layer
+            own = {}  # the layer where a candidate runs its own flip (Shared), if it runs it
+            for i in left:
+                start = max(slots[i], floor)
+                starts[start] += 1
+                if start == slots[i]:
+                    own[slots[i]] = True
+            running = 0
+            for layer in range(n_layers):
+                running += starts[layer]
+                j = position.get(layer)
+                if j is None or (is_full[j] and not own.get(layer)):
+                    full[layer] += running
+                elif is_full[j]:  # Full, except in the candidate that flips it
+                    full[layer] += running - 1
+                    shared[layer] += 1
+                else:
+                    shared[layer] += running
+            prev = left.pop(rng.randrange(len(left)))
+            is_full[prev] = False
+    scale = n_batches / draws / max(replicas, 1)
+    return [f * scale for f in full], [x * scale for x in shared]
+
+
 def estimate_layer_forwards(pattern: Pattern, flips: int, slots: Sequence[int], n_layers: int, n_batches: int,
                             forced: Sequence[int] = (0,), replicas: int = 1, last_flip: int | None = None,
                             draws: int = 64) -> int:
     """Layer-forwards that ``flips`` more greedy steps from ``pattern`` take with prefix reuse, per model
-    replica. A candidate that flips position i was a candidate at the previous step too, with a pattern
-    that differed only at the previous flip b; so it starts at the later of its own layer and b's (the
-    cached states of its previous evaluation, or of the winner's). Which layers the search will flip is not
-    known: the count is averaged over ``draws`` random flip orders (seeded, so the same every time). The
-    search's bar and ``indexcache plan`` both count with this."""
-    import random
-
-    cands = [i for i in range(len(slots)) if pattern.is_full(i) and i not in forced]
-    if not cands or flips <= 0:
-        return 0
-    rng = random.Random(0)
-    total = 0
-    for _ in range(draws):
-        left, prev, work = list(cands), last_flip, 0
-        for _ in range(min(flips, len(cands))):
-            floor = slots[prev] if prev is not None else 0
-            work += sum(n_layers - max(slots[i], floor) for i in left)
-            prev = left.pop(rng.randrange(len(left)))
-        total += work
-    return int(total * n_batches / draws / max(replicas, 1))
+    replica (:func:`layer_forward_counts`, summed). The search's bar and ``indexcache plan`` both count
+    with this."""
+    full, shared = layer_forward_counts(pattern, flips, slots, n_layers, n_batches, forced, replicas, last_flip,
+                                        draws)
+    return int(round(sum(full) + sum(shared)))
 
 
 def greedy_search(

@@ -258,7 +258,8 @@ def train(cfg: TrainConfig) -> dict:
         pat = None
         if cfg.pattern is not None:
             pat = parse_spec(cfg.pattern, DSAConfig.from_file(cfg.init).num_hidden_layers)
-        model = load_model(cfg.init, pattern=pat, device=cfg.device, verbose=False)
+        # trained weights must be full precision: an FP8 checkpoint is dequantised
+        model = load_model(cfg.init, pattern=pat, device=cfg.device, verbose=False, keep_fp8=False)
     else:  # dense pretraining builds every indexer; a pattern only matters from the warm-up on
         vocab = len(json.loads((out.path / "tokenizer.json").read_text())["model"]["vocab"])
         model = DSAForCausalLM(preset_config(cfg.preset, vocab_size=max(vocab, cfg.vocab_size)))

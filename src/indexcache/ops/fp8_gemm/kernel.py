@@ -1,0 +1,87 @@
+"""Block-scaled FP8 matrix product in Triton (Hopper's e4m3 tensor cores).
+
+One program computes a [BM, BN] tile of ``C = A @ B.T``. K is walked in steps of 128, the activation
+scales' group: each step's e4m3 product, accumulated by ``tl.dot`` in fp32, is multiplied by the rows'
+activation scales and the columns' weight-block scale before it joins the fp32 accumulator (the scales
+differ from step to step, so they cannot be applied once at the end). Tiles are visited in groups of
+``GROUP_M`` row-blocks so that neighbouring programs share B's columns in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..triton_support import HAVE_TRITON, interpreted, require_triton
+from .reference import BLOCK
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    def _configs():
+        if interpreted():  # one small tile: the interpreter is slow and autotuning would multiply that
+            return [triton.Config({"BM": 32, "BN": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4),
+                                     (64, 64, 4, 5), (32, 128, 4, 4), (16, 128, 4, 4)]]
+
+    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
+    @triton.jit
+    def _fp8_gemm_kernel(A, B, C, AS, BS, M, N, K, M_BUCKET,
+                         s_am, s_ak, s_bn, s_bk, s_cm, s_cn, s_asm, s_ask, s_bsn, s_bsk,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        n_m = tl.cdiv(M, BM)
+        n_n = tl.cdiv(N, BN)
+        in_group = GROUP_M * n_n
+        first_m = (pid // in_group) * GROUP_M
+        group_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % group_m
+        pid_n = (pid % in_group) // group_m
+
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_ptr = A + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
+        b_ptr = B + rn[None, :].to(tl.int64) * s_bn + rk[:, None] * s_bk
+        as_ptr = AS + rm.to(tl.int64) * s_asm
+        bs_ptr = BS + (rn // BK) * s_bsn  # the weight block of each column (BK = the 128 of the blocks)
+        m_ok = rm < M
+        n_ok = rn < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BK)):
+            k_left = K - kb * BK
+            a = tl.load(a_ptr, mask=m_ok[:, None] & (rk[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptr, mask=n_ok[None, :] & (rk[:, None] < k_left), other=0.0)
+            a_s = tl.load(as_ptr + kb * s_ask, mask=m_ok, other=0.0)
+            b_s = tl.load(bs_ptr + kb * s_bsk, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            a_ptr += BK * s_ak
+            b_ptr += BK * s_bk
+        c_ptr = C + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn
+        tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Same contract as :func:`indexcache.ops.fp8_gemm.reference.fp8_gemm`."""
+    require_triton()
+    M, K = a.shape
+    N = b.shape[0]
+    if b.shape[1] != K or tuple(a_scale.shape) != (M, triton.cdiv(K, BLOCK)) \
+            or tuple(b_scale.shape) != (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)):
+        raise ValueError(f"fp8_gemm shapes do not agree: a {tuple(a.shape)}, a_scale {tuple(a_scale.shape)}, "
+                         f"b {tuple(b.shape)}, b_scale {tuple(b_scale.shape)}")
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0:
+        return c
+    a_scale, b_scale = a_scale.float(), b_scale.float()
+    bucket = min(triton.next_power_of_2(M), 4096)  # tiles tuned per size class of M, not per exact M
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+    _fp8_gemm_kernel[grid](a, b, c, a_scale, b_scale, M, N, K, bucket,
+                           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+                           a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), BK=BLOCK)
+    return c
