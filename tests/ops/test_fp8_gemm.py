@@ -1,7 +1,8 @@
-"""ops/fp8_gemm: the block-scaled FP8 product. The reference against a float computation written out
-here; the Triton kernel against the reference on fresh random operands (CPU interpreter on small shapes,
-real shapes on a GPU), within bounds from the accumulation length; FP8 linear layers against dequantised
-weights applied to the quantised activations."""
+"""ops/fp8_gemm: the block-scaled FP8 product and the activations' quantisation. The reference against
+a float computation written out here; the Triton kernel against the reference on fresh random operands (CPU
+interpreter on small shapes, real shapes on a GPU), within bounds from the accumulation length; the
+quantisation kernel bit for bit against ops.fp8.act_quant; FP8 linear layers against dequantised weights
+applied to the quantised activations."""
 
 from __future__ import annotations
 
@@ -92,3 +93,35 @@ def test_kernel_against_reference_in_the_interpreter(shape):
 def test_kernel_against_reference_on_gpu(shape):
     g = torch.Generator().manual_seed(sum(shape))
     _check_kernel(*_operands(g, *shape, device="cuda"), torch.bfloat16)
+
+
+def _activations(g: torch.Generator, M: int, K: int, device: str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10
+    x[0, :128] = 0  # an all-zero group: the amax floor
+    x[-1, 3] = 1e-7  # e4m3 subnormals after scaling
+    x[-1, 4] = 448.0 / 4 * 1.0625  # a value halfway between two e4m3 numbers once scaled (ties to even)
+    return x.to(device=device, dtype=dtype)
+
+
+def _check_act_quant(x):
+    from indexcache.ops.fp8_gemm.kernel import act_quant as kernel
+
+    for fmt in (None, "ue8m0"):
+        q, s = kernel(x, 128, fmt)
+        q_ref, s_ref = act_quant(x, 128, fmt)
+        # the same fp32 arithmetic and round-to-nearest-even: bit for bit
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@interpreter
+@pytest.mark.parametrize("shape", [(37, 256), (1, 128), (50, 384)])
+def test_act_quant_kernel_is_bit_identical_in_the_interpreter(shape):
+    _check_act_quant(_activations(torch.Generator().manual_seed(shape[0]), *shape))
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(32768, 7168), (4096, 1536), (1, 16384), (333, 2048)])
+def test_act_quant_kernel_is_bit_identical_on_gpu(shape):
+    g = torch.Generator().manual_seed(shape[0])
+    _check_act_quant(_activations(g, *shape, device="cuda", dtype=torch.bfloat16))

@@ -37,6 +37,7 @@ class Backend:
     fp8_operands: Callable | None = None
     ties: str = "topk"  # how its top-k breaks exact ties: like torch.topk, or lowest index first
     fp8_gemm: Callable | None = None  # block-scaled FP8 product of the FP8 linear layers
+    act_quant: Callable = act_quant  # the activations' e4m3 quantisation per token and 128 channels
 
     def supports(self, index_heads: int, index_dim: int, latent_dim: int, d_v: int) -> bool:
         """Whether the kernels take these shapes (the references take any)."""
@@ -69,6 +70,7 @@ def _torch() -> Backend:
 
 
 def _triton() -> Backend:
+    from .fp8_gemm.kernel import act_quant as act_quant_kernel
     from .fp8_gemm.kernel import fp8_gemm
     from .indexer.kernel import indexer_logits
     from .sparse_mla.kernel import sparse_mla
@@ -77,7 +79,7 @@ def _triton() -> Backend:
 
     require_triton()
     return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest",
-                   fp8_gemm=fp8_gemm)
+                   fp8_gemm=fp8_gemm, act_quant=act_quant_kernel)
 
 
 _MADE: dict[str, Backend] = {}

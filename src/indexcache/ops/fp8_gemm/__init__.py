@@ -2,7 +2,8 @@
 ``kernel.py`` (Triton), picked through :mod:`indexcache.ops.backends`.
 
 :func:`fp8_linear` is what the model calls: the activations are quantised per token and per 128 channels
-(:func:`indexcache.ops.fp8.act_quant`, the same code on both backends), then the backend's ``fp8_gemm``
+(the backend's ``act_quant``: :func:`indexcache.ops.fp8.act_quant`, or the one-pass kernel with the same
+arithmetic), then the backend's ``fp8_gemm``
 multiplies them by the e4m3 weight and its 128 x 128 block scales. The weight stays in FP8 in memory.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..backends import Backend, get_backend
-from ..fp8 import act_quant
 from .reference import BLOCK, fp8_gemm
 
 
@@ -25,7 +25,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     if K % BLOCK:
         raise ValueError(f"an FP8 linear layer needs in-features divisible by {BLOCK}, got {K}")
     flat = x.reshape(-1, K)
-    xq, xs = act_quant(flat, BLOCK, scale_fmt)
+    xq, xs = ops.act_quant(flat, BLOCK, scale_fmt)
     out = ops.fp8_gemm(xq, xs, weight, weight_scale_inv, x.dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
 

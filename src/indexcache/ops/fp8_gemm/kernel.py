@@ -1,10 +1,14 @@
 """Block-scaled FP8 matrix product in Triton (Hopper's e4m3 tensor cores).
 
-One program computes a [BM, BN] tile of ``C = A @ B.T``. K is walked in steps of 128, the activation
+:func:`fp8_gemm`: one program computes a [BM, BN] tile of ``C = A @ B.T``. K is walked in steps of 128, the activation
 scales' group: each step's e4m3 product, accumulated by ``tl.dot`` in fp32, is multiplied by the rows'
 activation scales and the columns' weight-block scale before it joins the fp32 accumulator (the scales
 differ from step to step, so they cannot be applied once at the end). Tiles are visited in groups of
 ``GROUP_M`` row-blocks so that neighbouring programs share B's columns in L2.
+
+:func:`act_quant`: the activations' quantisation in one pass (one program per 128-channel group of a block
+of rows: amax, scale, e4m3), the same arithmetic as :func:`indexcache.ops.fp8.act_quant`, which otherwise
+reads and writes the activations several times.
 """
 
 from __future__ import annotations
@@ -60,6 +64,53 @@ if HAVE_TRITON:
             b_ptr += BK * s_bk
         c_ptr = C + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn
         tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _act_quant_kernel(X, Q, S, M, K, s_xm, s_qm, s_sm, AMAX_FLOOR: tl.constexpr, FP8_MAX: tl.constexpr,
+                          UE8M0: tl.constexpr, BM: tl.constexpr, BLOCK_K: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        kb = tl.program_id(1)
+        rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(X + rm[:, None].to(tl.int64) * s_xm + rk[None, :], mask=ok, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
+        s = amax / FP8_MAX
+        if UE8M0:  # rounded up to a power of two
+            s = tl.exp2(tl.ceil(tl.log2(s)))
+        y = tl.minimum(tl.maximum(x / s[:, None], -FP8_MAX), FP8_MAX)
+        # round to the e4m3 grid here, to nearest even, so that the cast below is exact on every backend (the
+        # CPU interpreter's cast loses the carry when rounding up a mantissa of all ones): the grid's step is
+        # 2^(e - 3) for a value of exponent e, 2^-9 below 2^-6; (v + 1.5 * 2^23) - 1.5 * 2^23 rounds v to an
+        # integer, to even, in fp32
+        e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        y = ((y / step + 12582912.0) - 12582912.0) * step
+        tl.store(Q + rm[:, None].to(tl.int64) * s_qm + rk[None, :], y.to(Q.dtype.element_ty), mask=ok)
+        tl.store(S + rm.to(tl.int64) * s_sm + kb, s, mask=rm < M)
+
+
+def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`indexcache.ops.fp8.act_quant` for 2-D ``x`` [M, K] (K a multiple of 128)."""
+    from ..fp8 import AMAX_FLOOR, FP8_MAX
+
+    require_triton()
+    M, K = x.shape
+    if block != BLOCK or K % BLOCK:
+        raise ValueError(f"the act_quant kernel takes groups of {BLOCK} channels and K divisible by it, got {K}")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"unknown scale_fmt {scale_fmt!r} (None or 'ue8m0')")
+    x = x.contiguous()
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, K // BLOCK, dtype=torch.float32, device=x.device)
+    if M:
+        bm = 16 if interpreted() else 32
+        _act_quant_kernel[(triton.cdiv(M, bm), K // BLOCK)](x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0),
+                                                            AMAX_FLOOR=AMAX_FLOOR, FP8_MAX=FP8_MAX,
+                                                            UE8M0=scale_fmt == "ue8m0", BM=bm, BLOCK_K=BLOCK)
+    return q, s
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
