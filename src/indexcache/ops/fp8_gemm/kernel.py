@@ -80,14 +80,16 @@ if HAVE_TRITON:
         s = amax / FP8_MAX
         if UE8M0:  # rounded up to a power of two
             s = tl.exp2(tl.ceil(tl.log2(s)))
-        y = tl.minimum(tl.maximum(x / s[:, None], -FP8_MAX), FP8_MAX)
+        # IEEE-rounded division, as torch divides (Triton's `/` on fp32 is an approximate division on the GPU)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -FP8_MAX), FP8_MAX)
         # round to the e4m3 grid here, to nearest even, so that the cast below is exact on every backend (the
         # CPU interpreter's cast loses the carry when rounding up a mantissa of all ones): the grid's step is
         # 2^(e - 3) for a value of exponent e, 2^-9 below 2^-6; (v + 1.5 * 2^23) - 1.5 * 2^23 rounds v to an
         # integer, to even, in fp32
         e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        y = ((y / step + 12582912.0) - 12582912.0) * step
+        inv_step = ((127 - (tl.maximum(e, -6) - 3)) << 23).to(tl.float32, bitcast=True)  # powers of two: exact
+        y = ((y * inv_step + 12582912.0) - 12582912.0) * step
         tl.store(Q + rm[:, None].to(tl.int64) * s_qm + rk[None, :], y.to(Q.dtype.element_ty), mask=ok)
         tl.store(S + rm.to(tl.int64) * s_sm + kb, s, mask=rm < M)
 
