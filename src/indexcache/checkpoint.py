@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .config import DSAConfig, read_config
 from .errors import CheckpointError
 from .model.dsa import DSAForCausalLM, checkpoint_tensors
-from .ops.fp8 import block_dequant, block_quant
+from .ops.fp8 import block_dequant, block_quant, kept_wide
 from .outputs import check_output_dir, new_temp_dir, publish_dir
 from .pattern import Pattern, PatternError, format_ranges
 
@@ -286,12 +286,11 @@ def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device,
 
 # ----------------------------------------------------------------------------------------- writing
 _FP8_WEIGHT = re.compile(r"^model\.layers\.\d+\..*\.weight$")
-_KEPT_WIDE = ("norm.", "weights_proj.", "mlp.gate.weight")  # DeepSeek's FP8 checkpoints keep these in bf16/fp32
 
 
 def fp8_eligible(name: str, t: torch.Tensor) -> bool:
     """A decoder layer's projection or expert weight, which DeepSeek's FP8 checkpoints store block-FP8."""
-    return t.dim() == 2 and bool(_FP8_WEIGHT.match(name)) and not any(k in name for k in _KEPT_WIDE)
+    return t.dim() == 2 and bool(_FP8_WEIGHT.match(name)) and not kept_wide(name)
 
 
 def _state_for_saving(

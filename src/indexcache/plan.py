@@ -24,6 +24,7 @@ import torch
 
 from .architectures import ModelInfo, model_info
 from .errors import ConfigError
+from .ops.fp8 import kept_wide
 from .pattern import Pattern
 from .search.greedy import layer_forward_counts, stage_starts
 
@@ -93,10 +94,7 @@ def model_size(info: ModelInfo) -> ModelSize:
             active += n * top_k // p.shape[0] if routed and top_k else n
             if "indexer" in name:
                 idx += n
-            # DeepSeek's FP8 checkpoints keep the norms, the router and the indexer's head weights in bf16
-            big = p.dim() >= 2 and not any(k in name for k in ("norm", "weights_proj")) \
-                and not name.endswith("gate.weight")
-            if big and not any(s in f"model.layers.{i}.{name}" for s in skip):
+            if p.dim() >= 2 and not kept_wide(name) and not any(s in f"model.layers.{i}.{name}" for s in skip):
                 fp8_params += n
         ltype = info.layer_types[i] if i < len(info.layer_types) else "layer"
         moe = (mlp_types[i] if i < len(mlp_types) else ("dense" if i < dense_first else "moe"))
@@ -241,12 +239,13 @@ def probe(info: ModelInfo, size: ModelSize, tokens: int, device: str = "cuda", b
         import transformers
 
         from .integrations.transformers import TransformersRunner, apply_pattern, patch_indexer_scoring
+        from .presets import randomize_
 
         reduced = model_info(cfg)
         tcfg = reduced.transformers_config(text=False)
         with dev:
             hf = getattr(transformers, info.architecture)._from_config(tcfg, dtype=dtype).eval()
-        _randomize(hf)
+        randomize_(hf)
         apply_pattern(hf, Pattern.all_full(reduced.num_slots), drop_shared_indexers=False)
         patch_indexer_scoring(hf)
         runner = TransformersRunner(hf)
@@ -297,16 +296,6 @@ def probe(info: ModelInfo, size: ModelSize, tokens: int, device: str = "cuda", b
     return Timing(f"probe on {name} ({chosen} backend, {tokens} tokens, {', '.join(notes)})", med,
                   {k: sorted(v)[len(v) // 2] for k, v in shared_s.items()}, sorted(head)[len(head) // 2],
                   int(working), int(state_bytes), notes)
-
-
-def _randomize(model: torch.nn.Module) -> None:
-    """Small random weights (norms at one): finite activations, routing spread over the experts."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.fill_(1.0)
-            elif p.is_floating_point():
-                p.normal_(0.0, 0.02)
 
 
 def table_timing(info: ModelInfo, size: ModelSize, tokens: int, backend: str) -> Timing:

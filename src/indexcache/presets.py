@@ -110,19 +110,27 @@ def random_model_in_place(cfg: DSAConfig, device: str | torch.device = "cuda", d
     model.to_empty(device=device)
     model.tie_weights()
     model.to_dtype(dtype)
+    randomize_(model, std, seed)
+    return model.eval()
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Fresh random weights in place, on the model's own device (this package's model or a transformers
+    one): normal(0, std) matrices, unit norms, a small router correction bias, and for FP8 layers e4m3
+    values of std 2 with block scales of std / 2."""
+    device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("scale_inv"):
-                p.fill_(std / 2.0)  # e4m3 values of std 2 below: weights of std `std`
+                p.fill_(std / 2.0)
             elif p.dtype == torch.float8_e4m3fn:
                 for row in p.view(-1, p.shape[-1]).split(4096):  # bounded temporaries
                     row.copy_((torch.randn(row.shape, device=device, generator=g) * 2.0).to(p.dtype))
-            elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            elif name.endswith("norm.weight"):
                 p.fill_(1.0)
-            else:
+            elif p.is_floating_point():
                 p.normal_(0.0, std, generator=g)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.05, generator=g)
-    return model.eval()

@@ -77,6 +77,12 @@ def block_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, in
     return w.float() * s
 
 
+def kept_wide(name: str) -> bool:
+    """A weight that DeepSeek's FP8 checkpoints keep in bf16/fp32 although it is a matrix: norms, the
+    router (``mlp.gate``) and the indexer's head weights (``weights_proj``)."""
+    return "norm" in name or "weights_proj" in name or name.endswith("gate.weight")
+
+
 def block_quant(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a weight [N, K] to e4m3 with one fp32 scale per block (amax / 448): the inverse of
     :func:`block_dequant`, and the layout of DeepSeek's FP8 checkpoints."""
