@@ -234,12 +234,25 @@ def uniform_patterns(n: int, start: Pattern) -> list[tuple[str, int, Pattern]]:
 
 
 def uniform_baselines(evaluator: LossEvaluator, n: int, start: Pattern, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    todo = {str(p): p for _, _, p in uniform_patterns(n, start)}
+    slots, n_b = evaluator.runner.slots, len(evaluator.batches)
+    # each pattern runs from its first Shared layer on (the start pattern's states are cached before it)
+    left = sum((evaluator.n_layers - slots[next((i for i in range(n) if not p.is_full(i)), n - 1)]) * n_b
+               for p in todo.values())
+    bar = tqdm(total=left, desc="uniform baselines", unit="layer-fwd", disable=not progress, dynamic_ncols=True)
+    evaluator.on_layer = bar.update
     rows, losses = [], {}
-    for conv, freq, p in uniform_patterns(n, start):
-        if str(p) not in losses:  # conventions that agree on a pattern share its evaluation
-            losses[str(p)] = evaluator.loss(p)
-        rows.append({"convention": conv, "freq": freq, "pattern": str(p), "num_full": p.num_full,
-                     "loss": losses[str(p)]})
+    try:
+        for conv, freq, p in uniform_patterns(n, start):
+            if str(p) not in losses:  # conventions that agree on a pattern share its evaluation
+                losses[str(p)] = evaluator.loss(p)
+            rows.append({"convention": conv, "freq": freq, "pattern": str(p), "num_full": p.num_full,
+                         "loss": losses[str(p)]})
+    finally:
+        evaluator.on_layer = None
+        bar.close()
     return rows
 
 
