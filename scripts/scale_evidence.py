@@ -1,9 +1,11 @@
-"""Full-scale evidence on one GPU: configs of the real models, `indexcache plan` probes of them, and two
-measured greedy steps on a DeepSeek-V3.2-shaped FP8 model (full width and depth, experts cut to fit).
+"""Full-scale evidence on one GPU: configs of the real models, `indexcache plan` probes of them, and the
+DeepSeek-V3.2 width in FP8 with its experts cut to fit: the full-depth all-Full pass and two greedy steps at
+12 layers, each against the plan.
 
     python scripts/scale_evidence.py configs  WORK            # config.json dirs (+ byte tokenizer)
     python scripts/scale_evidence.py plans    WORK OUT.json   # plan --probe of each (needs the GPU)
-    python scripts/scale_evidence.py v32-steps WORK OUT.json --data .data/books   # the measured steps
+    python scripts/scale_evidence.py v32      WORK OUT.json --data .data/books   # the measured model
+    python scripts/scale_evidence.py v32-steps WORK OUT.json --device cpu --config-dir DIR   # steps alone
 
 The models' widths are transformers' own defaults of DeepseekV32Config and GlmMoeDsaConfig (the released
 DeepSeek-V3.2 and GLM-5 shapes), with DeepSeek's block-FP8 ``quantization_config``. The measured model is
@@ -93,8 +95,10 @@ def plans(work: Path, out: Path, seq_len: int) -> None:
         torch.cuda.empty_cache()
 
 
-def v32_steps(work: Path, out: Path, data: str, seq_len: int, plan_json: Path | None, device: str = "cuda",
+def v32_steps(work: Path, out: Path, data: str, seq_len: int, device: str = "cuda",
               config_dir: Path | None = None) -> None:
+    """Two greedy steps on a model built in place with random FP8 weights (by default the full-depth
+    16-expert DeepSeek-V3.2 shape; ``config_dir``: another, e.g. the 12-layer cut or a tiny one on CPU)."""
     from indexcache.config import DSAConfig
     from indexcache.data import load_calibration
     from indexcache.presets import random_model_in_place
@@ -141,15 +145,6 @@ def v32_steps(work: Path, out: Path, data: str, seq_len: int, plan_json: Path | 
         "all_full_loss": res.all_full_loss, "prefix_cache_gib": round(cache / 2**30, 1),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }
-    if plan_json is not None and plan_json.exists():
-        for row in json.loads(plan_json.read_text())["plans"]:
-            if row["name"].endswith("-experts"):
-                p = row["plan"]
-                work_est = p["work"]["layer_forwards"] + p["work"]["first_evaluation"]
-                report["plan"] = {"estimated_search_s": p["search_s_one_gpu"], "estimated_layer_forwards": work_est,
-                                  "estimated_s_per_layer_forward": p["s_per_layer_forward"],
-                                  "estimated_weights_gib": p["weights_gib"],
-                                  "error_search_s": p["search_s_one_gpu"] / search_s - 1}
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "trajectory"}, indent=1))
 
@@ -210,7 +205,7 @@ def v32(work: Path, out: Path, data: str, seq_len: int) -> None:
     torch.cuda.empty_cache()
     report["cut_plan"] = cut.as_dict()
     out.write_text(json.dumps(report, indent=1))
-    v32_steps(work, out.with_name(out.stem + "_cut_steps.json"), data, seq_len, None, "cuda", cut_dir)
+    v32_steps(work, out.with_name(out.stem + "_cut_steps.json"), data, seq_len, "cuda", cut_dir)
     steps = json.loads(out.with_name(out.stem + "_cut_steps.json").read_text())
     report["cut_steps"] = steps
     report["cut_steps"]["plan_search_s"] = cut.search_s_one_gpu
@@ -227,7 +222,6 @@ def main() -> None:
     ap.add_argument("out", type=Path, nargs="?")
     ap.add_argument("--data", default=".data/books")
     ap.add_argument("--seq-len", type=int, default=32768)
-    ap.add_argument("--plan-json", type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--config-dir", type=Path, help="another model's config (a check on a small one)")
     a = ap.parse_args()
@@ -238,7 +232,7 @@ def main() -> None:
     elif a.what == "v32":
         v32(a.work, a.out, a.data, a.seq_len)
     else:
-        v32_steps(a.work, a.out, a.data, a.seq_len, a.plan_json, a.device, a.config_dir)
+        v32_steps(a.work, a.out, a.data, a.seq_len, a.device, a.config_dir)
 
 
 if __name__ == "__main__":

@@ -145,9 +145,7 @@ def load_layers(path: str | Path, keep: list[int], config: dict, dtype: torch.dt
     whose config is ``config`` (the checkpoint's, with per-layer lists cut to ``keep``)."""
     path = Path(path)
     cfg = DSAConfig.from_dict(config)
-    if keep_fp8 is None:
-        keep_fp8 = torch.device(device).type == "cuda"
-    scale_fmt = (read_config(path).get("quantization_config") or {}).get("scale_fmt") if keep_fp8 else None
+    keep_fp8, scale_fmt = _fp8_options(path, device, keep_fp8)
     src = LayerSubset(TensorSource(path), keep)
     try:
         return _load(src, cfg, path, None, dtype, device, "exact", False, keep_fp8, scale_fmt)
@@ -179,14 +177,21 @@ def load_model(
     """
     path = Path(path)
     cfg = DSAConfig.from_file(path)
-    if keep_fp8 is None:
-        keep_fp8 = torch.device(device).type == "cuda"
-    scale_fmt = (read_config(path).get("quantization_config") or {}).get("scale_fmt") if keep_fp8 else None
+    keep_fp8, scale_fmt = _fp8_options(path, device, keep_fp8)
     src = TensorSource(path)
     try:
         return _load(src, cfg, path, pattern, dtype, device, scoring, verbose, keep_fp8, scale_fmt)
     finally:
         src.close()
+
+
+def _fp8_options(path: Path, device: str | torch.device, keep_fp8: bool | None) -> tuple[bool, str | None]:
+    """Whether FP8 weights stay FP8 (default: on CUDA), and the activation scale format the checkpoint asks
+    for (DeepSeek-V3.2: ``ue8m0``)."""
+    if keep_fp8 is None:
+        keep_fp8 = torch.device(device).type == "cuda"
+    scale_fmt = (read_config(path).get("quantization_config") or {}).get("scale_fmt") if keep_fp8 else None
+    return keep_fp8, scale_fmt
 
 
 def _load(src: TensorSource, cfg: DSAConfig, path: Path, pattern, dtype, device, scoring, verbose,

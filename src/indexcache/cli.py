@@ -806,12 +806,8 @@ def check_plan(args: argparse.Namespace) -> None:
     if args.seq_len is None:  # 32K, or the model's longest window if that is shorter
         args.seq_len = min(32768, args.info.max_position_embeddings)
     args.info.check_calibration(args.seq_len)
-    if args.seq_len > args.info.max_position_embeddings:
-        raise OptionError(f"--seq-len {args.seq_len} is above the model's max_position_embeddings "
-                          f"({args.info.max_position_embeddings})")
-    if args.keep is not None and args.num_full is not None:
-        raise OptionError("give --keep or --num-full, not both")
-    if args.num_full is not None and args.num_full > args.info.num_slots:
+    _check_length(args.seq_len, args.info, "--seq-len")
+    if args.num_full is not None and args.num_full > args.info.num_slots:  # --keep and --num-full: exclusive
         raise OptionError(f"--num-full {args.num_full} is more than the {args.info.num_slots} layers with an indexer")
     if args.probe and not str(args.device or "cuda").startswith("cuda") and not args.allow_cpu_probe:
         raise OptionError("--probe times the layers on this machine's GPU: give --device cuda (or "

@@ -335,7 +335,7 @@ class FP8Experts(Experts):
     ``weight_scale_inv``)."""
 
     def __init__(self, n: int, hidden: int, inter: int, scale_fmt: str | None = None):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not Experts.__init__: its bf16 tensors would be allocated only to be replaced
         shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
         for part, (o, i) in shapes.items():
             setattr(self, part, nn.Parameter(torch.empty(n, o, i, dtype=torch.float8_e4m3fn), requires_grad=False))
