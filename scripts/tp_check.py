@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,20 +42,14 @@ def glm5_checkpoint(work: Path, layers: int, device: str) -> Path:
     return out
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def search(model: Path, out: Path, a, nproc: int = 1) -> dict:
     args = ["search", str(model), "--data", a.data, "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
             "--num-full", str(a.num_full), "--baselines", "none", "--backend", "hf", "--dtype", a.dtype,
             "--device", a.device, "--out", str(out), "--overwrite"]
     launch = [sys.executable, "-m", "indexcache.cli"]
     if nproc > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                  free_port(), "-m", "indexcache.cli"]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                  "-m", "indexcache.cli"]
         args += ["--tp", str(a.tp)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}")
     t0 = time.time()

@@ -311,8 +311,8 @@ def test_two_gloo_processes_split_candidates_like_one(dirs, arch, tmp_path):
     one = subprocess.run([sys.executable, "-m", "indexcache.cli", *map(str, common), "--out", tmp_path / "one"],
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    port = str(29600 + ALL.index(arch))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    # --standalone: torchrun picks a free port (fixed ports collide with sockets of an earlier run)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "indexcache.cli", *map(str, common), "--out", tmp_path / "two"], env=env,
                          capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]

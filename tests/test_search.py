@@ -190,7 +190,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     one = subprocess.run(_cli(*common, "--out", tmp_path / "one"), env=_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "indexcache.cli", *map(str, common),
+                          "--standalone", "-m", "indexcache.cli", *map(str, common),
                           "--out", tmp_path / "two"], env=_env(), capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "report.json").read_text())

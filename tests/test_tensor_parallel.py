@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -39,20 +38,14 @@ def text(tmp_path_factory):
     return p
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _search(model, text, out, nproc: int = 1, tp: int = 1) -> dict:
     args = ["search", model, "--data", text, "--num-samples", 2, "--seq-len", SEQ, "--num-full", 2,
             "--baselines", "uniform", "--backend", "hf", "--out", out]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launch = [sys.executable, "-m", "indexcache.cli"]
     if nproc > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                  _free_port(), "-m", "indexcache.cli"]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                  "-m", "indexcache.cli"]  # --standalone: a free port, picked by torchrun
         args += ["--tp", tp]
     done = subprocess.run([*launch, *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
