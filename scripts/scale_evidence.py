@@ -98,7 +98,9 @@ def plans(work: Path, out: Path, seq_len: int) -> None:
 def v32_steps(work: Path, out: Path, data: str, seq_len: int, device: str = "cuda",
               config_dir: Path | None = None) -> None:
     """Two greedy steps on a model built in place with random FP8 weights (by default the full-depth
-    16-expert DeepSeek-V3.2 shape; ``config_dir``: another, e.g. the 12-layer cut or a tiny one on CPU)."""
+    16-expert DeepSeek-V3.2 shape; ``config_dir``: another, e.g. the 12-layer cut or a tiny one on CPU).
+    Resumable: the search state beside ``out`` is written after every candidate, and a later call (the same
+    seed-built weights, the same calibration) continues from it, so the steps can span several calls."""
     from indexcache.config import DSAConfig
     from indexcache.data import load_calibration
     from indexcache.presets import random_model_in_place
@@ -121,15 +123,21 @@ def v32_steps(work: Path, out: Path, data: str, seq_len: int, device: str = "cud
     runner = NativeRunner(model)
     cal = load_calibration(d, data, 1, seq_len, 0, None, cfg.vocab_size)
     free = torch.cuda.mem_get_info()[0] if cuda else 8 << 30
-    cache = int(free * 0.5)  # half of what is left: the 61 states of 32K tokens (28 GiB) fit
-    ev = LossEvaluator(runner, cal.batches(1), cache_bytes=cache, host_bytes=16 << 30)
+    # what is left but a layer's working memory: the 60 states of the all-Full path at 32K tokens (44 GiB,
+    # the hidden states and the selections they carry) fit, with room for some candidates'. No host tier:
+    # a step's candidate states (1.7 TB) cannot be kept for the next anyway, and copying them out costs more
+    # than a layer-forward each
+    cache = max(int(free - (28 << 30)), int(free * 0.4)) if cuda else free
+    ev = LossEvaluator(runner, cal.batches(1), cache_bytes=cache, host_bytes=0)
     ev.check_budget()
     state = out.with_suffix(".state.json")
-    t0 = time.time()
-    res = greedy_search(ev, target_full=cfg.num_hidden_layers - 2, state_path=state, progress=True)
+    resumed = state.exists()
+    fingerprint = {"config": cfg.to_dict(), "calibration": cal.fingerprint, "seq_len": seq_len, "ops": model.backend}
+    res = greedy_search(ev, target_full=cfg.num_hidden_layers - 2, state_path=state, resume=resumed,
+                        fingerprint=fingerprint, progress=True)
     if cuda:
         torch.cuda.synchronize()
-    search_s = time.time() - t0
+    search_s = res.seconds  # summed over the calls, the candidate a stopped call was running not counted
     report = {
         "model": {"config": str(d / "config.json"), "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                   "heads": cfg.num_attention_heads, "routed_experts": cfg.n_routed_experts,
@@ -139,7 +147,7 @@ def v32_steps(work: Path, out: Path, data: str, seq_len: int, device: str = "cud
         "gpu": torch.cuda.get_device_name() if cuda else "CPU", "built_in_place_s": round(built_s, 1),
         "footprint_gib": round(footprint / 2**30, 2), "ops": model.backend,
         "calibration": cal.fingerprint, "seq_len": seq_len,
-        "num_samples": 1, "search_s": round(search_s, 1), "counters": res.counters,
+        "num_samples": 1, "search_s": round(search_s, 1), "resumed": resumed, "counters": res.counters,
         "s_per_layer_forward": search_s / max(res.counters["layer_forwards"], 1),
         "trajectory": [s.as_dict() for s in res.trajectory],
         "all_full_loss": res.all_full_loss, "prefix_cache_gib": round(cache / 2**30, 1),

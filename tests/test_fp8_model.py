@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from markers import interpreter
+from samples import opening_ids
 
 from indexcache.checkpoint import load_model, save_model
 from indexcache.errors import CheckpointError
@@ -77,14 +78,7 @@ def test_trained_model_in_fp8_keeps_its_loss_and_tokens(tmp_path):
     save_model(orig, tmp_path / "q", fp8=True, copy_tokenizer_from=default_model())
     kept = load_model(tmp_path / "q", keep_fp8=True, verbose=False)
     assert sum(isinstance(m, FP8Linear) for m in kept.modules()) > 50
-    text = (
-        "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
-        "it was the season of Darkness, it was the spring of hope, it was the winter of despair. "
-    ) * 3
-    from indexcache.data.text import load_tokenizer
-
-    ids = torch.tensor([load_tokenizer(default_model()).encode(text).ids[:512]])
+    ids = opening_ids(default_model())
     with torch.no_grad():
         a, b = orig(ids), kept(ids)
 

@@ -19,6 +19,7 @@ from indexcache.cli import main
 from indexcache.data import DataError, load_calibration
 from indexcache.presets import make_random_checkpoint
 from indexcache.search import LossEvaluator, SearchError, greedy_search, similarity_dp, similarity_score
+from indexcache.search.greedy import step_confidence
 
 N_LAYERS = 12
 
@@ -119,6 +120,61 @@ def test_spilled_prefix_cache_gives_the_same_search(tmp_path):
     assert tight.counters["layer_forwards"] > big.counters["layer_forwards"]
 
 
+def test_a_full_cache_keeps_the_states_every_candidate_starts_from(tmp_path):
+    """A device tier that holds the states of the pattern a step flips from and little more (no host tier):
+    the candidates' own states are turned away rather than those, so every candidate starts at its own
+    layer (one layer earlier after a commit: the winner's states were not kept) and never from the start."""
+    n = 8
+    model = load_model(_model_dir(tmp_path, 12, layers=n), verbose=False)
+    batches = _batches(12)
+    probe = LossEvaluator(model, batches)
+    ev = LossEvaluator(model, batches, cache_bytes=(n + 1) * probe.state_bytes() * 2)
+    res = greedy_search(ev, target_full=4, progress=False)
+    ref = greedy_search(LossEvaluator(model, batches, cache_bytes=1 << 34), target_full=4, progress=False)
+    assert res.trajectory == ref.trajectory
+    most = n * len(batches)  # the all-Full pass
+    before = Pattern.all_full(n)
+    for step in res.trajectory:
+        last = next((i for i in range(n) if before.is_full(i) != Pattern.all_full(n).is_full(i)), None)
+        most += sum(n - i + (1 if last is not None and i > last else 0)
+                    for i in range(1, n) if before.is_full(i)) * len(batches)
+        before = step.pattern
+    assert res.counters["layer_forwards"] <= most
+
+
+def test_step_confidence_tells_a_clear_flip_from_a_coin_toss():
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(8, generator=g) * 0.1 + 3.0).tolist()  # 8 windows: how hard each is
+
+    def cand(layer: int, shift: float, noise: float) -> tuple[int, float, list[float]]:
+        w = [b + shift + noise * float(torch.randn(1, generator=g)) for b in base]
+        return layer, sum(w) / len(w), w
+
+    clear = [cand(1, 0.0, 0.001), cand(2, 0.05, 0.001), cand(3, 0.08, 0.001)]
+    c = step_confidence(clear, 1)
+    assert c["runner_up"] == 2 and c["stays"] == 1.0 and not c["within_noise"]
+    assert 0 < c["margin_ci95"][0] <= c["margin"] <= c["margin_ci95"][1] and c["windows"] == 8
+    toss = [cand(1, 0.0, 0.05), cand(2, 0.0, 0.05), cand(3, 0.0, 0.05)]
+    committed = min(toss, key=lambda t: (t[1], t[0]))[0]
+    t = step_confidence(toss, committed)
+    assert t["within_noise"] and t["stays"] < 0.9 and abs(sum(t["picked"].values()) - 1) < 1e-9
+    assert "no bootstrap" in step_confidence([(1, 3.0, [3.0]), (2, 3.1, [3.1])], 1)["note"]
+
+
+def test_search_report_carries_each_steps_confidence(tmp_path):
+    mdir = _model_dir(tmp_path, 13, layers=6)
+    out = tmp_path / "s"
+    rc = main(["search", str(mdir), "--num-samples", "4", "--seq-len", "48", "--num-full", "3", "--baselines", "none",
+               "--out", str(out)])
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    confs = [e["confidence"] for e in r["trajectory"]]
+    assert len(confs) == 3 and all(c["windows"] == 4 and 0 <= c["stays"] <= 1 for c in confs)
+    assert r["steps_within_noise"] == [e["num_full"] for e in r["trajectory"] if e["confidence"]["within_noise"]]
+    summary = (out / "summary.md").read_text()
+    assert "- confidence: a bootstrap over the 4 calibration windows" in summary and "stays lowest" in summary
+
+
 def test_cache_below_one_layer_is_refused_before_writing(tmp_path, capsys):
     mdir = _model_dir(tmp_path, 6)
     out = tmp_path / "never"
@@ -182,6 +238,36 @@ def test_resume_after_kill_9_gives_identical_trajectory(tmp_path):
     bad = subprocess.run(_cli(*common, "--out", out, "--resume", "--seed", 9), env=_env(), capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "other settings" in bad.stderr
+
+
+def test_resume_inside_a_step_keeps_the_candidates_done(tmp_path):
+    """A search stopped in the middle of a step (here: the 2nd candidate of the third) resumes at that candidate:
+    the losses written before it are read back, not recomputed, and the trajectory is the uninterrupted one."""
+    model = load_model(_model_dir(tmp_path, 11, layers=8), verbose=False)
+    batches = _batches(11)
+    ref = greedy_search(LossEvaluator(model, batches), target_full=4, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    class Stopping(LossEvaluator):
+        calls = 0
+
+        def loss(self, pattern):
+            Stopping.calls += 1
+            if Stopping.calls == 16:  # the all-Full loss, 7 candidates, then 6: the second of the third step
+                raise Stop
+            return super().loss(pattern)
+
+    state = tmp_path / "state.json"
+    with pytest.raises(Stop):
+        greedy_search(Stopping(model, batches), target_full=4, state_path=state, progress=False)
+    saved = json.loads(state.read_text())["result"]
+    assert len(saved["trajectory"]) == 2 and len(saved["partial"]["losses"]) == 1
+    again = LossEvaluator(model, batches)
+    res = greedy_search(again, target_full=4, state_path=state, resume=True, progress=False)
+    assert res.trajectory == ref.trajectory and res.partial is None
+    assert again.counters.evaluations == 4 + 4  # the rest of the third step, then the fourth
 
 
 def test_two_gloo_processes_match_one(tmp_path):
@@ -275,7 +361,7 @@ def test_search_and_overlap_commands_write_their_outputs(tmp_path, capsys):
     r = json.loads((tmp_path / "s" / "report.json").read_text())
     assert {"num_layers", "method", "all_full_loss", "trajectory", "selected"} <= set(r)
     assert r["num_layers"] == 6 and r["method"] == "greedy" and len(r["trajectory"]) == 3
-    assert set(r["trajectory"][0]) == {"pattern", "num_full", "flipped", "loss"}
+    assert set(r["trajectory"][0]) == {"pattern", "num_full", "flipped", "loss", "confidence"}
     assert r["selected"]["num_full"] == 3 and r["selected"]["pattern"] == r["trajectory"][-1]["pattern"]
     assert {u["convention"] for u in r["baselines"]["uniform"]} == {"official", "glm52", "paper"}
     assert all("pattern" in s for s in r["baselines"]["similarity"])

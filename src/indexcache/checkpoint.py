@@ -298,11 +298,23 @@ def fp8_eligible(name: str, t: torch.Tensor) -> bool:
     return t.dim() == 2 and bool(_FP8_WEIGHT.match(name)) and not kept_wide(name)
 
 
+_EXPERT_RE = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.\d+\.")
+
+
+def wide_experts(cfg) -> bool:
+    """Whether block-FP8 checkpoints keep the routed experts wide: transformers fuses each expert's gate and
+    up projections with their block scales, which lines up only when the expert width is a multiple of 128
+    (otherwise it reinitialises the fused scales); such experts are written in the model's dtype and listed
+    in ``quantization_config.modules_to_not_convert``."""
+    return cfg.moe_intermediate_size % 128 != 0 or cfg.hidden_size % 128 != 0
+
+
 def _state_for_saving(
     model: DSAForCausalLM, pattern: Pattern, drop_shared_indexers: bool, dtype: torch.dtype | None,
     fp8: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     tied = model.config.tie_word_embeddings
+    fp8_experts = not wide_experts(model.config)
     for name, t in checkpoint_tensors(model.state_dict().items()):
         if tied and name == "lm_head.weight":
             continue
@@ -312,7 +324,7 @@ def _state_for_saving(
         if t.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):  # already FP8, with its scales
             yield name, t.detach().contiguous().cpu()
             continue
-        if fp8 and fp8_eligible(name, t):
+        if fp8 and fp8_eligible(name, t) and (fp8_experts or not _EXPERT_RE.match(name)):
             q, scale = block_quant(t.detach())
             yield name, q.cpu()
             yield f"{name}_scale_inv", scale.cpu()
@@ -360,7 +372,12 @@ def save_model(
         size = 0
         total = 0
         has_fp8 = fp8 or any(t.dtype == torch.float8_e4m3fn for t in model.parameters())
+        wide_modules: set[str] = set()
         for name, t in _state_for_saving(model, pat, drop_shared_indexers, dtype, fp8):
+            m = _EXPERT_RE.match(name)
+            if m and has_fp8 and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
+                    and not name.endswith("_scale_inv"):
+                wide_modules.add(m.group(1))
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})
@@ -384,6 +401,8 @@ def save_model(
         if has_fp8:
             conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                            "weight_block_size": [128, 128]}
+            # the head stays wide (transformers would make a tied one an FP8 layer without scales)
+            conf["quantization_config"]["modules_to_not_convert"] = ["lm_head", *sorted(wide_modules)]
         _finish(tmp, conf, copy_tokenizer_from or getattr(model, "source_dir", None), extra)
         publish_dir(tmp, out_dir, overwrite=overwrite, command=command)
     except BaseException:

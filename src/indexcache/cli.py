@@ -490,11 +490,14 @@ def check_overlap(args: argparse.Namespace) -> None:
 
 
 def cmd_overlap(args: argparse.Namespace) -> int:
+    import torch
+
     from .evals.runner import command_line
     from .search.run import run_overlap
 
     mat = run_overlap(args.model, args.out, args.data, args.num_samples, args.seq_len, args.seed, args.parsed,
-                      args.device, overwrite=args.overwrite, command=command_line(args.argv), backend=args.backend)
+                      args.device, overwrite=args.overwrite, command=command_line(args.argv), backend=args.backend,
+                      dtype=getattr(torch, args.dtype), ops=args.ops)
     n = mat.shape[0]
     adj = sum(float(mat[i + 1, i]) for i in range(n - 1)) / max(n - 1, 1)
     print(f"{n}x{n} overlap over the indexer layers ({args.info.spec.unit}s): mean adjacent-layer overlap {adj:.3f}, "
@@ -940,7 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("overlap", help="cross-layer top-k overlap of the all-Full model (csv + heatmap)")
     _add_calibration_args(p, "runs/overlap")
-    _add_backend(p, ops=False)
+    _add_backend(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--pattern", help="draw this pattern's sharing blocks on the heatmap")
     p.set_defaults(func=cmd_overlap)
 

@@ -139,7 +139,8 @@ class SearchWork:
 
 
 def search_work(info: ModelInfo, num_samples: int, target_full: int, flips: int | None = None,
-                start: Pattern | None = None, stages: int = 1, reuse_previous: bool = True) -> SearchWork:
+                start: Pattern | None = None, stages: int = 1, reuse_previous: bool = True, draws: int = 64,
+                seed: int = 0) -> SearchWork:
     """The greedy search's work, counted as the search's own bar counts it
     (:func:`~indexcache.search.layer_forward_counts`)."""
     n = info.num_slots
@@ -147,7 +148,7 @@ def search_work(info: ModelInfo, num_samples: int, target_full: int, flips: int 
     forced = sorted({0, *stage_starts(n, stages)})
     flips = start.num_full - target_full if flips is None else min(flips, start.num_full - target_full)
     full, shared = layer_forward_counts(start, flips, info.slots, info.num_layers, num_samples, forced,
-                                        reuse_previous=reuse_previous)
+                                        draws=draws, reuse_previous=reuse_previous, seed=seed)
     cands = sum(1 for i in range(n) if start.is_full(i) and i not in forced)
     evals = sum(max(cands - j, 0) for j in range(flips)) * num_samples
     return SearchWork(int(round(sum(full) + sum(shared))), evals, info.num_layers * num_samples, flips, cands,
@@ -349,6 +350,10 @@ class Plan:
     layouts: list[Layout]
     auto_cache_gib: float = 0.0  # what --cache-gb auto gives on one GPU of this size
     reuse_previous: bool = True  # whether the count assumes candidates restart from their previous evaluation
+    # one GPU's search time for the quickest and the slowest of 32 random flip orders: which layers the
+    # search flips first decides how many later runs are Shared, which matters where a Full layer-forward
+    # costs many Shared ones
+    search_s_range: tuple[float, float] = (0.0, 0.0)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -420,7 +425,11 @@ def estimate_plan(model: str, info: ModelInfo, size: ModelSize, timing: Timing, 
         work = search_work(info, num_samples, target_full, flips, reuse_previous=False)
     per_fwd = mean_forward_seconds(info, size, timing, work)
     first = sum(timing.full_s.get(x.kind, per_fwd) for x in size.layers) * num_samples
-    one = work.layer_forwards * per_fwd + first + (work.evaluations + num_samples) * timing.head_s
+    fixed = first + (work.evaluations + num_samples) * timing.head_s
+    one = work.layer_forwards * per_fwd + fixed
+    orders = [search_work(info, num_samples, target_full, flips, reuse_previous=reuse_previous, draws=1, seed=k)
+              for k in range(32)]
+    spread = [o.layer_forwards * mean_forward_seconds(info, size, timing, o) + fixed for o in orders]
     layouts = []
     layer_bytes = weights - 2 * size.other_params
 
@@ -444,7 +453,7 @@ def estimate_plan(model: str, info: ModelInfo, size: ModelSize, timing: Timing, 
         row(f"device_map over {gpus}", 1, 1, weights / gpus, one, "one GPU busy at a time")
     return Plan(model, info.architecture, size.params, round(weights / GIB, 3), size.fp8, seq_len, num_samples,
                 target_full, work, timing, per_fwd, round(one, 3), round(cache / GIB, 3), layouts,
-                round(auto_cache / GIB, 3), reuse_previous)
+                round(auto_cache / GIB, 3), reuse_previous, (round(min(spread), 3), round(max(spread), 3)))
 
 
 def format_plan(p: Plan) -> str:
@@ -475,6 +484,10 @@ def format_plan(p: Plan) -> str:
     if fit:
         best = min(fit, key=lambda lay: lay.search_s)
         lines += ["", f"fastest layout that fits: {best.name}, about {_duration(best.search_s)}"]
+        lo, hi = (x * best.search_s / max(p.search_s_one_gpu, 1e-9) for x in p.search_s_range)
+        if hi > 1.05 * lo:
+            lines.append(f"  {_duration(lo)} to {_duration(hi)} over flip orders: which layers the search flips "
+                         "first decides how many later runs are Shared")
     else:
         lines += ["", "no layout fits these GPUs: more GPUs, or FP8 weights"]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .lm import next_token_nll
+from .lm import head_nll_chunked, head_nll_rows
 from .model.dsa import Context, DSAForCausalLM, Trace
 from .ops.sparse_mla import mla_attention
 from .pattern import Pattern
@@ -55,6 +55,9 @@ class LayerRunner(Protocol):
 
     def nll(self, state: LayerState, ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token cross-entropy of the final state, and the number of predicted tokens."""
+
+    def nll_rows(self, state: LayerState, ids: torch.Tensor) -> tuple[list[float], int]:
+        """The same per row of the batch (each calibration window's own), and the tokens predicted per row."""
 
     def logits(self, state: LayerState) -> torch.Tensor:
         """The logits [B, S, V] of the final state."""
@@ -104,7 +107,11 @@ class NativeRunner:
 
     @torch.no_grad()
     def nll(self, state: LayerState, ids: torch.Tensor) -> tuple[float, int]:
-        return next_token_nll(self.model.head(state.hidden), ids.to(self.device))
+        return head_nll_chunked(self.model.head, state.hidden, ids.to(self.device), self.config.vocab_size)
+
+    @torch.no_grad()
+    def nll_rows(self, state: LayerState, ids: torch.Tensor) -> tuple[list[float], int]:
+        return head_nll_rows(self.model.head, state.hidden, ids.to(self.device), self.config.vocab_size)
 
     @torch.no_grad()
     def logits(self, state: LayerState) -> torch.Tensor:

@@ -100,6 +100,8 @@ def _activations(g: torch.Generator, M: int, K: int, device: str = "cpu", dtype=
     x[0, :128] = 0  # an all-zero group: the amax floor
     x[-1, 3] = 1e-7  # e4m3 subnormals after scaling
     x[-1, 4] = 448.0 / 4 * 1.0625  # a value halfway between two e4m3 numbers once scaled (ties to even)
+    x[-1, 5] = -1e-9  # a negative value that rounds to zero: -0 (0x80), as torch casts it
+    x[-1, 6] = -0.0
     return x.to(device=device, dtype=dtype)
 
 

@@ -11,7 +11,9 @@ Only the states entering a layer that owns an indexer are kept: two patterns fir
 layer, so those are the only states a later evaluation can start from. They live in two tiers: up to
 ``cache_bytes`` on the model's device and, when a state is pushed out of it, up to ``host_bytes`` in
 host memory, copied back when a lookup hits it (long calibration windows of a large model do not fit
-the device's share).
+the device's share). ``protected`` states are never pushed out: the search marks the states of the pattern
+a step flips from, so that a full device tier turns away a candidate's states rather than the ones every
+later candidate starts from.
 """
 
 from __future__ import annotations
@@ -62,16 +64,25 @@ class _Tier:
             self.size -= _nbytes(state)
         return state
 
-    def put(self, key: tuple[int, str], state: State) -> list[tuple[tuple[int, str], State]]:
-        """Store ``state`` (if it fits at all); returns what had to leave, oldest first."""
+    def put(self, key: tuple[int, str], state: State,
+            protected: Callable[[tuple[int, str]], bool] | None = None) -> list[tuple[tuple[int, str], State]]:
+        """Store ``state`` if it fits, pushing out the least recently used states that are not ``protected``;
+        returns what had to leave, oldest first (``state`` itself when it cannot fit)."""
         size = _nbytes(state)
-        if size > self.budget:
-            return [(key, state)]
-        out = []
-        while self.items and self.size + size > self.budget:
-            old_key, old = self.items.popitem(last=False)
-            self.size -= _nbytes(old)
-            out.append((old_key, old))
+        over = self.size + size - self.budget
+        if over > 0:
+            victims = [k for k in self.items if protected is None or not protected(k)]  # oldest first
+            freeable = 0
+            for n, k in enumerate(victims):
+                if freeable >= over:
+                    victims = victims[:n]
+                    break
+                freeable += _nbytes(self.items[k])
+            if freeable < over:
+                return [(key, state)]
+        else:
+            victims = []
+        out = [(k, self.pop(k)) for k in victims]
         self.items[key] = state
         self.size += size
         return out
@@ -108,12 +119,25 @@ class LossEvaluator:
         self.counters = Counters()
         self._embedded: State | None = None
         self.on_layer: Callable[[int], None] | None = None  # called after every layer-forward (progress)
+        # states the device tier never pushes out (the greedy search: those on the path of the pattern a step
+        # flips from, which every candidate of the step starts from)
+        self.protected: Callable[[tuple[int, str]], bool] | None = None
+        self.last_window_losses: list[float] = []  # the last evaluation's mean loss per calibration window
 
     # ------------------------------------------------------------------------------- cache
     def state_bytes(self) -> int:
         """The size of one layer's states (every batch; the residual stream, the carried selection not
         included): what the cache budget must at least hold."""
         return sum(s.nbytes() for s in self._embedded_states())
+
+    def holds(self, n_states: int) -> bool:
+        """Whether the two tiers together can keep ``n_states`` more layers' states (every batch, with the
+        selections they carry: sized as those already cached, or twice the residual stream before any is)."""
+        if not self.reuse:
+            return False
+        cached = [*self._device.items.values(), *self._host.items.values()]
+        per = sum(map(_nbytes, cached)) / len(cached) if cached else 2 * _nbytes(self._embedded_states())
+        return n_states * per <= self._device.budget + self._host.budget
 
     def check_budget(self) -> None:
         """Refuse a cache that cannot hold one layer's states: every evaluation would run every layer."""
@@ -128,7 +152,7 @@ class LossEvaluator:
     def _store(self, key: tuple[int, str], state: State) -> None:
         if not self.reuse or key in self._device.items or key in self._host.items:
             return
-        for old_key, old in self._device.put(key, state):
+        for old_key, old in self._device.put(key, state, self.protected):
             if self._host.budget and _nbytes(old) <= self._host.budget:  # pushed out of the device: to the host
                 self._host.put(old_key, _moved(old, "cpu"))
                 self.counters.spilled += 1
@@ -179,10 +203,13 @@ class LossEvaluator:
             if i + 1 in self._kept:
                 self._store(self._key(key, i + 1), state)
         total, count = 0.0, 0
+        windows: list[float] = []  # each calibration window's mean loss, in window order (for a bootstrap)
         for s, ids in zip(state, self.batches, strict=True):
-            nll, n = self.runner.nll(s, ids)
-            total += nll
-            count += n
+            rows, per_row = self.runner.nll_rows(s, ids)
+            total += sum(rows)
+            count += per_row * len(rows)
+            windows += [r / per_row for r in rows]
+        self.last_window_losses = windows
         n_b = len(self.batches)
         self.counters.evaluations += 1
         self.counters.layer_forwards += (self.n_layers - start) * n_b

@@ -7,8 +7,9 @@ Full layers, or to the end, recording the nested trajectory.
 
 - ``stages=P`` splits the layers into P contiguous blocks whose first layers stay Full; each step
   searches the blocks one after another and commits one flip per block (the paper's pipeline trick).
-- State is written atomically after every step; ``resume=True`` continues a killed run to the identical
-  result.
+- State is written atomically after every step, and in a single process after every candidate too (the
+  losses of the step under way); ``resume=True`` continues a killed run to the identical result, losing at
+  most the candidate that was running.
 - Under ``torchrun`` the candidates of each step are split across ranks and the losses all-gathered;
   every rank then makes the same choice.
 """
@@ -39,17 +40,21 @@ class Step:
     pattern: Pattern
     flipped: int | None
     loss: float
+    confidence: dict | None = None  # :func:`step_confidence` of the flip (None: not measured)
 
     @property
     def num_full(self) -> int:
         return self.pattern.num_full
 
     def as_dict(self) -> dict:
-        return {"pattern": str(self.pattern), "num_full": self.num_full, "flipped": self.flipped, "loss": self.loss}
+        d = {"pattern": str(self.pattern), "num_full": self.num_full, "flipped": self.flipped, "loss": self.loss}
+        if self.confidence is not None:
+            d["confidence"] = self.confidence
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Step:
-        return cls(Pattern.parse(d["pattern"]), d["flipped"], d["loss"])
+        return cls(Pattern.parse(d["pattern"]), d["flipped"], d["loss"], d.get("confidence"))
 
 
 @dataclass
@@ -63,6 +68,9 @@ class GreedyResult:
     counters: dict = field(default_factory=dict)
     seconds: float = 0.0
     done: bool = False
+    # the step under way (single process): {"pattern": the pattern it flips from, "losses": {position: loss},
+    # "windows": {position: its mean loss per calibration window}}
+    partial: dict | None = None
 
     def at(self, num_full: int) -> Step | None:
         """The trajectory entry with ``num_full`` Full layers (the start if it has that many)."""
@@ -90,7 +98,8 @@ def stage_starts(num_layers: int, stages: int) -> list[int]:
 
 def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_layers: int, n_batches: int,
                          forced: Sequence[int] = (0,), replicas: int = 1, last_flip: int | None = None,
-                         draws: int = 64, reuse_previous: bool = True) -> tuple[list[float], list[float]]:
+                         draws: int = 64, reuse_previous: bool = True, seed: int = 0
+                         ) -> tuple[list[float], list[float]]:
     """How often each decoder layer runs in ``flips`` more greedy steps from ``pattern`` with prefix reuse,
     per model replica: ``(full, shared)``, where ``shared[l]`` counts the runs in which layer l reuses an
     earlier selection (a layer without an indexer counts as Full: it has one way to run).
@@ -99,8 +108,8 @@ def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_l
     only at the previous flip b; so it starts at the later of its own layer and b's (the cached states of
     its previous evaluation, or of the winner's), and runs from there to the last layer. Which layers the
     search will flip is not known: the counts are averaged over ``draws`` random flip orders (seeded, so the
-    same every time). ``reuse_previous=False``: a prefix cache too small to keep a step's states for the
-    next, so every candidate starts at its own layer."""
+    same every time; ``seed`` picks another set, ``draws=1`` a single order). ``reuse_previous=False``: a prefix
+    cache too small to keep a step's states for the next, so every candidate starts at its own layer."""
     import random
 
     cands = [i for i in range(len(slots)) if pattern.is_full(i) and i not in forced]
@@ -108,7 +117,7 @@ def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_l
     if not cands or flips <= 0:
         return full, shared
     position = {layer: j for j, layer in enumerate(slots)}
-    rng = random.Random(0)
+    rng = random.Random(seed)
     for _ in range(draws):
         left, prev, is_full = list(cands), last_flip, [pattern.is_full(j) for j in range(len(slots))]
         for _ in range(min(flips, len(cands))):
@@ -139,12 +148,12 @@ def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_l
 
 def estimate_layer_forwards(pattern: Pattern, flips: int, slots: Sequence[int], n_layers: int, n_batches: int,
                             forced: Sequence[int] = (0,), replicas: int = 1, last_flip: int | None = None,
-                            draws: int = 64) -> int:
+                            draws: int = 64, reuse_previous: bool = True) -> int:
     """Layer-forwards that ``flips`` more greedy steps from ``pattern`` take with prefix reuse, per model
     replica (:func:`layer_forward_counts`, summed). The search's bar and ``indexcache plan`` both count
     with this."""
     full, shared = layer_forward_counts(pattern, flips, slots, n_layers, n_batches, forced, replicas, last_flip,
-                                        draws)
+                                        draws, reuse_previous)
     return int(round(sum(full) + sum(shared)))
 
 
@@ -210,14 +219,24 @@ def greedy_search(
     # model a candidate's flip sits; what is left is estimated from the candidates' depths with prefix reuse
     slots, n_batches = evaluator.runner.slots, len(evaluator.batches)
 
+    # a step stores each candidate's state entering every later layer; where the cache cannot hold them, the
+    # next step's candidates start at their own layers
+    step_states = sum(evaluator.n_layers - slots[i] for i in range(n) if current.is_full(i) and i not in forced)
+    reuse = evaluator.holds(step_states)
+
     def forwards_left(pattern: Pattern, flips: int, last: int | None = None) -> int:
         return estimate_layer_forwards(pattern, flips, slots, evaluator.n_layers, n_batches, forced, dist.groups,
-                                       last)
+                                       last, reuse_previous=reuse)
 
     bar = tqdm(total=forwards_left(current, remaining), desc="greedy search", unit="layer-fwd",
                disable=not (progress and dist.is_main), dynamic_ncols=True)
     bar.set_postfix_str(f"flips {len(result.trajectory)}/{len(result.trajectory) + remaining}")
     evaluator.on_layer = bar.update
+
+    def protect(pattern: Pattern) -> None:  # every candidate of the next step starts on this pattern's path
+        evaluator.protected = lambda key, p=str(pattern): p.startswith(key[1])
+
+    protect(current)
 
     def save() -> None:
         result.seconds = time.time() - t0
@@ -235,12 +254,15 @@ def greedy_search(
             if not cands:
                 continue
             mine = dist.split(cands)
-            scores = [(i, evaluator.loss(current.with_layer(i, SHARED))) for i in mine]
+            scores = _step_losses(evaluator, current, mine, result, save if dist.world == 1 else None)
             scores = [s for part in dist.gather(scores) for s in part]
-            best_layer, best_loss = min(scores, key=lambda t: (t[1], t[0]))
+            best_layer, best_loss, _ = min(scores, key=lambda t: (t[1], t[0]))
+            confidence = step_confidence(scores, best_layer)
             current = current.with_layer(best_layer, SHARED)
+            protect(current)
+            result.partial = None
             remaining -= 1
-            result.trajectory.append(Step(current, best_layer, best_loss))
+            result.trajectory.append(Step(current, best_layer, best_loss, confidence))
             bar.total = bar.n + forwards_left(current, remaining, best_layer)
             bar.set_postfix_str(f"flips {len(result.trajectory)}/{len(result.trajectory) + remaining}, "
                                 f"Full {current.num_full}, loss {best_loss:.4f}, flipped {best_layer}")
@@ -248,11 +270,69 @@ def greedy_search(
             evaluator.prune(lambda key, p=str(current): _reachable(key, p, forced))
         save()
     bar.close()
-    evaluator.on_layer = None
+    evaluator.on_layer = evaluator.protected = None
     if not result.done:  # a finished state read back by --resume stays as it is (its baselines included)
         result.done = True
         save()
     return result
+
+
+def _step_losses(evaluator: LossEvaluator, current: Pattern, cands: Sequence[int], result: GreedyResult,
+                 save=None) -> list[tuple[int, float, list[float] | None]]:
+    """The loss of flipping each candidate of ``current``, with its mean loss per calibration window: those
+    a resumed state already holds are read back, and with ``save`` the state is written after each new one."""
+    done, windows = {}, {}
+    if result.partial is not None and result.partial.get("pattern") == str(current):
+        done = {int(k): v for k, v in result.partial["losses"].items()}
+        windows = {int(k): v for k, v in (result.partial.get("windows") or {}).items()}
+    out = []
+    for i in cands:
+        if i not in done:
+            done[i] = evaluator.loss(current.with_layer(i, SHARED))
+            windows[i] = list(evaluator.last_window_losses)
+            if save is not None:
+                result.partial = {"pattern": str(current), "losses": {str(k): v for k, v in done.items()},
+                                  "windows": {str(k): v for k, v in windows.items()}}
+                save()
+        out.append((i, done[i], windows.get(i)))
+    return out
+
+
+def step_confidence(scores: Sequence[tuple[int, float, list[float] | None]], committed: int,
+                    resamples: int = 1000, seed: int = 0) -> dict:
+    """How firmly a step's data pick its flip: a bootstrap over the calibration windows (the same resampled
+    windows for every candidate, as the search scores them all on the same windows).
+
+    ``margin``: the runner-up's loss minus the committed flip's, on all windows, with its 95% interval over
+    the resamples; ``stays``: how often the committed flip is still the lowest; ``picked``: how often each
+    candidate is, where more than one ever is; ``within_noise``: the interval reaches zero (the runner-up
+    could as well be the better flip)."""
+    import torch
+
+    order = sorted(scores, key=lambda t: t[0])  # by layer: argmin's first index is the search's tie-break
+    if len(order) < 2:
+        return {"windows": len(order[0][2] or []) if order else 0, "candidates": len(order),
+                "note": "one candidate: nothing to choose"}
+    runner_up = min((t for t in order if t[0] != committed), key=lambda t: (t[1], t[0]))
+    best = next(t for t in order if t[0] == committed)
+    out = {"runner_up": runner_up[0], "margin": runner_up[1] - best[1], "candidates": len(order)}
+    if any(t[2] is None for t in order) or len(best[2]) < 2:
+        out.update(windows=len(best[2] or []), note="fewer than two calibration windows: no bootstrap")
+        return out
+    losses = torch.tensor([t[2] for t in order], dtype=torch.float64)  # [candidates, windows]
+    W = losses.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.randint(0, W, (resamples, W), generator=g)
+    means = losses[:, draw].mean(-1)  # [candidates, resamples]
+    layers = [t[0] for t in order]
+    ib, ir = layers.index(committed), layers.index(runner_up[0])
+    gap = means[ir] - means[ib]
+    lo, hi = torch.quantile(gap, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    won = torch.bincount(means.argmin(0), minlength=len(order))
+    out.update(windows=W, resamples=resamples, margin_ci95=[lo, hi], stays=float(won[ib]) / resamples,
+               picked={str(layers[k]): float(won[k]) / resamples for k in range(len(order)) if won[k]},
+               within_noise=lo <= 0.0)
+    return out
 
 
 def fingerprint_diff(saved: dict, now: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,6 +275,7 @@ def build_report(opt: SearchOptions, info, cal, seq_len: int, result: GreedyResu
         "start_pattern": str(result.start_pattern),
         "forced_full": result.forced_full,
         "trajectory": [e.as_dict() for e in result.trajectory],
+        "steps_within_noise": [e.num_full for e in result.trajectory if (e.confidence or {}).get("within_noise")],
         "selected": {"pattern": str(sel_p), "num_full": sel.num_full, "loss": sel.loss,
                      "retention": round(sel_p.retention, 4), "decoder_layers": info.decoder_form(sel_p),
                      "config_patch": info.config_patch(sel_p), "engines": info.engine_flags(sel_p)},
@@ -322,12 +324,28 @@ def summary_markdown(r: dict) -> str:
         lines.append(f"{e['engine']}: " + (f"`{e['flag']}`" if e["flag"] else "no flag") +
                      (f" ({e['note']})" if e["note"] else ""))
         lines.append("")
+    confs = [e.get("confidence") or {} for e in r["trajectory"]]
+    noisy = [e["num_full"] for e, c in zip(r["trajectory"], confs, strict=True) if c.get("within_noise")]
+    measured = [c for c in confs if "stays" in c]
+    if measured:
+        lines += [f"- confidence: a bootstrap over the {measured[0]['windows']} calibration windows "
+                  f"({measured[0]['resamples']} resamples) at each step; " +
+                  (f"**{len(noisy)} of {len(measured)} steps within noise** (the runner-up's margin's 95% "
+                   f"interval reaches zero), at {', '.join(map(str, noisy))} Full" if noisy else
+                   f"every one of the {len(measured)} steps' margins is clear of zero"), ""]
+    elif confs and any("note" in c for c in confs):
+        lines += [f"- confidence: {next(c['note'] for c in confs if 'note' in c)}", ""]
     lines += [
-        "| #Full | greedy loss | flipped |",
-        "|---:|---:|---:|",
+        "| #Full | greedy loss | flipped | runner-up | margin (95% interval) | committed flip stays lowest |",
+        "|---:|---:|---:|---:|---|---:|",
     ]
-    for e in r["trajectory"]:
-        lines.append(f"| {e['num_full']} | {e['loss']:.5f} | {e['flipped']} |")
+    for e, c in zip(r["trajectory"], confs, strict=True):
+        ci = c.get("margin_ci95")
+        margin = "" if "margin" not in c else f"{c['margin']:+.5f}" + (
+            f" ({ci[0]:+.5f}, {ci[1]:+.5f})" + (" **within noise**" if c.get("within_noise") else "") if ci else "")
+        stays = f"{100 * c['stays']:.0f}%" if "stays" in c else ""
+        lines.append(f"| {e['num_full']} | {e['loss']:.5f} | {e['flipped']} | {c.get('runner_up', '')} | {margin} "
+                     f"| {stays} |")
     uni = r["baselines"].get("uniform") or []
     if uni:
         greedy = {e["num_full"]: e["loss"] for e in r["trajectory"]}
@@ -390,14 +408,16 @@ def plot_loss_curve(r: dict, path: Path) -> None:
 
 def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, seq_len: int | None, seed: int,
                 pattern: Pattern | None, device: str = "cpu", progress: bool = True, overwrite: bool = False,
-                command: str = "", backend: str = "auto") -> torch.Tensor:
+                command: str = "", backend: str = "auto", dtype: torch.dtype = torch.float32,
+                ops: str = "auto") -> torch.Tensor:
     """The cross-layer overlap of the all-Full model, over the pattern positions, in the architecture's unit
-    (per indexer head too where each head selects)."""
+    (per indexer head too where each head selects), on the native model's ``ops`` (the kernels on CUDA)."""
     from ..analysis.overlap import overlap_by_head, plot_heatmap, write_csv
 
     check_output_dir(out, "--out", overwrite=overwrite)
     info = model_info(model_dir)
-    opened = open_model(model_dir, info, backend, device=device)
+    t0 = time.time()
+    opened = open_model(model_dir, info, backend, dtype=dtype, device=device, ops=ops)
     seq_len = seq_len or default_seq_len(info)
     info.check_calibration(seq_len)
     cal = load_calibration(model_dir, data, num_samples, seq_len, seed, None, info.vocab_size)
@@ -414,7 +434,10 @@ def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, se
                "selection_unit": info.spec.unit, "index_topk": info.index_topk, "calibration": {
                    "source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len, "seed": seed},
                "mean_adjacent_overlap": sum(adjacent) / max(len(adjacent), 1),
-               "min_overlap": float(mat.min()), "pattern": pat and str(pat)}
+               "min_overlap": float(mat.min()), "pattern": pat and str(pat), "backend": opened.backend,
+               "ops": opened.ops, "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.time() - t0, 2),
+               "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+               if torch.device(device).type == "cuda" else None}
     if inter.shape[0] > 1:  # one selection per indexer head: each head's own matrix too
         summary["per_head"] = [(inter[h] / size[h].view(-1, 1)).tolist() for h in range(inter.shape[0])]
     if pat is not None:

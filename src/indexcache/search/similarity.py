@@ -42,7 +42,7 @@ def similarity_matrix(runner: NativeRunner, batches: Sequence[torch.Tensor], pro
         for i in range(n):
             own, (ref, *others) = runner.attention_outputs(state, i, history)
             for j, other in enumerate(others):
-                sims[i, j] += F.cosine_similarity(ref[:, far], other[:, far], dim=-1).sum()
+                sims[i, j] += float(F.cosine_similarity(ref[:, far], other[:, far], dim=-1).sum())  # on the host
             history.append(own)
             state, _ = runner.run(state, full, i, i + 1)
         count += int(far.sum()) * ids.shape[0]

@@ -11,6 +11,7 @@ from torch import nn
 from ...errors import CheckpointError, HFModelError, PatternError
 from ...ops.common import DEFAULT_BUDGET_BYTES
 from ...pattern import Pattern
+from .fp8 import dequantize_fp8_modules, fp8_layers_on_any_device, is_fp8_checkpoint, provide_fp8_matmul
 from .patterns import apply_pattern, drop_indexers
 from .scoring import patch_indexer_scoring
 
@@ -25,6 +26,7 @@ def load_pretrained(
     scoring: str | None = "exact",
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     tp: int = 1,
+    keep_fp8: bool | None = None,
     **kwargs,
 ) -> nn.Module:
     """``from_pretrained`` a local DSA checkpoint with a pattern (default: the checkpoint's own) applied.
@@ -36,8 +38,11 @@ def load_pretrained(
     ``device_map`` (``"auto"``, or {module name: device}) spreads the model over several devices and
     needs ``accelerate``; without it the model is loaded and moved to ``device``. ``tp`` > 1 (under
     ``torchrun``) shards it with transformers' own tensor-parallel plan over groups of ``tp`` ranks; the
-    ranks beyond one group hold replicas (for splitting the search's candidates). Other keyword arguments
-    go to ``from_pretrained``.
+    ranks beyond one group hold replicas (for splitting the search's candidates). A block-FP8 checkpoint
+    loads into transformers' own FP8 layers (its fine-grained FP8 support); ``keep_fp8`` (default: on
+    CUDA) keeps them FP8, so the model takes its FP8 size, with this package's block-FP8 GEMM behind them
+    where transformers cannot fetch its own kernels (:mod:`.fp8`); otherwise they are dequantised to
+    ``dtype`` with the checkpoint's blocks. Other keyword arguments go to ``from_pretrained``.
     """
     try:
         import transformers
@@ -52,9 +57,15 @@ def load_pretrained(
     info = model_info(path)
     src = TensorSource(path)
     try:
-        shipped = info.shipped_slots(src.names())
+        names = src.names()
+        shipped = info.shipped_slots(names)
     finally:
         src.close()
+    width = info.raw.get("moe_intermediate_size")
+    if width and width % 128 and any(".mlp.experts." in n and n.endswith("_scale_inv") for n in names):
+        raise HFModelError(f"{path}: block-FP8 experts of width {width}: transformers fuses their gate and up "
+                           "scales only for widths that are multiples of 128 (it would reinitialise them); "
+                           "load it with the native backend, or write the experts wide")
     p = info.pattern if pattern is None else info.parse_pattern(pattern)
     try:
         p.validate(indexer_layers=shipped)
@@ -71,7 +82,17 @@ def load_pretrained(
         world = int(os.environ.get("WORLD_SIZE", "1"))
         kwargs["distributed_config"] = transformers.DistributedConfig(
             tp_size=tp, **({"dp_replicate_size": world // tp} if world > tp else {}))
-    model = cls.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
+    fp8 = is_fp8_checkpoint(info.raw)
+    if keep_fp8 is None:
+        keep_fp8 = torch.device(device).type == "cuda" or device_map is not None or tp > 1
+    if fp8:
+        provide_fp8_matmul(force=not keep_fp8)  # dequantised experts still go through the grouped slot
+        with fp8_layers_on_any_device():
+            model = cls.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
+        if not keep_fp8:
+            dequantize_fp8_modules(model, dtype)
+    else:
+        model = cls.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
     if device_map is None and tp == 1:  # a tensor-parallel model is already placed, one shard per rank
         model.to(device)
     if tp > 1 and int(os.environ.get("WORLD_SIZE", "1")) > tp:

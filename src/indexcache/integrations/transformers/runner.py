@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...architectures import ModelInfo, check_trained, model_info
 from ...errors import HFModelError, SearchError
+from ...lm import head_nll_chunked, head_nll_rows
 from ...ops.common import DEFAULT_BUDGET_BYTES
 from ...pattern import Pattern
 from ...runner import LayerState
@@ -116,6 +117,15 @@ def head_logits(hf_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hf_model.lm_head(final_hidden(hf_model, hidden))
 
 
+def _head(hf_model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """What the model does after its last layer up to the logits, and the vocabulary size."""
+    head = getattr(hf_model, "lm_head", None)
+    if head is None:
+        raise HFModelError(f"{type(hf_model).__name__} has no lm_head: load the ...ForCausalLM class")
+    vocab = head.out_features if isinstance(head, nn.Linear) else text_config(hf_model).vocab_size
+    return (lambda h: head(final_hidden(hf_model, h))), vocab
+
+
 @torch.no_grad()
 def head_nll(hf_model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
              budget_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[float, int]:
@@ -124,20 +134,16 @@ def head_nll(hf_model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
     The final norm and ``lm_head`` run on chunks of positions, so [B, S, vocab] logits (10 GiB at 16K
     tokens with a 155K vocabulary) never exist at once.
     """
-    head = getattr(hf_model, "lm_head", None)
-    if head is None:
-        raise HFModelError(f"{type(hf_model).__name__} has no lm_head: load the ...ForCausalLM class")
-    B, S = hidden.shape[0], hidden.shape[1]
-    vocab = head.out_features if isinstance(head, nn.Linear) else text_config(hf_model).vocab_size
-    step = max(1, budget_bytes // max(B * vocab * 4, 1))
-    total = 0.0
-    for s0 in range(0, S - 1, step):
-        s1 = min(S - 1, s0 + step)
-        logits = head(final_hidden(hf_model, hidden[:, s0:s1]))
-        target = ids[:, s0 + 1 : s1 + 1].to(logits.device)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                       reduction="sum"))
-    return total, B * (S - 1)
+    head, vocab = _head(hf_model)
+    return head_nll_chunked(head, hidden, ids, vocab, budget_bytes)
+
+
+@torch.no_grad()
+def head_nll_rows_hf(hf_model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
+                     budget_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[list[float], int]:
+    """:func:`head_nll` per row of the batch, and the tokens predicted per row."""
+    head, vocab = _head(hf_model)
+    return head_nll_rows(head, hidden, ids, vocab, budget_bytes)
 
 
 def describe_placement(hf_model: nn.Module) -> dict:
@@ -207,6 +213,9 @@ class TransformersRunner:
 
     def nll(self, state: LayerState, ids: torch.Tensor) -> tuple[float, int]:
         return head_nll(self.model, state.hidden, ids, self.head_budget_bytes)
+
+    def nll_rows(self, state: LayerState, ids: torch.Tensor) -> tuple[list[float], int]:
+        return head_nll_rows_hf(self.model, state.hidden, ids, self.head_budget_bytes)
 
     def logits(self, state: LayerState) -> torch.Tensor:
         return head_logits(self.model, state.hidden)

@@ -85,12 +85,15 @@ if HAVE_TRITON:
         # round to the e4m3 grid here, to nearest even, so that the cast below is exact on every backend (the
         # CPU interpreter's cast loses the carry when rounding up a mantissa of all ones): the grid's step is
         # 2^(e - 3) for a value of exponent e, 2^-9 below 2^-6; (v + 1.5 * 2^23) - 1.5 * 2^23 rounds v to an
-        # integer, to even, in fp32
+        # integer, to even, in fp32. It rounds the magnitude, and the sign goes back on after: a negative value
+        # that rounds to zero is -0 in torch's cast (0x80), and the magic-number sum would give +0
         e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
         inv_step = ((127 - (tl.maximum(e, -6) - 3)) << 23).to(tl.float32, bitcast=True)  # powers of two: exact
-        y = ((y * inv_step + 12582912.0) - 12582912.0) * step
-        tl.store(Q + rm[:, None].to(tl.int64) * s_qm + rk[None, :], y.to(Q.dtype.element_ty), mask=ok)
+        r = ((tl.abs(y) * inv_step + 12582912.0) - 12582912.0) * step
+        sign = ((y.to(tl.uint32, bitcast=True) >> 31) << 7).to(tl.uint8)  # -0.0 included
+        bits = r.to(tl.float8e4nv).to(tl.uint8, bitcast=True) | sign
+        tl.store(Q + rm[:, None].to(tl.int64) * s_qm + rk[None, :], bits, mask=ok)  # Q: the e4m3 bytes
         tl.store(S + rm.to(tl.int64) * s_sm + kb, s, mask=rm < M)
 
 
@@ -109,7 +112,8 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None)
     s = torch.empty(M, K // BLOCK, dtype=torch.float32, device=x.device)
     if M:
         bm = 16 if interpreted() else 32
-        _act_quant_kernel[(triton.cdiv(M, bm), K // BLOCK)](x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0),
+        _act_quant_kernel[(triton.cdiv(M, bm), K // BLOCK)](x, q.view(torch.uint8), s, M, K, x.stride(0), q.stride(0),
+                                                            s.stride(0),
                                                             AMAX_FLOOR=AMAX_FLOOR, FP8_MAX=FP8_MAX,
                                                             UE8M0=scale_fmt == "ue8m0", BM=bm, BLOCK_K=BLOCK)
     return q, s
