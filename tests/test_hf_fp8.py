@@ -171,3 +171,25 @@ def test_trained_model_through_transformers_fp8_on_the_gpu(tmp_path):
         return F.cross_entropy(_logits(model, ids)[0, :-1].float(), ids[0, 1:]).item()
 
     assert abs(loss(kept) - loss(native)) < 0.02
+
+
+def test_experts_narrower_than_a_block_are_written_wide_and_refused_in_fp8(tmp_path, monkeypatch):
+    """The bundled model's experts are 160 wide: its FP8 checkpoint keeps them wide and says so in
+    ``modules_to_not_convert``; a checkpoint that has such experts in FP8 (another writer's) is refused in
+    one line before transformers would reinitialise their fused scales."""
+    import json
+
+    from indexcache import checkpoint
+    from indexcache.bundled import default_model
+    from indexcache.errors import HFModelError
+
+    model = load_model(default_model(), verbose=False)
+    save_model(model, tmp_path / "ok", fp8=True)
+    q = json.loads((tmp_path / "ok" / "config.json").read_text())["quantization_config"]
+    moe = [i for i, kind in enumerate(model.config.mlp_layer_types) if kind == "sparse"]
+    assert q["modules_to_not_convert"] == ["lm_head", *sorted(f"model.layers.{i}.mlp.experts" for i in moe)]
+    monkeypatch.setattr(checkpoint, "wide_experts", lambda cfg: False)
+    save_model(model, tmp_path / "bad", fp8=True)
+    with pytest.raises(HFModelError, match="experts of width 160") as e:
+        load_pretrained(tmp_path / "bad", dtype=torch.float32)
+    assert "\n" not in str(e.value)

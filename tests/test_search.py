@@ -142,6 +142,21 @@ def test_a_full_cache_keeps_the_states_every_candidate_starts_from(tmp_path):
     assert res.counters["layer_forwards"] <= most
 
 
+def test_the_count_with_a_searchs_own_flip_order_is_its_work(tmp_path):
+    """layer_forward_counts with the flips a search made counts exactly the layer-forwards it ran (beyond the
+    all-Full loss): the plan's averaged count differs only by the order."""
+    from indexcache.search.greedy import layer_forward_counts
+
+    n = 8
+    model = load_model(_model_dir(tmp_path, 14, layers=n), verbose=False)
+    batches = _batches(14)
+    res = greedy_search(LossEvaluator(model, batches, cache_bytes=1 << 34), target_full=3, progress=False)
+    order = [s.flipped for s in res.trajectory]
+    full, shared = layer_forward_counts(Pattern.all_full(n), len(order), list(range(n)), n, len(batches),
+                                        flip_order=order)
+    assert sum(full) + sum(shared) == res.counters["layer_forwards"] - n * len(batches)
+
+
 def test_step_confidence_tells_a_clear_flip_from_a_coin_toss():
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(8, generator=g) * 0.1 + 3.0).tolist()  # 8 windows: how hard each is

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -140,7 +141,7 @@ class SearchWork:
 
 def search_work(info: ModelInfo, num_samples: int, target_full: int, flips: int | None = None,
                 start: Pattern | None = None, stages: int = 1, reuse_previous: bool = True, draws: int = 64,
-                seed: int = 0) -> SearchWork:
+                seed: int = 0, flip_order: Sequence[int] | None = None) -> SearchWork:
     """The greedy search's work, counted as the search's own bar counts it
     (:func:`~indexcache.search.layer_forward_counts`)."""
     n = info.num_slots
@@ -148,7 +149,7 @@ def search_work(info: ModelInfo, num_samples: int, target_full: int, flips: int 
     forced = sorted({0, *stage_starts(n, stages)})
     flips = start.num_full - target_full if flips is None else min(flips, start.num_full - target_full)
     full, shared = layer_forward_counts(start, flips, info.slots, info.num_layers, num_samples, forced,
-                                        draws=draws, reuse_previous=reuse_previous, seed=seed)
+                                        draws=draws, reuse_previous=reuse_previous, seed=seed, flip_order=flip_order)
     cands = sum(1 for i in range(n) if start.is_full(i) and i not in forced)
     evals = sum(max(cands - j, 0) for j in range(flips)) * num_samples
     return SearchWork(int(round(sum(full) + sum(shared))), evals, info.num_layers * num_samples, flips, cands,
@@ -406,9 +407,11 @@ def make_plan(model: str | Path, seq_len: int, num_samples: int, target_full: in
 
 
 def estimate_plan(model: str, info: ModelInfo, size: ModelSize, timing: Timing, seq_len: int, num_samples: int,
-                  target_full: int, flips: int | None = None, gpus: int = 1, gpu_gib: float | None = None) -> Plan:
-    """The plan from a timing (a probe's, the table's, or one recorded earlier): work, memory, layouts."""
-    work = search_work(info, num_samples, target_full, flips)
+                  target_full: int, flips: int | None = None, gpus: int = 1, gpu_gib: float | None = None,
+                  flip_order: Sequence[int] | None = None) -> Plan:
+    """The plan from a timing (a probe's, the table's, or one recorded earlier): work, memory, layouts.
+    ``flip_order``: count a known order of flips (a finished search's) instead of averaging random ones."""
+    work = search_work(info, num_samples, target_full, flips, flip_order=flip_order)
     weights = size.weight_bytes()
     # a state: the residual stream and the selection it carries (int64 indices), unless the probe measured it
     state = timing.state_bytes or seq_len * size.hidden * 2 + seq_len * info.index_topk * info.index_heads * 8
@@ -422,7 +425,7 @@ def estimate_plan(model: str, info: ModelInfo, size: ModelSize, timing: Timing, 
     # candidate finds its previous evaluation: each starts at its own layer
     reuse_previous = cache <= auto_cache + 64 * GIB
     if not reuse_previous:
-        work = search_work(info, num_samples, target_full, flips, reuse_previous=False)
+        work = search_work(info, num_samples, target_full, flips, reuse_previous=False, flip_order=flip_order)
     per_fwd = mean_forward_seconds(info, size, timing, work)
     first = sum(timing.full_s.get(x.kind, per_fwd) for x in size.layers) * num_samples
     fixed = first + (work.evaluations + num_samples) * timing.head_s

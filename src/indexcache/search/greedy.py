@@ -98,8 +98,8 @@ def stage_starts(num_layers: int, stages: int) -> list[int]:
 
 def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_layers: int, n_batches: int,
                          forced: Sequence[int] = (0,), replicas: int = 1, last_flip: int | None = None,
-                         draws: int = 64, reuse_previous: bool = True, seed: int = 0
-                         ) -> tuple[list[float], list[float]]:
+                         draws: int = 64, reuse_previous: bool = True, seed: int = 0,
+                         flip_order: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
     """How often each decoder layer runs in ``flips`` more greedy steps from ``pattern`` with prefix reuse,
     per model replica: ``(full, shared)``, where ``shared[l]`` counts the runs in which layer l reuses an
     earlier selection (a layer without an indexer counts as Full: it has one way to run).
@@ -108,8 +108,9 @@ def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_l
     only at the previous flip b; so it starts at the later of its own layer and b's (the cached states of
     its previous evaluation, or of the winner's), and runs from there to the last layer. Which layers the
     search will flip is not known: the counts are averaged over ``draws`` random flip orders (seeded, so the
-    same every time; ``seed`` picks another set, ``draws=1`` a single order). ``reuse_previous=False``: a prefix
-    cache too small to keep a step's states for the next, so every candidate starts at its own layer."""
+    same every time; ``seed`` picks another set, ``draws=1`` a single order); ``flip_order`` counts one given
+    order instead (a finished search's). ``reuse_previous=False``: a prefix cache too small to keep a step's
+    states for the next, so every candidate starts at its own layer."""
     import random
 
     cands = [i for i in range(len(slots)) if pattern.is_full(i) and i not in forced]
@@ -118,9 +119,11 @@ def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_l
         return full, shared
     position = {layer: j for j, layer in enumerate(slots)}
     rng = random.Random(seed)
+    if flip_order is not None:
+        draws = 1
     for _ in range(draws):
         left, prev, is_full = list(cands), last_flip, [pattern.is_full(j) for j in range(len(slots))]
-        for _ in range(min(flips, len(cands))):
+        for step in range(min(flips, len(cands))):
             floor = slots[prev] if prev is not None and reuse_previous else 0
             starts = [0] * (n_layers + 1)  # candidates starting at each layer
             own = {}  # the layer where a candidate runs its own flip (Shared), if it runs it
@@ -140,7 +143,7 @@ def layer_forward_counts(pattern: Pattern, flips: int, slots: Sequence[int], n_l
                     shared[layer] += 1
                 else:
                     shared[layer] += running
-            prev = left.pop(rng.randrange(len(left)))
+            prev = left.pop(left.index(flip_order[step]) if flip_order is not None else rng.randrange(len(left)))
             is_full[prev] = False
     scale = n_batches / draws / max(replicas, 1)
     return [f * scale for f in full], [x * scale for x in shared]
