@@ -105,7 +105,8 @@ def main() -> None:
         projections.append({"model": name, "gpus": rec["gpus"], "flips": plan.work.flips, "text": format_plan(plan),
                             "plan": plan.as_dict()})
     out = {"about": "current estimate of indexcache plan on the probe timings recorded on one H200, beside "
-                    "measured runs (scripts/plan_check.py)", "checks": rows, "pending": pending, "projections": projections}
+                    "measured runs (scripts/plan_check.py)", "checks": rows, "pending": pending,
+           "projections": projections}
     (R / "scale/plan_check.json").write_text(json.dumps(out, indent=1) + "\n")
     print("| case | plan | over flip orders | with its flip order | measured | plan vs measured |\n"
           "|---|---:|---:|---:|---:|---:|")

@@ -190,6 +190,21 @@ def test_search_report_carries_each_steps_confidence(tmp_path):
     assert "- confidence: a bootstrap over the 4 calibration windows" in summary and "stays lowest" in summary
 
 
+def test_no_spill_of_candidate_states_that_no_step_can_reuse(tmp_path):
+    """Device and host tiers that together hold far less than a step's states: a candidate's own states are
+    dropped, not copied out to host memory (each copy would cost more than the reuse it cannot buy); only
+    the current path's states may go there. The trajectory is unchanged."""
+    n = 8
+    model = load_model(_model_dir(tmp_path, 15, layers=n), verbose=False)
+    batches = _batches(15)
+    one = LossEvaluator(model, batches).state_bytes() * 2
+    ev = LossEvaluator(model, batches, cache_bytes=(n + 1) * one, host_bytes=4 * one, separate_host=True)
+    res = greedy_search(ev, target_full=4, progress=False)
+    ref = greedy_search(LossEvaluator(model, batches, cache_bytes=1 << 34), target_full=4, progress=False)
+    assert res.trajectory == ref.trajectory
+    assert res.counters["spilled"] == 0 and ev.spill_unprotected
+
+
 def test_cache_below_one_layer_is_refused_before_writing(tmp_path, capsys):
     mdir = _model_dir(tmp_path, 6)
     out = tmp_path / "never"

@@ -122,6 +122,9 @@ class LossEvaluator:
         # states the device tier never pushes out (the greedy search: those on the path of the pattern a step
         # flips from, which every candidate of the step starts from)
         self.protected: Callable[[tuple[int, str]], bool] | None = None
+        # whether states that are not protected go to the host tier when the device pushes them out (the
+        # search turns it off where the tiers cannot hold a step's states for the next anyway)
+        self.spill_unprotected = True
         self.last_window_losses: list[float] = []  # the last evaluation's mean loss per calibration window
 
     # ------------------------------------------------------------------------------- cache
@@ -153,6 +156,8 @@ class LossEvaluator:
         if not self.reuse or key in self._device.items or key in self._host.items:
             return
         for old_key, old in self._device.put(key, state, self.protected):
+            if not self.spill_unprotected and not (self.protected and self.protected(old_key)):
+                continue  # no later evaluation is counted on it: copying it out costs more than it saves
             if self._host.budget and _nbytes(old) <= self._host.budget:  # pushed out of the device: to the host
                 self._host.put(old_key, _moved(old, "cpu"))
                 self.counters.spilled += 1

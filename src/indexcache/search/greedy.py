@@ -226,6 +226,7 @@ def greedy_search(
     # next step's candidates start at their own layers
     step_states = sum(evaluator.n_layers - slots[i] for i in range(n) if current.is_full(i) and i not in forced)
     reuse = evaluator.holds(step_states)
+    evaluator.spill_unprotected = reuse
 
     def forwards_left(pattern: Pattern, flips: int, last: int | None = None) -> int:
         return estimate_layer_forwards(pattern, flips, slots, evaluator.n_layers, n_batches, forced, dist.groups,
@@ -274,6 +275,7 @@ def greedy_search(
         save()
     bar.close()
     evaluator.on_layer = evaluator.protected = None
+    evaluator.spill_unprotected = True
     if not result.done:  # a finished state read back by --resume stays as it is (its baselines included)
         result.done = True
         save()
