@@ -150,3 +150,44 @@ def test_engine_gpu_bundled_model():
         assert eng._graphs, "the decode step was not captured"
         for b, p in enumerate(prompts):
             assert got[b] == greedy_reference(model32, p.tolist(), 16, pattern), (pattern, b)
+
+
+def test_fp8_indexer_cache_is_the_fp8_indexer_exactly():
+    """The fp8 indexer-K cache (e4m3 keys, one power-of-two scale per token) selects what the model's own
+    fp8 scoring selects from a full-width cache, bit for bit (the scales are powers of two, so folding them
+    into the gates changes no rounding), through prefill and batched decode, in about a third of the
+    indexer cache's bytes."""
+    from indexcache import load_model
+    from indexcache.bundled import default_model
+
+    model = load_model(default_model(), verbose=False)
+    model.set_scoring("fp8")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in (700, 520)]
+
+    def run(fp8: bool):
+        e = Engine(model, max_batch=2, max_len=800, chunk=256, backend="torch", fp8_index_cache=fp8)
+        chosen = []
+        select = e.select_indices
+
+        def record(*args, **kwargs):
+            out = select(*args, **kwargs)
+            chosen.append(out.clone())
+            return out
+
+        e.select_indices = record
+        first = torch.stack([e.prefill(s, p) for s, p in enumerate(prompts)])
+        steps = [e.decode(first.argmax(-1))]
+        steps.append(e.decode(steps[-1].argmax(-1)))
+        return e, chosen, torch.stack([first, *steps])
+
+    wide, a, la = run(False)
+    fp8, b, lb = run(True)
+    assert fp8.index_k[0].dtype == torch.float8_e4m3fn and fp8.scoring == "fp8"
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    D = model.config.index_head_dim
+    assert fp8.spec.index_bytes_per_token * 4 * D == wide.spec.index_bytes_per_token * (D + 4)
+    with pytest.raises(ValueError, match="index_head_dim must be <= 128"):
+        big = DSAForCausalLM(preset_config("tiny", "deepseek_v32", index_head_dim=256))
+        Engine(big, fp8_index_cache=True, backend="torch")

@@ -30,6 +30,7 @@ import torch
 from ..model.dsa import Context, DSAForCausalLM
 from ..model.rope import Rope
 from ..ops.backends import check_backend, default_backend, get_backend
+from ..ops.fp8 import act_quant
 from ..ops.indexer import indexer_topk
 from ..pattern import Pattern
 
@@ -42,11 +43,11 @@ class CacheSpec:
     num_layers: int
     num_full: int
     dtype: torch.dtype
+    index_fp8: bool = False  # indexer keys in e4m3 with one fp32 scale per token (DeepSeek's layout)
 
     @property
     def bytes_per_token(self) -> int:
-        el = torch.tensor([], dtype=self.dtype).element_size()
-        return el * (self.num_layers * self.latent_dim + self.num_full * self.index_dim)
+        return self.latent_bytes_per_token + self.index_bytes_per_token
 
     @property
     def latent_bytes_per_token(self) -> int:
@@ -54,7 +55,9 @@ class CacheSpec:
 
     @property
     def index_bytes_per_token(self) -> int:
-        return torch.tensor([], dtype=self.dtype).element_size() * self.num_full * self.index_dim
+        per_key = self.index_dim + 4 if self.index_fp8 else torch.tensor([], dtype=self.dtype).element_size() \
+            * self.index_dim
+        return self.num_full * per_key
 
 
 class Engine:
@@ -70,6 +73,7 @@ class Engine:
         chunk: int = 4096,
         backend: str | None = None,
         cuda_graphs: bool | None = None,
+        fp8_index_cache: bool | None = None,
     ):
         self.model = model.eval()
         cfg = model.config
@@ -84,14 +88,23 @@ class Engine:
         self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
         self.topk = cfg.index_topk
         L = cfg.num_hidden_layers
+        # DeepSeek's fp8 indexer (default: when the model scores in fp8): its Hadamard-rotated, e4m3 keys are
+        # cached as e4m3 bytes with one power-of-two scale per token, a third of a bf16 cache's bytes
+        self.fp8_index = (model.scoring == "fp8") if fp8_index_cache is None else fp8_index_cache
+        if self.fp8_index and cfg.index_head_dim > 128:
+            raise ValueError("the fp8 indexer cache keeps one scale per token: index_head_dim must be <= 128")
+        self.scoring = "fp8" if self.fp8_index else model.scoring
         self.spec = CacheSpec(cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.index_head_dim, L,
-                              len(self.pattern.full_layers), self.dtype)
+                              len(self.pattern.full_layers), self.dtype, self.fp8_index)
         dev = self.device
         self.latent = [torch.zeros(max_batch, max_len, self.spec.latent_dim, dtype=self.dtype, device=dev)
                        for _ in range(L)]
         # indexer keys only where an indexer runs
-        self.index_k = {i: torch.zeros(max_batch, max_len, cfg.index_head_dim, dtype=self.dtype, device=dev)
+        key_dtype = torch.float8_e4m3fn if self.fp8_index else self.dtype
+        self.index_k = {i: torch.zeros(max_batch, max_len, cfg.index_head_dim, dtype=key_dtype, device=dev)
                         for i in self.pattern.full_layers}
+        self.index_scale = {i: torch.ones(max_batch, max_len, dtype=torch.float32, device=dev)
+                            for i in self.pattern.full_layers} if self.fp8_index else {}
         self.lengths = torch.zeros(max_batch, dtype=torch.int32, device=dev)
         self.rope_table = Rope(cfg, torch.arange(max_len, device=dev), self.dtype)
         self._graphs: dict[int, tuple] = {}
@@ -109,7 +122,7 @@ class Engine:
     def context(self, positions: torch.Tensor) -> Context:
         """The forward context of new tokens at ``positions`` (RoPE rows of the engine's table)."""
         return Context(rope=self.rope_table.at(positions), positions=positions, slots=positions,
-                       scoring=self.model.scoring)
+                       scoring=self.scoring)
 
     def _timed(self, name: str):
         if self.timer is None:
@@ -153,7 +166,12 @@ class Engine:
         if self.pattern.is_full(i):
             with self._timed("indexer"):
                 iq, iw, ik = attn.indexer.project(x, qr, ctx)
-                write(self.index_k[i], ik[0])
+                if self.fp8_index:  # the keys are e4m3 values times power-of-two scales: exact in this form
+                    k8, k_scale = act_quant(ik[0], ik.shape[-1], "ue8m0")
+                    write(self.index_k[i], k8)
+                    write(self.index_scale[i], k_scale[..., 0])
+                else:
+                    write(self.index_k[i], ik[0])
                 idx = select(i, iq[0], iw[0] * attn.indexer.softmax_scale)
         with self._timed("attention"):
             out = attend(i, q[0], idx)
@@ -161,10 +179,19 @@ class Engine:
         return h + layer.mlp(layer.post_attention_layernorm(h), graph_safe=graph_safe), idx
 
     def select_indices(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, ke: torch.Tensor,
-                       trim: bool, ke_host: torch.Tensor | None = None) -> torch.Tensor:
+                       trim: bool, ke_host: torch.Tensor | None = None,
+                       k_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Top-k of new queries q [n,H,D] (gates w [n,H], softmax scale folded in) against indexer caches
-        k [G,T,D], windows [0, ke); ``trim=False`` keeps shapes static (CUDA graphs)."""
-        return indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim, ke_host=ke_host)
+        k [G,T,D] (e4m3 with per-token ``k_scale`` [G,T] in the fp8 cache), windows [0, ke); ``trim=False``
+        keeps shapes static (CUDA graphs)."""
+        if k_scale is not None:  # e4m3 queries, one scale per head folded into its gate
+            q, q_scale = act_quant(q, q.shape[-1], "ue8m0")
+            w = w * q_scale[..., 0]
+        return indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim,
+                            ke_host=ke_host, k_scale=k_scale)
+
+    def _scales(self, i: int, rows) -> torch.Tensor | None:
+        return self.index_scale[i][rows] if self.fp8_index else None
 
     def _prefill_chunk(self, slot: int, ids: torch.Tensor, p0: int) -> torch.Tensor:
         p1 = p0 + ids.shape[0]
@@ -177,7 +204,8 @@ class Engine:
         ke_host = torch.arange(p0 + 1, p1 + 1, dtype=torch.int32)
 
         def select(i: int, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return self.select_indices(q, w, self.index_k[i][slot : slot + 1, :p1], ke, trim=True, ke_host=ke_host)
+            return self.select_indices(q, w, self.index_k[i][slot : slot + 1, :p1], ke, trim=True, ke_host=ke_host,
+                                       k_scale=self._scales(i, (slice(slot, slot + 1), slice(0, p1))))
 
         def attend(i: int, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             attn = self.model.model.layers[i].self_attn
@@ -201,7 +229,8 @@ class Engine:
             cache[rows, pos] = new
 
         def select(i: int, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return self.select_indices(q, w, self.index_k[i][:B], lengths, trim=False)  # no host sync: graph-safe
+            return self.select_indices(q, w, self.index_k[i][:B], lengths, trim=False,  # no host sync: graph-safe
+                                       k_scale=self._scales(i, slice(0, B)))
 
         def attend(i: int, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             attn = self.model.model.layers[i].self_attn
