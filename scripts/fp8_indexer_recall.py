@@ -40,15 +40,7 @@ def main() -> None:
     def run(ids: torch.Tensor, fp8: bool):
         model.set_scoring("fp8" if fp8 else "exact")
         e = Engine(model, max_len=a.seq_len + a.steps, chunk=512, backend=a.backend, fp8_index_cache=fp8)
-        chosen = []
-        select = e.select_indices
-
-        def record(*args, **kwargs):
-            out = select(*args, **kwargs)
-            chosen.append(out.cpu())
-            return out
-
-        e.select_indices = record
+        e.selections = chosen = []
         logits = [e.prefill(0, ids)]
         for _ in range(a.steps):
             logits.append(e.decode(logits[-1].argmax(-1).view(1))[0])

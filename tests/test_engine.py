@@ -167,15 +167,7 @@ def test_fp8_indexer_cache_is_the_fp8_indexer_exactly():
 
     def run(fp8: bool):
         e = Engine(model, max_batch=2, max_len=800, chunk=256, backend="torch", fp8_index_cache=fp8)
-        chosen = []
-        select = e.select_indices
-
-        def record(*args, **kwargs):
-            out = select(*args, **kwargs)
-            chosen.append(out.clone())
-            return out
-
-        e.select_indices = record
+        e.selections = chosen = []
         first = torch.stack([e.prefill(s, p) for s, p in enumerate(prompts)])
         steps = [e.decode(first.argmax(-1))]
         steps.append(e.decode(steps[-1].argmax(-1)))

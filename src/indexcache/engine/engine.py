@@ -109,6 +109,9 @@ class Engine:
         self.rope_table = Rope(cfg, torch.arange(max_len, device=dev), self.dtype)
         self._graphs: dict[int, tuple] = {}
         self.timer = None  # optional callable(name) -> context manager, for the indexer's share of time
+        # a list: every selection the Full layers make is appended to it, in order, on the host (decode then
+        # runs eagerly, as with a timer); for comparing selections, e.g. fp8 against exact scoring
+        self.selections: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -187,8 +190,11 @@ class Engine:
         if k_scale is not None:  # e4m3 queries, one scale per head folded into its gate
             q, q_scale = act_quant(q, q.shape[-1], "ue8m0")
             w = w * q_scale[..., 0]
-        return indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim,
-                            ke_host=ke_host, k_scale=k_scale)
+        idx = indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim,
+                           ke_host=ke_host, k_scale=k_scale)
+        if self.selections is not None:
+            self.selections.append(idx.cpu())
+        return idx
 
     def _scales(self, i: int, rows) -> torch.Tensor | None:
         return self.index_scale[i][rows] if self.fp8_index else None
@@ -250,7 +256,7 @@ class Engine:
         if not 1 <= B <= self.max_batch:
             raise ValueError(f"decode batch {B} outside [1, {self.max_batch}]")
         tokens = tokens.to(self.device)
-        if not self.cuda_graphs or self.timer is not None:
+        if not self.cuda_graphs or self.timer is not None or self.selections is not None:
             return self._decode_eager(tokens)
         if B not in self._graphs:
             self._graphs[B] = self._capture(B)
