@@ -1033,7 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file to write")
     _add_overwrite(p)
     p.add_argument("--parts", default="indexer,topk,sparse_mla", help="comma list of kernel groups (kernels): "
-                   "indexer, topk, sparse_mla, fp8_gemm")
+                   "indexer, topk, sparse_mla, fp8_gemm, moe")
     p.add_argument("--contexts", type=token_counts, default=[10_000, 60_000, 120_000, 200_000],
                    help="context lengths, comma-separated (e2e; default 10K,60K,120K,200K)")
     p.add_argument("--experts", type=positive_int, default=16, help="routed experts (e2e; the real model has 64)")
@@ -1088,6 +1088,19 @@ def _decoder_form_tokens(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_command(argv)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose work is written and whose process group is destroyed: leave without the
+        # interpreter's finalisation, where gloo's worker threads can still be torn down after Python
+        # (now and then a SIGABRT, "terminate called without an active exception", after a finished run).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    """One command line, its exit status returned (0, 2 for bad input, 130 when interrupted)."""
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(_decoder_form_tokens(raw))
