@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from bounds import rel
-from markers import gpu
+from markers import gpu, interpreter
 
 from indexcache.engine import Engine, sample
 from indexcache.model.dsa import DSAForCausalLM
@@ -56,6 +56,18 @@ def test_decode_batch_matches_greedy_reference(pattern):
     for b, p in enumerate(prompts):
         assert out[b] == greedy_reference(model, p.tolist(), 6, pattern)
     assert eng.lengths[:3].tolist() == [35, 16, 28]  # prompt + 5 decode steps (the 6th token is sampled only)
+
+
+@interpreter
+def test_engine_on_the_kernels_in_the_interpreter():
+    # every op on its Triton kernel (indexer logits, top-k, sparse MLA, the MoE's grouped GEMM), fp32
+    model = tiny_model(1)
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    eng = Engine(model, "FSFS", max_batch=2, max_len=64, chunk=16, backend="triton")
+    prompts = [ids[:30], ids[:13]]
+    out = eng.generate(prompts, max_new_tokens=4)
+    for b, p in enumerate(prompts):
+        assert out[b] == greedy_reference(model, p.tolist(), 4, "FSFS")
 
 
 def test_decode_logits_match_model():

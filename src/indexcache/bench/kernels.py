@@ -313,6 +313,64 @@ def bench_fp8_gemm(dev, ceil: dict, log) -> dict:
     return res
 
 
+# (hidden, expert inter, routed experts, experts per token): GLM-4.7-Flash's shape, and DeepSeek-V3.2's
+MOE_SHAPES = {"glm47_flash": (2048, 1536, 64, 4), "deepseek_v32": (7168, 2048, 256, 8)}
+
+
+def bench_moe(dev, ceil: dict, log) -> dict:
+    """The routed experts in bf16: the grouped-GEMM kernel against the model's torch paths (one expert at a
+    time in prefill; in decode the graph-safe form that gathers the chosen experts' weights). Prefill rates
+    count 2 x pairs x 3 D I FLOPs; decode rates the bytes of the distinct chosen experts' weights, read once."""
+    from ..ops.moe.kernel import moe_experts
+    from ..ops.moe.reference import moe_experts as reference
+
+    res: dict = {"prefill": [], "decode": []}
+    for name, (D, inter, E, k) in MOE_SHAPES.items():
+        g = torch.Generator(device=dev).manual_seed(0)
+        wg, wu = (torch.randn(E, inter, D, device=dev, generator=g, dtype=torch.bfloat16) * D**-0.5 for _ in range(2))
+        wd = torch.randn(E, D, inter, device=dev, generator=g, dtype=torch.bfloat16) * inter**-0.5
+
+        def routing(n: int):
+            idx = torch.rand(n, E, device=dev, generator=g).topk(k, dim=-1).indices
+            return torch.randn(n, D, device=dev, generator=g, dtype=torch.bfloat16), idx, \
+                torch.rand(n, k, device=dev, generator=g)
+
+        for M in (4096, 16384):
+            x, idx, w = routing(M)
+            ms = _bench(lambda: moe_experts(x, wg, wu, wd, idx, w))
+            ref_ms = _bench(lambda: reference(x, wg, wu, wd, idx, w), warmup=3, rep=10)
+            flops = 2 * M * k * 3 * D * inter
+            row = {"shape": name, "tokens": M, "D": D, "I": inter, "E": E, "k": k, "ms": ms, "tflops": flops / ms / 1e9,
+                   "pct_of_bf16_gemm": 100 * flops / ms / 1e9 / ceil["bf16_gemm_tflops"],
+                   "torch_loop_ms": ref_ms, "resources": resources("moe_gate_up")}
+            res["prefill"].append(row)
+            log(f"  moe {name} prefill {M} tokens: {ms:.3f} ms {row['tflops']:.0f} TFLOP/s; torch loop {ref_ms:.3f} ms")
+        for B in (1, 8, 64):
+            x, idx, w = routing(B)
+            ms = _bench_graph(lambda: moe_experts(x, wg, wu, wd, idx, w))
+            sel = idx.flatten()
+            gather_ms = _bench_graph(lambda: (wg[sel], wu[sel], wd[sel]))  # what a gathering decode copies first
+            experts = int(idx.unique().numel())
+            nbytes = experts * 3 * D * inter * 2
+            row = {"shape": name, "B": B, "distinct_experts": experts, "us": ms * 1e3, "tbps": nbytes / ms / 1e9,
+                   "pct_of_copy": 100 * nbytes / ms / 1e9 / ceil["copy_tbps"], "gather_weights_us": gather_ms * 1e3}
+            res["decode"].append(row)
+            log(f"  moe {name} decode B={B}: {row['us']:.1f} us {row['tbps']:.2f} TB/s over {experts} experts; "
+                f"gathering their weights alone {row['gather_weights_us']:.1f} us")
+    return res
+
+
+def moe_table(result: dict) -> str:
+    lines = ["| MoE (bf16 grouped GEMM) | shape | time | rate | % of ceiling | torch |", "|---|---|---|---|---|---|"]
+    for r in result["moe"]["prefill"]:
+        lines.append(f"| prefill | {r['shape']} {r['tokens']} tokens, E={r['E']} k={r['k']} | {r['ms']:.3f} ms | "
+                     f"{r['tflops']:.0f} TFLOP/s | {r['pct_of_bf16_gemm']:.0f}% | loop {r['torch_loop_ms']:.2f} ms |")
+    for r in result["moe"]["decode"]:
+        lines.append(f"| decode | {r['shape']} B={r['B']} ({r['distinct_experts']} experts) | {r['us']:.1f} us | "
+                     f"{r['tbps']:.2f} TB/s | {r['pct_of_copy']:.0f}% | gather alone {r['gather_weights_us']:.1f} us |")
+    return "\n".join(lines)
+
+
 def summary_table(result: dict) -> str:
     c = result["ceilings"]
     lines = [f"ceilings: bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s, fp8 GEMM "
@@ -354,7 +412,7 @@ def fp8_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("indexer", "topk", "sparse_mla", "fp8_gemm")
+PARTS = ("indexer", "topk", "sparse_mla", "fp8_gemm", "moe")
 
 
 def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
@@ -382,7 +440,7 @@ def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
     result["ceilings"] = ceilings(dev)
     log(str(result["ceilings"]))
     for part, fn in (("indexer", bench_indexer), ("topk", bench_topk), ("sparse_mla", bench_sparse_mla),
-                     ("fp8_gemm", bench_fp8_gemm)):
+                     ("fp8_gemm", bench_fp8_gemm), ("moe", bench_moe)):
         if part in parts:
             log(f"{part} ...")
             t0 = time.time()
@@ -394,4 +452,6 @@ def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
         print(summary_table(result))
     if "fp8_gemm" in result:
         print(fp8_table(result))
+    if "moe" in result:
+        print(moe_table(result))
     return result

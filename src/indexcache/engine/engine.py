@@ -16,8 +16,9 @@ them.
 Prefill and decode run one layer step (:meth:`Engine._layer`) and differ only in where they write the
 caches and what the selection and attention read. Both go through the ops registry
 (:mod:`indexcache.ops.backends`): the Triton kernels on CUDA (``backend="triton"``) or their plain-PyTorch
-references (``backend="torch"``, any device), with the same flat API. The MoE is the model's own, run in
-its graph-safe mode for decode; building an engine never changes the model.
+references (``backend="torch"``, any device), with the same flat API. The MoE is the model's own, on the
+engine's backend (the grouped-GEMM kernel on ``triton``), run in its graph-safe mode for decode; building
+an engine never changes the model.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class Engine:
         with self._timed("attention"):
             out = attend(i, q[0], idx)
         h = h + attn.project_out(out)[None]
-        return h + layer.mlp(layer.post_attention_layernorm(h), graph_safe=graph_safe), idx
+        return h + layer.mlp(layer.post_attention_layernorm(h), graph_safe=graph_safe, backend=self.ops.name), idx
 
     def select_indices(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, ke: torch.Tensor,
                        trim: bool, ke_host: torch.Tensor | None = None,

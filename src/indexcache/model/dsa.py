@@ -34,6 +34,7 @@ from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..ops.fp8 import fp8_indexer_operands
 from ..ops.fp8_gemm import fp8_linear
 from ..ops.indexer import causal_windows, indexer_logits, indexer_topk
+from ..ops.moe import moe_experts
 from ..ops.sparse_mla import mla_attention
 from ..ops.topk import topk as topk_reference
 from ..pattern import Pattern
@@ -254,7 +255,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, graph_safe: bool = False, backend: str | None = None) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -358,23 +359,38 @@ class MoE(nn.Module):
         self.gate = Gate(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.backend = "torch"  # the ops backend of the routed experts (the model's set_backend sets it)
 
-    def forward(self, x: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
-        """Routed experts plus shared experts. Each (token, slot) pair is computed once, then slots are summed
-        in a fixed order, so the result is deterministic on every device (an ``index_add_`` would use atomics
-        on GPUs). ``graph_safe``: shapes that do not depend on the routing and no host synchronisation, so
-        a decode step can be captured in a CUDA graph (the same numbers)."""
+    def forward(self, x: torch.Tensor, graph_safe: bool = False, backend: str | None = None) -> torch.Tensor:
+        """Routed experts plus shared experts, on ``backend`` (default: the module's own). Each (token, slot)
+        pair is computed once, then slots are summed in a fixed order, so the result is deterministic on
+        every device (an ``index_add_`` would use atomics on GPUs). ``graph_safe``: shapes that do not
+        depend on the routing and no host synchronisation, so a decode step can be captured in a CUDA graph
+        (the same numbers). On the ``triton`` backend the stacked bf16 experts run as one grouped GEMM that
+        reads the chosen experts' weights in place, graph-safe in both modes."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat)
-        routed = self._routed_static(flat, weights, idx) if graph_safe else self._routed(flat, weights, idx)
+        ex = self.experts
+        # the kernel has no backward: a forward that trains the experts stays on the reference
+        trains = torch.is_grad_enabled() and ex.gate_proj.requires_grad
+        backend = backend or self.backend
+        if backend != "torch" and not isinstance(ex, FP8Experts) and not trains:
+            routed = get_backend(backend).moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights)
+        elif graph_safe:
+            routed = self._routed_static(flat, weights, idx)
+        else:
+            routed = self._routed(flat, weights, idx)
         return (routed.sum(1) + self.shared_experts(flat)).view(shape)
 
     def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ex = self.experts
+        if not isinstance(ex, FP8Experts):
+            return moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights)
         routed = flat.new_zeros(*idx.shape, flat.shape[-1])
         for e in idx.unique().tolist():
             tok, slot = torch.where(idx == e)
-            routed[tok, slot] = (self.experts.run(e, flat[tok]) * weights[tok, slot, None]).to(flat.dtype)
+            routed[tok, slot] = (ex.run(e, flat[tok]) * weights[tok, slot, None]).to(flat.dtype)
         return routed
 
     def _routed_static(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -483,7 +499,7 @@ class DSAForCausalLM(nn.Module):
             raise ValueError("the triton kernels need power-of-two indexer heads/dims, kv_lora_rank and rope dim")
         self.backend = backend
         for m in self.modules():
-            if isinstance(m, (FP8Linear, FP8Experts)):
+            if isinstance(m, (FP8Linear, FP8Experts, MoE)):
                 m.backend = backend
 
     def keep_fp8(self, fp8_weights: set[str], scale_fmt: str | None = None) -> int:

@@ -3,6 +3,8 @@
     ops/indexer/     reference.py  kernel.py   lightning-indexer logits; __init__: the chunked causal top-k
     ops/topk/        reference.py  kernel.py   top-k per row inside a key window
     ops/sparse_mla/  reference.py  kernel.py   MLA over the latent cache (sparse; dense and traced: reference)
+    ops/fp8_gemm/    reference.py  kernel.py   block-scaled FP8 linear layers, the activations' quantisation
+    ops/moe/         reference.py  kernel.py   the routed experts over stacked weights (grouped GEMM)
     ops/fp8.py                                 Hadamard rotation, e4m3 quantisation, block-FP8 dequantisation
     ops/common.py                              the flat layout (rows, caches, windows) and memory budgets
     ops/backends.py                            the registry: ``get_backend("torch" | "triton")``

@@ -1,0 +1,189 @@
+"""The routed experts as a grouped GEMM in Triton, over the stacked expert weights read in place.
+
+The (token, slot) pairs are sorted by expert (a stable sort, so the order is the same on every run). Each
+expert's run of pairs is cut into tiles of ``BM`` rows, and one program computes one tile of one expert:
+it gathers its tokens' activations and multiplies them by that expert's weights, addressed in place in
+the stacked ``[E, ...]`` tensors. No expert weight is ever copied, in prefill (many rows per expert, a
+grouped GEMM) or in decode (a row or two per expert: the kernel reads only the chosen experts).
+
+Two kernels: ``gate_up`` writes ``h = silu(x W_gate^T) * (x W_up^T)`` per pair (both products from one
+read of x), ``down`` multiplies h by ``W_down^T`` and the routing weight and writes each pair's row once,
+at its (token, slot) place. No atomics, so the result is deterministic.
+
+The tile table (expert, first row, end row of every tile) is built with torch ops whose shapes depend only
+on the number of pairs, never on the routing (argsort, searchsorted, cumsum): no host synchronisation, so
+a decode step that calls this can be captured in a CUDA graph. Programs past the last real tile return at
+once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
+from .reference import check_moe_operands
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gate_up_kernel(X, WG, WU, H, ORDER, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS,
+                        s_xn, s_we, s_wi, s_wd, s_hp,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        t = tl.program_id(0)
+        r0 = tl.load(TILE_R0 + t)
+        r1 = tl.load(TILE_R1 + t)
+        if r0 >= r1:  # past the last tile
+            return
+        e = tl.load(TILE_E + t).to(tl.int64)
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < r1
+        tok = tl.load(ORDER + rows, mask=row_ok, other=0) // SLOTS
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = rn < INTER
+        rk = tl.arange(0, BK)
+        x_ptr = X + tok[:, None].to(tl.int64) * s_xn + rk[None, :]
+        w_off = e * s_we + rn[None, :].to(tl.int64) * s_wi + rk[:, None] * s_wd  # [BK, BN], expert e in place
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(D, BK)):
+            k_left = D - kb * BK
+            a = tl.load(x_ptr, mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
+            w_ok = n_ok[None, :] & (rk[:, None] < k_left)
+            wg = tl.load(WG + w_off, mask=w_ok, other=0.0)
+            wu = tl.load(WU + w_off, mask=w_ok, other=0.0)
+            if IEEE:
+                acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, wg, acc_g)
+                acc_u = tl.dot(a, wu, acc_u)
+            x_ptr += BK
+            w_off += BK * s_wd
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(H + rows[:, None].to(tl.int64) * s_hp + rn[None, :], h.to(H.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(H, WD, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER,
+                     s_hp, s_we, s_wo, s_wi, s_op,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        t = tl.program_id(0)
+        r0 = tl.load(TILE_R0 + t)
+        r1 = tl.load(TILE_R1 + t)
+        if r0 >= r1:
+            return
+        e = tl.load(TILE_E + t).to(tl.int64)
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < r1
+        pair = tl.load(ORDER + rows, mask=row_ok, other=0)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        rk = tl.arange(0, BK)
+        h_ptr = H + rows[:, None].to(tl.int64) * s_hp + rk[None, :]
+        w_off = e * s_we + rn[None, :].to(tl.int64) * s_wo + rk[:, None] * s_wi  # [BK, BN]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(INTER, BK)):
+            k_left = INTER - kb * BK
+            a = tl.load(h_ptr, mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
+            w = tl.load(WD + w_off, mask=n_ok[None, :] & (rk[:, None] < k_left), other=0.0)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+            h_ptr += BK
+            w_off += BK * s_wi
+        rw = tl.load(RW + pair, mask=row_ok, other=0.0)
+        y = acc * rw[:, None]
+        tl.store(OUT + pair[:, None].to(tl.int64) * s_op + rn[None, :], y.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+def tile_table(idx: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """The pairs sorted by expert and the tiles over them: ``(order [P], tile_expert, tile_first_row,
+    tile_end_row)`` (int32, one entry per possible tile). Shapes depend on ``P = idx.numel()`` and
+    ``n_experts`` only; tiles past the last real one have first row = end row."""
+    flat = idx.reshape(-1)
+    P = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    experts = torch.arange(n_experts, device=idx.device, dtype=flat.dtype)
+    starts = torch.searchsorted(sorted_e, experts)
+    ends = torch.searchsorted(sorted_e, experts, right=True)
+    tiles = (ends - starts + block_m - 1) // block_m
+    last = torch.cumsum(tiles, 0)  # tiles of experts [0, e]
+    first = last - tiles
+    # at most one partial tile per expert that has pairs, and at most P experts have any
+    max_tiles = -(-P // block_m) + min(n_experts, P)
+    t = torch.arange(max_tiles, device=idx.device, dtype=last.dtype)
+    tile_e = torch.searchsorted(last, t, right=True).clamp_max(n_experts - 1)
+    r0 = starts[tile_e] + (t - first[tile_e]) * block_m
+    r1 = ends[tile_e]
+    real = t < last[-1]
+    r0 = torch.where(real, r0, torch.zeros_like(r0))
+    r1 = torch.where(real, r1, torch.zeros_like(r1))
+    as32 = lambda v: v.to(torch.int32).contiguous()  # noqa: E731
+    return as32(order), as32(tile_e), as32(r0), as32(r1)
+
+
+def _block_m(P: int, n_experts: int) -> int:
+    """Rows per tile: the average run of pairs per expert that has any, as a power of two in [16, 64]
+    (16 is the smallest ``tl.dot`` tile; a decode step has a row or two per expert)."""
+    avg = P / max(1, min(n_experts, P))
+    bm = 16
+    while bm < 64 and bm < avg:
+        bm *= 2
+    return bm
+
+
+def moe_experts(  # the signature twin of reference.moe_experts (one API, two implementations)
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    block_m: int | None = None,
+    block_n: int = 64,
+    block_k: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """``[N, k, D]`` in x's dtype (the signature of :func:`.reference.moe_experts`): x [N, D] and the
+    stacked weights in bf16, fp16 or fp32, idx [N, k] integer experts, weights [N, k] routing weights.
+    The other arguments tune the kernels."""
+    require_triton()
+    check_moe_operands(x, w_gate, w_up, w_down, idx, weights)
+    N, D = x.shape
+    E, inter, _ = w_gate.shape
+    k = idx.shape[1]
+    P = N * k
+    out = x.new_empty(N, k, D)
+    if P == 0:
+        return out
+    if interpreted():  # small tiles: the interpreter is slow and its shapes are small
+        block_n, block_k = min(block_n, 32), min(block_k, 32)
+    bm = block_m or _block_m(P, E)
+    order, tile_e, r0, r1 = tile_table(idx, E, bm)
+    x = x.contiguous()
+    w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    rw = weights.float().reshape(-1).contiguous()
+    h = x.new_empty(P, inter)  # per sorted pair, rounded to x's dtype as the reference's F.linear output is
+    ieee = x.dtype == torch.float32 and not interpreted()
+    tiles = tile_e.numel()
+    LAST_COMPILED["moe_gate_up"] = _gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
+        x, w_gate, w_up, h, order, tile_e, r0, r1, D, inter, k,
+        x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0),
+        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+    )
+    flat_out = out.view(P, D)
+    LAST_COMPILED["moe_down"] = _down_kernel[(tiles, triton.cdiv(D, block_n))](
+        h, w_down, flat_out, order, rw, tile_e, r0, r1, D, inter,
+        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), flat_out.stride(0),
+        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+__all__ = ["moe_experts", "tile_table"]

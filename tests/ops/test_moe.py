@@ -1,0 +1,187 @@
+"""ops/moe: the routed experts over stacked weights. The reference and the grouped-GEMM kernel against
+the same experts computed pair by pair in float64, within bounds from the dtypes and the reduction
+lengths; the kernel's tile table (every pair in exactly one tile of one expert, shapes independent of the
+routing); the model's MoE on the kernel against its torch path; training keeps the reference. GPU: real
+shapes in bf16, and a CUDA-graph replay under a new routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bounds import U_BF16, U_FP16, U_FP32, gamma
+from markers import gpu, interpreter
+
+from indexcache.ops.moe import moe_experts
+
+SILU_SLOPE = 1.0999  # the largest |d silu / dz| over all z (about 1.0998, near z = 2.4)
+
+
+def _operands(g: torch.Generator, N: int, k: int, E: int, D: int, inter: int, dtype=torch.float32,
+              device: str = "cpu", skew: bool = False):
+    x = torch.randn(N, D, generator=g) * torch.rand(N, 1, generator=g) * 3  # rows of different scales
+    wg, wu = (torch.randn(E, inter, D, generator=g) * D**-0.5 for _ in range(2))
+    wd = torch.randn(E, D, inter, generator=g) * inter**-0.5
+    if skew:  # most pairs on a few experts, some experts never chosen
+        p = torch.arange(E, 0, -1, dtype=torch.float64) ** 3
+        idx = torch.stack([torch.multinomial(p, k, generator=g) for _ in range(N)])
+    else:
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    w = torch.rand(N, k, generator=g) + 0.1
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(wg), cast(wu), cast(wd), idx.to(device), w.to(device)
+
+
+def _exact_and_bound(x, wg, wu, wd, idx, w, u_acc: float, u_out: float):
+    """The pairs' outputs in float64 from the same (rounded) operands, and how far a kernel may be from them:
+    gate and up accumulate D products with unit roundoff ``u_acc``; h = silu(g) * u moves by at most
+    1.1 |u| dg + |silu(g)| du and is rounded once to the output dtype; the down product accumulates I
+    products; the result is rounded once more."""
+    X, G, U, Dn = (t.double().cpu() for t in (x, wg, wu, wd))
+    idx, w = idx.cpu(), w.double().cpu()
+    N, k = idx.shape
+    D, inter = X.shape[1], G.shape[1]
+    out = torch.zeros(N, k, D, dtype=torch.float64)
+    bound = torch.zeros_like(out)
+    for n in range(N):
+        for s in range(k):
+            e = int(idx[n, s])
+            g, u = G[e] @ X[n], U[e] @ X[n]
+            mg, mu = G[e].abs() @ X[n].abs(), U[e].abs() @ X[n].abs()
+            h = F.silu(g) * u
+            dh = gamma(D, u_acc) * (SILU_SLOPE * u.abs() * mg + F.silu(g).abs() * mu) + (u_out + 4 * U_FP32) * h.abs()
+            y = Dn[e] @ h
+            out[n, s] = w[n, s] * y
+            bound[n, s] = w[n, s] * (Dn[e].abs() @ dh + gamma(inter, u_acc) * (Dn[e].abs() @ h.abs())) \
+                + (u_out + 2 * U_FP32) * out[n, s].abs()
+    return out, bound
+
+
+def _check(got, exact, bound):
+    err = (got.double().cpu() - exact).abs()
+    assert (err <= bound + 1e-30).all(), (err - bound).max().item()
+
+
+def test_reference_against_float64_pairs():
+    g = torch.Generator().manual_seed(0)
+    ops = _operands(g, 23, 3, 6, 40, 24, skew=True)
+    exact, bound = _exact_and_bound(*ops, U_FP32, U_FP32)
+    _check(moe_experts(*ops), exact, bound)
+
+
+def test_bad_shapes_are_refused_in_one_line():
+    g = torch.Generator().manual_seed(1)
+    x, wg, wu, wd, idx, w = _operands(g, 4, 2, 3, 16, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        moe_experts(x[:, :8], wg, wu, wd, idx, w)
+    with pytest.raises(ValueError, match="must both be"):
+        moe_experts(x, wg, wu, wd, idx, w[:, :1])
+
+
+@interpreter
+def test_tile_table_covers_every_pair_once_within_one_expert():
+    from indexcache.ops.moe.kernel import tile_table
+
+    g = torch.Generator().manual_seed(2)
+    for N, k, E, bm in [(37, 2, 5, 16), (1, 8, 64, 16), (300, 4, 16, 64), (5, 2, 3, 32)]:
+        idx = torch.stack([torch.multinomial(torch.arange(E, 0, -1).double() ** 2, k, generator=g) for _ in range(N)])
+        order, tile_e, r0, r1 = tile_table(idx, E, bm)
+        flat = idx.flatten()
+        assert sorted(order.tolist()) == list(range(N * k))
+        seen = []
+        for t in range(tile_e.numel()):
+            rows = list(range(int(r0[t]), min(int(r1[t]), int(r0[t]) + bm)))
+            assert all(int(flat[order[r]]) == int(tile_e[t]) for r in rows)  # one expert per tile
+            seen += rows
+        assert sorted(seen) == list(range(N * k))  # every sorted pair in exactly one tile
+        other = torch.zeros_like(idx)  # every pair on expert 0: the tables keep their shapes
+        assert [t.shape for t in tile_table(other, E, bm)] == [t.shape for t in (order, tile_e, r0, r1)]
+
+
+@interpreter
+@pytest.mark.parametrize("shape", [(37, 2, 5, 48, 40, False), (1, 2, 8, 64, 32, False), (3, 4, 16, 32, 96, False),
+                                   (150, 2, 4, 64, 72, True), (9, 8, 32, 16, 16, True)])
+def test_kernel_against_float64_in_the_interpreter(shape):
+    from indexcache.ops.moe.kernel import moe_experts as kernel
+
+    *dims, skew = shape
+    g = torch.Generator().manual_seed(sum(dims))
+    ops = _operands(g, *dims, skew=skew)
+    exact, bound = _exact_and_bound(*ops, U_FP32, U_FP32)
+    _check(kernel(*ops), exact, bound)
+
+
+@interpreter
+def test_kernel_fp16_in_the_interpreter():
+    from indexcache.ops.moe.kernel import moe_experts as kernel
+
+    g = torch.Generator().manual_seed(3)
+    ops = _operands(g, 21, 2, 6, 64, 48, dtype=torch.float16)
+    # the interpreter's fp16 dot may accumulate in fp16, so the accumulation bound uses fp16's roundoff
+    exact, bound = _exact_and_bound(*ops, U_FP16, U_FP16)
+    _check(kernel(*ops), exact, bound)
+
+
+@interpreter
+def test_model_moe_on_the_kernel_matches_its_torch_path():
+    from indexcache.model.dsa import MoE
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny", n_routed_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(4)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    with torch.no_grad():
+        want = moe(x)
+        want_static = moe(x, graph_safe=True)
+        moe.backend = "triton"
+        got, got_static = moe(x), moe(x, graph_safe=True)
+    torch.testing.assert_close(want_static, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_static, want, rtol=1e-5, atol=1e-6)
+    # with gradients wanted the experts train through the reference (the kernel has no backward)
+    moe(x).square().sum().backward()
+    assert moe.experts.gate_proj.grad is not None and moe.experts.gate_proj.grad.abs().sum() > 0
+
+
+def _gpu_check(N, k, E, D, inter, skew):
+    from indexcache.ops.moe.kernel import moe_experts as kernel
+
+    g = torch.Generator().manual_seed(N + E)
+    ops = _operands(g, N, k, E, D, inter, dtype=torch.bfloat16, device="cuda", skew=skew)
+    got = kernel(*ops)
+    # bf16 operands on tensor cores accumulate in fp32; h and the output are rounded to bf16 once each.
+    # The float64 pair loop is long at these sizes, so a sample of tokens is checked.
+    pick = torch.randperm(N, generator=g)[: min(N, 48)].cuda()
+    x, wg, wu, wd, idx, w = ops
+    exact, bound = _exact_and_bound(x[pick], wg, wu, wd, idx[pick], w[pick], U_FP32, U_BF16)
+    _check(got[pick], exact, bound)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(8192, 4, 64, 2048, 1536, False), (4096, 8, 256, 7168, 2048, True),
+                                   (1, 8, 256, 7168, 2048, False), (8, 8, 256, 7168, 2048, False),
+                                   (333, 4, 16, 2048, 1536, True)])
+def test_kernel_against_float64_on_gpu(shape):
+    _gpu_check(*shape)
+
+
+@gpu
+def test_kernel_replays_in_a_cuda_graph_under_a_new_routing():
+    from indexcache.ops.moe.kernel import moe_experts as kernel
+
+    g = torch.Generator().manual_seed(5)
+    x, wg, wu, wd, idx, w = _operands(g, 4, 8, 64, 2048, 1024, dtype=torch.bfloat16, device="cuda")
+    kernel(x, wg, wu, wd, idx, w)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel(x, wg, wu, wd, idx, w)
+    new_idx = torch.stack([torch.randperm(64, generator=g)[:8] for _ in range(4)]).cuda()
+    new_idx[0] = torch.arange(8)  # and several tokens on the same experts
+    new_idx[1] = torch.arange(8)
+    idx.copy_(new_idx)
+    x.copy_(torch.randn(4, 2048, generator=g).to(x))
+    graph.replay()
+    torch.testing.assert_close(out, kernel(x, wg, wu, wd, idx, w), rtol=0, atol=0)
