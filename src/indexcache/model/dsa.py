@@ -34,7 +34,7 @@ from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..ops.fp8 import fp8_indexer_operands
 from ..ops.fp8_gemm import fp8_linear
 from ..ops.indexer import causal_windows, indexer_logits, indexer_topk
-from ..ops.moe import moe_experts
+from ..ops.moe import FP8_PARTS, moe_experts
 from ..ops.sparse_mla import mla_attention
 from ..ops.topk import topk as topk_reference
 from ..pattern import Pattern
@@ -345,6 +345,10 @@ class FP8Experts(Experts):
         self.scale_fmt = scale_fmt
         self.backend = "torch"
 
+    def fp8_tensors(self) -> dict[str, torch.Tensor]:
+        """The six tensors by name (what :func:`indexcache.ops.moe.moe_experts_fp8` takes)."""
+        return {p: getattr(self, p) for p in FP8_PARTS}
+
     def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         def lin(part: str, v: torch.Tensor) -> torch.Tensor:
             return fp8_linear(v, getattr(self, part)[e], getattr(self, f"{part}_scale_inv")[e], self.backend,
@@ -375,7 +379,9 @@ class MoE(nn.Module):
         # the kernel has no backward: a forward that trains the experts stays on the reference
         trains = torch.is_grad_enabled() and ex.gate_proj.requires_grad
         backend = backend or self.backend
-        if backend != "torch" and not isinstance(ex, FP8Experts) and not trains:
+        if isinstance(ex, FP8Experts) and (backend != "torch" or not graph_safe):
+            routed = get_backend(backend).moe_experts_fp8(flat, ex.fp8_tensors(), idx, weights, ex.scale_fmt)
+        elif backend != "torch" and not trains:
             routed = get_backend(backend).moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights)
         elif graph_safe:
             routed = self._routed_static(flat, weights, idx)
@@ -385,13 +391,7 @@ class MoE(nn.Module):
 
     def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         ex = self.experts
-        if not isinstance(ex, FP8Experts):
-            return moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights)
-        routed = flat.new_zeros(*idx.shape, flat.shape[-1])
-        for e in idx.unique().tolist():
-            tok, slot = torch.where(idx == e)
-            routed[tok, slot] = (ex.run(e, flat[tok]) * weights[tok, slot, None]).to(flat.dtype)
-        return routed
+        return moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights)
 
     def _routed_static(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Few (token, slot) pairs: gather the chosen experts' weights; many: run every expert on every

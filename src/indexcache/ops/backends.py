@@ -8,7 +8,8 @@ same signature in both backends:
 * ``topk(logits [R,n], k, ks, ke, row_len=None, ties="topk")``
 * ``sparse_mla(q [R,H,Dk], kv [G,T,Dk], indices [R,K], scale, d_v, budget_bytes=...)``
 * ``fp8_gemm(a [M,K] e4m3, a_scale [M,K/128], b [N,K] e4m3, b_scale [N/128,K/128], out_dtype)`` (FP8 layers)
-* ``moe_experts(x [N,D], w_gate [E,I,D], w_up [E,I,D], w_down [E,D,I], idx [N,k], weights [N,k])`` (MoE)
+* ``moe_experts(x [N,D], w_gate [E,I,D], w_up [E,I,D], w_down [E,D,I], idx [N,k], weights [N,k])`` (MoE),
+  and ``moe_experts_fp8(x, experts {part: e4m3 [E,...], part_scale_inv: [E,.../128]}, idx, weights, scale_fmt)``
 
 ``torch`` runs the plain-PyTorch references (any device; what every kernel is tested against), ``triton``
 the kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``). The composite :func:`indexcache.ops.indexer.indexer_topk`
@@ -40,6 +41,7 @@ class Backend:
     fp8_gemm: Callable | None = None  # block-scaled FP8 product of the FP8 linear layers
     act_quant: Callable = act_quant  # the activations' e4m3 quantisation per token and 128 channels
     moe_experts: Callable | None = None  # the routed experts over stacked weights (per (token, slot) pair)
+    moe_experts_fp8: Callable | None = None  # the same over block-FP8 experts
 
     def supports(self, index_heads: int, index_dim: int, latent_dim: int, d_v: int) -> bool:
         """Whether the kernels take these shapes (the references take any)."""
@@ -65,25 +67,27 @@ def _triton_fp8_operands(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor):
 def _torch() -> Backend:
     from .fp8_gemm.reference import fp8_gemm
     from .indexer.reference import indexer_logits
-    from .moe.reference import moe_experts
+    from .moe.reference import moe_experts, moe_experts_fp8
     from .sparse_mla.reference import sparse_mla
     from .topk.reference import topk
 
-    return Backend("torch", indexer_logits, topk, sparse_mla, fp8_gemm=fp8_gemm, moe_experts=moe_experts)
+    return Backend("torch", indexer_logits, topk, sparse_mla, fp8_gemm=fp8_gemm, moe_experts=moe_experts,
+                   moe_experts_fp8=moe_experts_fp8)
 
 
 def _triton() -> Backend:
     from .fp8_gemm.kernel import act_quant as act_quant_kernel
     from .fp8_gemm.kernel import fp8_gemm
     from .indexer.kernel import indexer_logits
-    from .moe.kernel import moe_experts
+    from .moe.kernel import moe_experts, moe_experts_fp8
     from .sparse_mla.kernel import sparse_mla
     from .topk.kernel import topk
     from .triton_support import require_triton
 
     require_triton()
     return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest",
-                   fp8_gemm=fp8_gemm, act_quant=act_quant_kernel, moe_experts=moe_experts)
+                   fp8_gemm=fp8_gemm, act_quant=act_quant_kernel, moe_experts=moe_experts,
+                   moe_experts_fp8=moe_experts_fp8)
 
 
 _MADE: dict[str, Backend] = {}

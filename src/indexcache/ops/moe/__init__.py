@@ -3,6 +3,6 @@ expert at a time) beside ``kernel.py`` (Triton grouped GEMM: the (token, slot) p
 program one tile of one expert's rows, the expert's weights read in place), picked through
 :mod:`indexcache.ops.backends`."""
 
-from .reference import moe_experts
+from .reference import FP8_PARTS, moe_experts, moe_experts_fp8
 
-__all__ = ["moe_experts"]
+__all__ = ["FP8_PARTS", "moe_experts", "moe_experts_fp8"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
-from .reference import check_moe_operands
+from .reference import check_fp8_experts, check_moe_operands
 
 if HAVE_TRITON:
     import triton
@@ -99,6 +99,79 @@ if HAVE_TRITON:
         tl.store(OUT + pair[:, None].to(tl.int64) * s_op + rn[None, :], y.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
 
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gate_up_fp8_kernel(XQ, XS, WG, WGS, WU, WUS, H, ORDER, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS,
+                            s_xn, s_xsn, s_we, s_wi, s_wse, s_wsi, s_hp,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # block-FP8: x in e4m3 with one scale per token and 128 channels, each expert's weights in e4m3 with
+        # one scale per 128 x 128 block; K is walked in the blocks' steps (BK = 128), and each step's product
+        # takes its row and column scales before it joins the fp32 accumulator
+        t = tl.program_id(0)
+        r0 = tl.load(TILE_R0 + t)
+        r1 = tl.load(TILE_R1 + t)
+        if r0 >= r1:
+            return
+        e = tl.load(TILE_E + t).to(tl.int64)
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < r1
+        tok = (tl.load(ORDER + rows, mask=row_ok, other=0) // SLOTS).to(tl.int64)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = rn < INTER
+        rk = tl.arange(0, BK)
+        x_ptr = XQ + tok[:, None] * s_xn + rk[None, :]
+        w_off = e * s_we + rn[None, :].to(tl.int64) * s_wi + rk[:, None]  # [BK, BN], expert e in place
+        ws_off = e * s_wse + (rn // BK) * s_wsi
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(D, BK)):
+            a = tl.load(x_ptr, mask=row_ok[:, None], other=0.0)
+            a_s = tl.load(XS + tok * s_xsn + kb, mask=row_ok, other=0.0)
+            wg = tl.load(WG + w_off, mask=n_ok[None, :], other=0.0)
+            wu = tl.load(WU + w_off, mask=n_ok[None, :], other=0.0)
+            wg_s = tl.load(WGS + ws_off + kb, mask=n_ok, other=0.0)
+            wu_s = tl.load(WUS + ws_off + kb, mask=n_ok, other=0.0)
+            acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
+            acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
+            x_ptr += BK
+            w_off += BK
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(H + rows[:, None].to(tl.int64) * s_hp + rn[None, :], h.to(H.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_fp8_kernel(HQ, HS, WD, WDS, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER,
+                         s_hp, s_hsp, s_we, s_wo, s_wse, s_wso, s_op,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        t = tl.program_id(0)
+        r0 = tl.load(TILE_R0 + t)
+        r1 = tl.load(TILE_R1 + t)
+        if r0 >= r1:
+            return
+        e = tl.load(TILE_E + t).to(tl.int64)
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < r1
+        pair = tl.load(ORDER + rows, mask=row_ok, other=0)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        rk = tl.arange(0, BK)
+        h_ptr = HQ + rows[:, None].to(tl.int64) * s_hp + rk[None, :]
+        w_off = e * s_we + rn[None, :].to(tl.int64) * s_wo + rk[:, None]
+        ws_off = e * s_wse + (rn // BK) * s_wso
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(INTER, BK)):
+            a = tl.load(h_ptr, mask=row_ok[:, None], other=0.0)
+            a_s = tl.load(HS + rows.to(tl.int64) * s_hsp + kb, mask=row_ok, other=0.0)
+            w = tl.load(WD + w_off, mask=n_ok[None, :], other=0.0)
+            w_s = tl.load(WDS + ws_off + kb, mask=n_ok, other=0.0)
+            acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+            h_ptr += BK
+            w_off += BK
+        rw = tl.load(RW + pair, mask=row_ok, other=0.0)
+        tl.store(OUT + pair[:, None].to(tl.int64) * s_op + rn[None, :], (acc * rw[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
 
 def tile_table(idx: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
     """The pairs sorted by expert and the tiles over them: ``(order [P], tile_expert, tile_first_row,
@@ -186,4 +259,72 @@ def moe_experts(  # the signature twin of reference.moe_experts (one API, two im
     return out
 
 
-__all__ = ["moe_experts", "tile_table"]
+def moe_experts_fp8(  # the signature twin of reference.moe_experts_fp8
+    x: torch.Tensor,
+    experts: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    scale_fmt: str | None = None,
+    block_m: int | None = None,
+    block_n: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Block-FP8 experts (the signature of :func:`.reference.moe_experts_fp8`): x quantised once per token
+    and 128 channels, h once per pair, each by the one-pass quantisation kernel; the products on the
+    e4m3 tensor cores, the experts' weights and scales read in place."""
+    from ..fp8_gemm.kernel import act_quant
+
+    require_triton()
+    wg, wgs, wu, wus, wd, wds = check_fp8_experts(x, experts, idx, weights)
+    N, D = x.shape
+    k = idx.shape[1]
+    if N * k == 0:
+        return x.new_empty(N, k, D)
+    bm = block_m or _block_m(N * k, wg.shape[0])
+    table = (*tile_table(idx, wg.shape[0], bm), bm, k)
+    tune = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    xq, xs = act_quant(x, 128, scale_fmt)
+    h = fp8_gate_up(xq, xs, wg, wgs, wu, wus, table, x.dtype, **tune)
+    hq, hs = act_quant(h, 128, scale_fmt)
+    return fp8_down(hq, hs, wd, wds, table, weights, N, x.dtype, **tune)
+
+
+def fp8_gate_up(xq: torch.Tensor, xs: torch.Tensor, wg: torch.Tensor, wgs: torch.Tensor, wu: torch.Tensor,
+                wus: torch.Tensor, table: tuple, out_dtype: torch.dtype, block_n: int = 128, num_warps: int = 4,
+                num_stages: int = 3) -> torch.Tensor:
+    """The first stage of :func:`moe_experts_fp8`: ``h = silu(x W_gate^T) * (x W_up^T)`` [P, I] in
+    ``out_dtype``, one row per (token, slot) pair in the table's sorted order (row r is pair
+    ``order[r]``). ``table``: :func:`tile_table`'s four tensors, then the rows per tile and the slots."""
+    order, tile_e, r0, r1, bm, slots = table
+    D, inter = xq.shape[1], wg.shape[1]
+    block_n = 32 if interpreted() else block_n
+    h = torch.empty(order.numel(), inter, dtype=out_dtype, device=xq.device)
+    LAST_COMPILED["moe_gate_up_fp8"] = _gate_up_fp8_kernel[(tile_e.numel(), triton.cdiv(inter, block_n))](
+        xq, xs, wg, wgs, wu, wus, h, order, tile_e, r0, r1, D, inter, slots,
+        xq.stride(0), xs.stride(0), wg.stride(0), wg.stride(1), wgs.stride(0), wgs.stride(1), h.stride(0),
+        BM=bm, BN=block_n, BK=128, num_warps=num_warps, num_stages=num_stages,
+    )
+    return h
+
+
+def fp8_down(hq: torch.Tensor, hs: torch.Tensor, wd: torch.Tensor, wds: torch.Tensor, table: tuple,
+             weights: torch.Tensor, n_tokens: int, out_dtype: torch.dtype, block_n: int = 128, num_warps: int = 4,
+             num_stages: int = 3) -> torch.Tensor:
+    """The second stage of :func:`moe_experts_fp8`: the quantised h (sorted rows) times ``W_down^T`` and the
+    routing weights, each pair's row written once at its (token, slot) place: ``[n_tokens, slots, D]``."""
+    order, tile_e, r0, r1, bm, slots = table
+    D, inter = wd.shape[1], wd.shape[2]
+    block_n = 32 if interpreted() else block_n
+    out = torch.empty(n_tokens, slots, D, dtype=out_dtype, device=hq.device)
+    flat_out = out.view(-1, D)
+    rw = weights.float().reshape(-1).contiguous()
+    LAST_COMPILED["moe_down_fp8"] = _down_fp8_kernel[(tile_e.numel(), triton.cdiv(D, block_n))](
+        hq, hs, wd, wds, flat_out, order, rw, tile_e, r0, r1, D, inter,
+        hq.stride(0), hs.stride(0), wd.stride(0), wd.stride(1), wds.stride(0), wds.stride(1), flat_out.stride(0),
+        BM=bm, BN=block_n, BK=128, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+__all__ = ["moe_experts", "moe_experts_fp8", "tile_table"]

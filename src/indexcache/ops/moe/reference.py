@@ -5,12 +5,21 @@ MoE on the ``torch`` backend.
 returns ``[N, k, D]`` in x's dtype: for every (token n, slot s), ``weights[n, s]`` times expert
 ``idx[n, s]``'s SwiGLU MLP of ``x[n]``, ``W_down (silu(W_gate x) * (W_up x))``. The slots are returned
 apart, so the caller sums them in a fixed order (deterministic on every device, no atomics).
+
+``moe_experts_fp8`` is the same over block-FP8 experts (DeepSeek's checkpoints): every expert's
+``gate_proj``, ``up_proj`` and ``down_proj`` in e4m3 with one fp32 scale per 128 x 128 block
+(``{part}_scale_inv``), each applied as an FP8 linear layer (activations quantised per token and 128
+channels).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..fp8_gemm import fp8_linear
+
+FP8_PARTS = ("gate_proj", "gate_proj_scale_inv", "up_proj", "up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
 
 
 def check_moe_operands(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -39,4 +48,39 @@ def moe_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_dow
         xs = x[tok]
         h = F.silu(F.linear(xs, w_gate[e])) * F.linear(xs, w_up[e])
         routed[tok, slot] = (F.linear(h, w_down[e]) * weights[tok, slot, None]).to(x.dtype)
+    return routed
+
+
+def check_fp8_experts(x: torch.Tensor, experts: dict[str, torch.Tensor], idx: torch.Tensor,
+                      weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The six tensors of block-FP8 experts in :data:`FP8_PARTS` order, after one-line shape checks."""
+    missing = [p for p in FP8_PARTS if p not in experts]
+    if missing:
+        raise ValueError(f"block-FP8 experts need {', '.join(FP8_PARTS)}; missing {', '.join(missing)}")
+    wg, wgs, wu, wus, wd, wds = (experts[p] for p in FP8_PARTS)
+    check_moe_operands(x, wg, wu, wd, idx, weights)
+    E, inter, D = wg.shape
+    if D % 128 or inter % 128:
+        raise ValueError(f"block-FP8 experts need hidden and expert widths divisible by 128, got {D} and {inter}")
+    for w, s in ((wg, wgs), (wu, wus), (wd, wds)):
+        want = (E, w.shape[1] // 128, w.shape[2] // 128)
+        if tuple(s.shape) != want:
+            raise ValueError(f"expert scales {tuple(s.shape)} do not match weights {tuple(w.shape)} in 128 x 128 "
+                             f"blocks (expected {want})")
+    return wg, wgs.float(), wu, wus.float(), wd, wds.float()
+
+
+def moe_experts_fp8(x: torch.Tensor, experts: dict[str, torch.Tensor], idx: torch.Tensor, weights: torch.Tensor,
+                    scale_fmt: str | None = None) -> torch.Tensor:
+    """:func:`moe_experts` over block-FP8 experts (``experts``: the :data:`FP8_PARTS` by name): each chosen
+    expert's three FP8 linear layers on the reference ops; ``[N, k, D]`` in x's dtype."""
+    wg, wgs, wu, wus, wd, wds = check_fp8_experts(x, experts, idx, weights)
+    routed = x.new_zeros(*idx.shape, x.shape[-1])
+    for e in idx.unique().tolist():
+        tok, slot = torch.where(idx == e)
+        xs = x[tok]
+        gate = fp8_linear(xs, wg[e], wgs[e], "torch", scale_fmt)
+        h = F.silu(gate) * fp8_linear(xs, wu[e], wus[e], "torch", scale_fmt)
+        y = fp8_linear(h, wd[e], wds[e], "torch", scale_fmt)
+        routed[tok, slot] = (y * weights[tok, slot, None]).to(x.dtype)
     return routed
