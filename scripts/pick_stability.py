@@ -70,6 +70,7 @@ def score(model_dir: str, windows_npy: Path, patterns: list[str], resamples: int
     import torch
 
     from indexcache import load_model
+    from indexcache.intervals import quantiles, resample_indices
     from indexcache.pattern import Pattern
     from indexcache.search import LossEvaluator
 
@@ -81,12 +82,10 @@ def score(model_dir: str, windows_npy: Path, patterns: list[str], resamples: int
     for p in [str(full), *patterns]:
         ev.loss(Pattern.parse(p))
         per[p] = torch.tensor(ev.last_window_losses, dtype=torch.float64)
-    g = torch.Generator().manual_seed(0)
-    draw = torch.randint(0, ids.shape[0], (resamples, ids.shape[0]), generator=g)
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    draw = resample_indices(ids.shape[0], resamples)  # the same windows for every pattern: paired differences
 
     def ci(x: torch.Tensor) -> list[float]:
-        return torch.quantile(x[draw].mean(-1), q).tolist()
+        return quantiles(x[draw].mean(-1))
 
     rows = [{"pattern": p, "loss": float(w.mean()), "ci95": ci(w), "minus_all_full": float((w - per[str(full)]).mean()),
              "minus_all_full_ci95": ci(w - per[str(full)])} for p, w in per.items()]

@@ -44,11 +44,44 @@ def _label_patterns() -> dict[str, list[tuple[str, str]]]:
     return labels
 
 
+def sample_scores(rep: dict, pattern: str, length: int) -> dict[str, list[tuple[float, str]]]:
+    """family -> [(score, the sample's identity)] in sample order, from an eval report's records: the
+    identity (answers and needle places) tells whether two reports scored the same prompts."""
+    out: dict[str, list[tuple[float, str]]] = {}
+    for s in sorted((s for s in rep["samples"] if s["pattern"] == pattern and s["length"] == length),
+                    key=lambda s: (s["family"], s["index"])):
+        out.setdefault(s["family"], []).append((s["score"], json.dumps([s["answers"], s["needles"]])))
+    return out
+
+
+def add_intervals(rows: list[dict], scores: dict[int, dict]) -> None:
+    """Each row's task average with its 95% bootstrap interval over the samples, and its paired difference
+    from the bundled model's all-Full row at the same length (where both scored the same prompts)."""
+    from indexcache.intervals import average_ci, paired_difference
+
+    for r in rows:
+        mine = scores[id(r)]
+        r["samples_per_family"] = sorted({len(v) for v in mine.values()})
+        r["average_ci95"] = [100 * x for x in average_ci({f: [x for x, _ in v] for f, v in mine.items()})]
+        full = next((q for q in rows if q["length"] == r["length"] and q["method"] == "all Full"), None)
+        if full is None or full is r:
+            continue
+        base = scores[id(full)]
+        same = set(base) == set(mine) and all([i for _, i in base[f]] == [i for _, i in mine[f]] for f in base)
+        if not same:
+            r["minus_all_full"] = {"note": "not the same prompts as the all-Full run: no paired difference"}
+            continue
+        d = paired_difference({f: [x for x, _ in v] for f, v in mine.items()},
+                              {f: [x for x, _ in v] for f, v in base.items()})
+        r["minus_all_full"] = {"average": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]],
+                               "within_noise": d["within_noise"]}
+
+
 def gather() -> list[dict]:
     labels = _label_patterns()
     variants = {"aware-h2": ("training-aware", "1/2"), "aware-q2": ("training-aware", "1/4"),
                 "ablate-h2": ("training-aware w/o cross-layer loss", "1/2")}
-    rows = []
+    rows, scores = [], {}
     for f in sorted((ROOT / "results" / "study").glob("eval-*.json")):
         rep = json.loads(f.read_text())
         variant = f.stem.removeprefix("eval-")
@@ -62,6 +95,8 @@ def gather() -> list[dict]:
                              "num_full": r["num_full"], "length": r["length"], "ppl": r["ppl"],
                              "tasks": r["tasks"], "average": r["average"], "file": str(f.relative_to(ROOT)),
                              "command": rep["command"]})
+                scores[id(rows[-1])] = sample_scores(rep, r["pattern"], r["length"])
+    add_intervals(rows, scores)
     order = ["all Full", "uniform", "greedy (books)", "greedy (retrieval)", "similarity DP", "training-aware",
              "training-aware w/o cross-layer loss"]
     rows.sort(key=lambda r: (r["length"], r["model"] != "dsa-mini", order.index(r["method"])
@@ -69,21 +104,37 @@ def gather() -> list[dict]:
     return rows
 
 
+def _paired(r: dict) -> str:
+    d = r.get("minus_all_full")
+    if not d or "average" not in d:
+        return ""
+    noise = " (noise)" if d["within_noise"] else ""
+    return f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]{noise}"
+
+
 def table(rows: list[dict], chance: dict) -> str:
-    head = ("| model | method | kept | pattern | held-out PPL | WikiText PPL | " + " | ".join(SHORT) + " | avg |\n"
-            "|---|---|---|---|---:|---:|" + "---:|" * (len(SHORT) + 1) + "\n")
+    head = ("| model | method | kept | pattern | held-out PPL | WikiText PPL | " + " | ".join(SHORT)
+            + " | avg | avg 95% CI | vs all Full (paired 95% CI) |\n"
+            "|---|---|---|---|---:|---:|" + "---:|" * (len(SHORT) + 1) + "---:|---:|\n")
     out = []
     for length in sorted({r["length"] for r in rows}):
-        out.append(f"\n**{length} tokens** (20 samples per family; scores x100)\n\n" + head)
-        for r in (r for r in rows if r["length"] == length):
+        at = [r for r in rows if r["length"] == length]
+        n = sorted({k for r in at for k in r["samples_per_family"]})
+        out.append(f"\n**{length} tokens** ({'/'.join(map(str, n))} samples per family; scores x100; intervals: "
+                   "95% bootstrap over the samples, each family resampled within itself; a paired difference "
+                   "resamples the same prompts for both rows, \"noise\" where its interval contains 0)\n\n" + head)
+        for r in at:
             cells = " | ".join(f"{r['tasks'][f]:.1f}" for f in FAMILIES)
+            lo, hi = r["average_ci95"]
             out.append(f"| {r['model']} | {r['method']} | {r['retention']} | `{r['pattern']}` | "
-                       f"{r['ppl']['heldout']:.1f} | {r['ppl']['wikitext']:.1f} | {cells} | {r['average']:.1f} |\n")
+                       f"{r['ppl']['heldout']:.1f} | {r['ppl']['wikitext']:.1f} | {cells} | {r['average']:.1f} | "
+                       f"[{lo:.1f}, {hi:.1f}] | {_paired(r)} |\n")
         c = chance.get(str(length))
         if c:
-            out.append("| | random guess | | | | | " + " | ".join(f"{c[f]['chance']:.2g}" for f in FAMILIES) + " | |\n")
+            out.append("| | random guess | | | | | " + " | ".join(f"{c[f]['chance']:.2g}" for f in FAMILIES)
+                       + " | | | |\n")
             out.append("| | guess among the prompt's candidates | | | | | "
-                       + " | ".join(f"{c[f]['copy_chance']:.1f}" for f in FAMILIES) + " | |\n")
+                       + " | ".join(f"{c[f]['copy_chance']:.1f}" for f in FAMILIES) + " | | | |\n")
     return "".join(out)
 
 
@@ -110,15 +161,23 @@ def plot_tasks(rows: list[dict], path: Path) -> None:
                     continue
                 if full is not None and marker.endswith("-"):  # the curves end at the all-Full model
                     pts = pts + [full]
-                ys = [p["average"] if key == "average" else p["ppl"]["heldout"] for p in pts]
-                ax.plot([p["num_full"] for p in pts], ys, marker, color=color, label=method, ms=8)
+                xs = [p["num_full"] for p in pts]
+                if key == "average":  # the 95% intervals over the samples as error bars
+                    ys = [p["average"] for p in pts]
+                    err = [[y - p["average_ci95"][0] for y, p in zip(ys, pts, strict=True)],
+                           [p["average_ci95"][1] - y for y, p in zip(ys, pts, strict=True)]]
+                    ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=method, ms=8, capsize=3, lw=1)
+                else:
+                    ax.plot(xs, [p["ppl"]["heldout"] for p in pts], marker, color=color, label=method, ms=8)
             if full is not None:
                 y = full["average"] if key == "average" else full["ppl"]["heldout"]
                 ax.axhline(y, color="black", lw=0.8, ls="--", label="all Full")
+                if key == "average":
+                    ax.axhspan(*full["average_ci95"], color="black", alpha=0.08, label="all Full 95% CI")
             ax.set_xscale("log", base=2)
             ax.set_xticks([2, 4, 8, 16], ["2 (1/8)", "4 (1/4)", "8 (1/2)", "16"])
             ax.set_xlabel("Full layers (of 16)")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel + (" with 95% CI" if key == "average" else ""))
             ax.set_title(f"{length} tokens")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -262,6 +262,15 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
         assert set(r["tasks"]) == {"niah_single", "mqar"} and r["ppl"]["held"] > 1 and r["length"] == 400
         assert r["average"] == pytest.approx(sum(r["tasks"].values()) / 2)
     assert len(rep["samples"]) == 4 and all(s["num_tokens"] <= 400 for s in rep["samples"])
+    for r in rep["results"]:  # intervals beside every score, and the shared pattern paired with all Full
+        lo, hi = r["average_ci95"]
+        assert lo <= r["average"] <= hi and r["sample_counts"] == {"niah_single": 1, "mqar": 1}
+        assert r["ppl_ci95"]["held"][0] <= r["ppl"]["held"] <= r["ppl_ci95"]["held"][1]
+    assert "minus_all_full" not in rep["results"][0]
+    paired = rep["results"][1]["minus_all_full"]
+    assert paired["average"] == pytest.approx(rep["results"][1]["average"] - rep["results"][0]["average"])
+    assert paired["ci95"][0] <= paired["average"] <= paired["ci95"][1]
+    assert "avg 95% CI" in printed
     assert "FFSFSF" in printed and "ppl:held" in printed and "niah_single" in printed and "in-prompt guess" in printed
 
     for bad, msg in ((["--lengths", "99999"], "max_position_embeddings"), (["--tasks", "nope"], "unknown task")):

@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 
 from ..architectures import model_info
 from ..data.text import DataError, load_tokenizer, token_windows
+from ..intervals import average_ci, mean_ci, paired_difference
 from ..model.dsa import DSAForCausalLM
 from ..pattern import Pattern
 from ..runner import open_model
-from ..search.evaluator import lm_loss
+from ..search.evaluator import lm_window_losses
 from .tasks import INT, Haystack, Sample, TaskError, TooShortError, chance_levels, make_sample, parse_families, score
 
 
@@ -301,6 +302,7 @@ def run_eval(opt: EvalOptions) -> dict:
     everything = [s for ss in samples.values() for s in ss]
     max_len = max((s.num_tokens + s.turns * (3 * s.max_new_tokens + 8) for s in everything), default=0) + 16
     results, records = [], []
+    row_scores: dict[tuple[str, int], dict[str, list[float]]] = {}
     hf = opened.backend == "hf"
     for pat in patterns:
         engine = None
@@ -312,10 +314,13 @@ def run_eval(opt: EvalOptions) -> dict:
             engine = make_engine(model, pat, max_len)
         for L in opt.lengths:
             t0 = time.time()
-            row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "tasks": {}}
+            row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "ppl_ci95": {},
+                         "tasks": {}}
             for name, _ in ppl_sets:
-                loss = lm_loss(runner, windows[name, L], pat, progress=opt.progress, desc=f"ppl {name} {L}")
-                row["ppl"][name] = math.exp(loss)
+                losses = lm_window_losses(runner, windows[name, L], pat, progress=opt.progress,
+                                          desc=f"ppl {name} {L}")
+                row["ppl"][name] = math.exp(sum(losses) / len(losses))
+                row["ppl_ci95"][name] = [math.exp(v) for v in mean_ci(losses)]  # over the windows
             scores: dict[str, list[float]] = {f: [] for f in families}
             bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
             for s in bar:
@@ -330,8 +335,11 @@ def run_eval(opt: EvalOptions) -> dict:
             bar.close()
             row["tasks"] = {f: 100 * sum(v) / len(v) for f, v in scores.items() if v}
             row["average"] = sum(row["tasks"].values()) / len(row["tasks"]) if row["tasks"] else None
+            row.update(score_intervals(scores))
             row["seconds"] = round(time.time() - t0, 2)
+            row_scores[str(pat), L] = scores
             results.append(row)
+    compare_with_all_full(results, row_scores)
     return {
         "command": opt.command, "model": opt.model, "device": opt.device, "dtype": opt.dtype, "seed": opt.seed,
         "samples_per_task": opt.samples, "lengths": opt.lengths, "tasks": families,
@@ -345,6 +353,30 @@ def run_eval(opt: EvalOptions) -> dict:
         "skipped": skipped, "notes": notes(info, opt.lengths), "results": results, "samples": records,
         "seconds": round(time.time() - t_start, 2),
     }
+
+
+def score_intervals(scores: dict[str, list[float]]) -> dict:
+    """95% bootstrap intervals over the samples (x100, like the scores): per family, and for the average
+    of the families (each family resampled within itself)."""
+    kept = {f: v for f, v in scores.items() if v}
+    if not kept:
+        return {}
+    return {"tasks_ci95": {f: [100 * x for x in mean_ci(v)] for f, v in kept.items()},
+            "average_ci95": [100 * x for x in average_ci(kept)], "sample_counts": {f: len(v) for f, v in kept.items()}}
+
+
+def compare_with_all_full(results: list[dict], row_scores: dict[tuple[str, int], dict[str, list[float]]]) -> None:
+    """Each row's task average minus the all-Full row's at the same length, paired over the same samples,
+    with its 95% interval and whether it is within noise (only where the run scored all Full too)."""
+    for r in results:
+        full = "F" * len(r["pattern"])
+        base = row_scores.get((full, r["length"]))
+        mine = row_scores.get((r["pattern"], r["length"]))
+        if base is None or mine is None or r["pattern"] == full or not any(mine.values()):
+            continue
+        d = paired_difference(mine, base)
+        r["minus_all_full"] = {"average": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]],
+                               "within_noise": d["within_noise"]}
 
 
 def notes(info, lengths: list[int]) -> list[str]:
@@ -369,20 +401,28 @@ def format_table(report: dict) -> str:
         rows = [r for r in report["results"] if r["length"] == L]
         ppl_names = list(report["ppl_data"])
         fams = report["tasks"]
-        heads = ["pattern", "Full"] + [f"ppl:{n}" for n in ppl_names] + fams + (["avg"] if fams else [])
+        heads = ["pattern", "Full"] + [f"ppl:{n}" for n in ppl_names] + fams \
+            + (["avg", "avg 95% CI", "vs all Full (paired 95% CI)"] if fams else [])
         table = []
         for r in rows:
             cells = [r["pattern"], str(r["num_full"])] + [f"{r['ppl'][n]:.2f}" for n in ppl_names]
             cells += [f"{r['tasks'][f]:.1f}" if f in r["tasks"] else "-" for f in fams]
             cells += [f"{r['average']:.1f}" if r["average"] is not None else "-"] if fams else []
+            if fams:
+                ci = r.get("average_ci95")
+                cells.append(f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "-")
+                d = r.get("minus_all_full")
+                cells.append("" if d is None else f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+                             + (" (noise)" if d["within_noise"] else ""))
             table.append(cells)
         ch = report["chance"].get(str(L))
         if ch:
             copy = [f"{ch[f]['copy_chance']:.1f}" if f in ch else "-" for f in fams]
             avg = sum(c["copy_chance"] for c in ch.values()) / len(ch)
-            table.append(["in-prompt guess", ""] + [""] * len(ppl_names) + copy + [f"{avg:.1f}"])
+            table.append(["in-prompt guess", ""] + [""] * len(ppl_names) + copy + [f"{avg:.1f}", "", ""])
         widths = [max(len(h), *(len(c[i]) for c in table)) for i, h in enumerate(heads)]
-        what = f", {report['samples_per_task']} samples per task (scores x100)" if fams else ""
+        what = (f", {report['samples_per_task']} samples per task (scores x100; intervals: 95% bootstrap over the "
+                "samples)") if fams else ""
         lines.append(f"\ncontext {L} tokens{what}")
         for c in [heads, *table]:
             cells = [x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths, strict=True))]

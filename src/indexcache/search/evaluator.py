@@ -223,6 +223,21 @@ class LossEvaluator:
 
 
 @torch.no_grad()
+def lm_window_losses(model, windows: torch.Tensor, pattern: Pattern | None = None, progress: bool = True,
+                     desc: str = "loss") -> list[float]:
+    """Each window's mean cross-entropy (nats/token), one window per forward (what an interval over the
+    windows resamples); with windows of one length their mean is :func:`lm_loss`."""
+    runner = as_runner(model)
+    pat = runner.validate(pattern if pattern is not None else model.pattern)
+    out = []
+    for i in tqdm(range(windows.shape[0]), desc=desc, unit="seq", disable=not progress, leave=False):
+        ids = windows[i : i + 1].to(runner.device)
+        state, _ = runner.run(runner.start(ids), pat, 0, runner.num_layers)
+        nll, n = runner.nll(state, ids)
+        out.append(nll / max(n, 1))
+    return out
+
+
 def lm_loss(model, windows: torch.Tensor, pattern: Pattern | None = None, batch_size: int = 1,
             progress: bool = True, desc: str = "loss") -> float:
     """Mean cross-entropy (nats/token) over every predicted position of every window, through the layer
@@ -242,4 +257,4 @@ def lm_loss(model, windows: torch.Tensor, pattern: Pattern | None = None, batch_
     return total / max(count, 1)
 
 
-__all__ = ["Counters", "LossEvaluator", "State", "lm_loss"]
+__all__ = ["Counters", "LossEvaluator", "State", "lm_loss", "lm_window_losses"]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import Dist
 from ..errors import SearchError
+from ..intervals import quantiles, resample_indices
 from ..outputs import write_atomic
 from ..pattern import SHARED, Pattern
 from .evaluator import LossEvaluator
@@ -326,13 +327,10 @@ def step_confidence(scores: Sequence[tuple[int, float, list[float] | None]], com
         return out
     losses = torch.tensor([t[2] for t in order], dtype=torch.float64)  # [candidates, windows]
     W = losses.shape[1]
-    g = torch.Generator().manual_seed(seed)
-    draw = torch.randint(0, W, (resamples, W), generator=g)
-    means = losses[:, draw].mean(-1)  # [candidates, resamples]
+    means = losses[:, resample_indices(W, resamples, seed)].mean(-1)  # [candidates, resamples]
     layers = [t[0] for t in order]
     ib, ir = layers.index(committed), layers.index(runner_up[0])
-    gap = means[ir] - means[ib]
-    lo, hi = torch.quantile(gap, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    lo, hi = quantiles(means[ir] - means[ib])
     won = torch.bincount(means.argmin(0), minlength=len(order))
     out.update(windows=W, resamples=resamples, margin_ci95=[lo, hi], stays=float(won[ib]) / resamples,
                picked={str(layers[k]): float(won[k]) / resamples for k in range(len(order)) if won[k]},
