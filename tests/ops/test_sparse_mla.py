@@ -8,7 +8,7 @@ import torch
 from bounds import U_BF16, U_FP32, gamma, rel
 from markers import gpu, interpreter
 
-from indexcache.ops.sparse_mla import mla_attention, sparse_mla
+from indexcache.ops.sparse_mla import dense_mla_fused, mla_attention, sparse_mla
 
 
 def _naive_attention(q, kv, scale, d_v, keys_per_query):
@@ -46,6 +46,44 @@ def test_reference_against_loops(budget):
     fout, flse = sparse_mla(q.reshape(B * S, H, Dk), kv, idx.reshape(B * S, -1), 0.4, dv, budget)
     torch.testing.assert_close(fout.view(B, S, H, dv), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(flse.view(B, S, H), lse)
+
+
+@pytest.mark.parametrize("S, q_pos", [(19, None), (7, None), (7, [3, 5, 8, 10, 12, 15, 18])])
+def test_fused_dense_attention_matches_the_reference_with_gradients(S, q_pos):
+    g = torch.Generator().manual_seed(S)
+    B, T, H, Dk, dv = 2, 19, 4, 24, 16
+    q = torch.randn(B, S, H, Dk, generator=g, requires_grad=True)
+    kv = torch.randn(B, T, Dk, generator=g, requires_grad=True)
+    pos = None if q_pos is None else torch.tensor(q_pos)
+    got = dense_mla_fused(q, kv, 0.3, dv, pos)
+    want, _, _ = mla_attention(q, kv, 0.3, dv, q_pos=pos)
+    # both fp32 over at most T = 19 keys, summed in another order
+    assert rel(got, want) <= 1e-5
+    cot = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((got * cot).sum(), (q, kv)), torch.autograd.grad((want * cot).sum(), (q, kv)),
+                    strict=True):
+        assert rel(a, b) <= 1e-5
+
+
+def test_dense_training_forward_takes_the_fused_path_with_the_same_loss_and_gradients(monkeypatch):
+    from indexcache.model.dsa import DSAForCausalLM
+    from indexcache.presets import preset_config
+
+    model = DSAForCausalLM(preset_config("tiny")).init_random(0, std=0.1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(ids, dense=True)  # no gradient wanted: the reference path
+    fused = model(ids, dense=True)
+    assert rel(fused.detach(), plain) <= 1e-5
+    fused.float().logsumexp(-1).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr("indexcache.model.dsa.dense_mla_fused",
+                        lambda q, kv, scale, d_v, pos: mla_attention(q, kv, scale, d_v, q_pos=pos)[0])
+    model(ids, dense=True).float().logsumexp(-1).mean().backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert rel(grads[n], p.grad) <= 1e-4, n
 
 
 def test_flat_op_empty_and_out_of_range_rows():

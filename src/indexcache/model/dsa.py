@@ -35,7 +35,7 @@ from ..ops.fp8 import fp8_indexer_operands
 from ..ops.fp8_gemm import fp8_linear
 from ..ops.indexer import causal_windows, indexer_logits, indexer_topk
 from ..ops.moe import FP8_PARTS, moe_experts
-from ..ops.sparse_mla import mla_attention
+from ..ops.sparse_mla import dense_mla_fused, mla_attention
 from ..ops.topk import topk as topk_reference
 from ..pattern import Pattern
 from .rope import Rope
@@ -212,6 +212,9 @@ class MLA(nn.Module):
                 q.reshape(B * S, self.n_heads, Dk), kv, use_idx.reshape(B * S, -1), self.softmax_scale, self.kv_lora,
                 ctx.budget_bytes)
             out, probs = out.to(q.dtype).view(B, S, self.n_heads, self.kv_lora), None
+        elif use_idx is None and not want_probs and torch.is_grad_enabled() and q.requires_grad:
+            # dense training: fused attention keeps no [S, T] matrix for the backward (long sequences fit)
+            out, probs = dense_mla_fused(q, kv, self.softmax_scale, self.kv_lora, ctx.slots), None
         else:  # dense attention and traced probabilities: the plain ops
             out, _, probs = mla_attention(
                 q, kv, self.softmax_scale, self.kv_lora, indices=use_idx, q_pos=ctx.slots,

@@ -2,6 +2,6 @@
 traced form, and the flat sparse op) beside ``kernel.py`` (Triton sparse prefill and split-K decode),
 picked through :mod:`indexcache.ops.backends`."""
 
-from .reference import mla_attention, sparse_mla
+from .reference import dense_mla_fused, mla_attention, sparse_mla
 
-__all__ = ["mla_attention", "sparse_mla"]
+__all__ = ["dense_mla_fused", "mla_attention", "sparse_mla"]

@@ -10,12 +10,15 @@ Computed in fp32 in query chunks; returns the output, the log-sum-exp, and optio
 head-averaged probabilities (the distillation target p of the DSA papers).
 
 :func:`mla_attention` is the batched form the model's dense and traced paths use; :func:`sparse_mla` is
-the flat layout of :mod:`indexcache.ops.common`, the reference of :mod:`.kernel`.
+the flat layout of :mod:`indexcache.ops.common`, the reference of :mod:`.kernel`. :func:`dense_mla_fused`
+is the dense case through PyTorch's fused attention, for training: its memory grows with the sequence, not
+with its square, so dense pretraining reaches long sequences.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..common import DEFAULT_BUDGET_BYTES, rows_per_cache
 
@@ -104,3 +107,25 @@ def sparse_mla(
     out = out.float().view(R, H, d_v).masked_fill(empty.view(-1, 1, 1), 0.0)
     lse = lse.view(R, H).masked_fill(empty.view(-1, 1), float("-inf"))
     return out, lse
+
+
+def dense_mla_fused(q: torch.Tensor, kv: torch.Tensor, scale: float, d_v: int,
+                    q_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense causal MLA, ``out`` [B,S,H,d_v] in q's dtype: the dense case of :func:`mla_attention` (query
+    ``s`` sees every key ``t <= q_pos[s]``) through ``torch.nn.functional.scaled_dot_product_attention``,
+    whose fused kernels keep no ``[S, T]`` matrix for the backward. The latent row is every head's key and,
+    in its first ``d_v`` values, its value (MLA's absorbed form), so one key tensor serves all heads."""
+    B, S, H, Dk = q.shape
+    T = kv.shape[1]
+    # the whole latent row serves as the value too and the output keeps its first d_v values: flash kernels
+    # want one head dim for q, k and v, and the rope part of the product is discarded
+    key = kv.to(q.dtype).unsqueeze(1).expand(B, H, T, Dk)
+    query, value = q.transpose(1, 2), key  # [B, H, S, Dk]
+    if q_pos is None:  # the last S positions of T
+        q_pos = torch.arange(T - S, T, device=q.device)
+    if S == T and torch.equal(q_pos, torch.arange(T, device=q_pos.device)):  # a whole sequence: plain causal
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+    else:
+        mask = torch.arange(T, device=q.device).view(1, -1) <= q_pos.view(-1, 1)  # [S, T]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return out[..., :d_v].transpose(1, 2)
