@@ -86,13 +86,31 @@ def main() -> None:
     # estimated, not yet measured in one run: two greedy steps at full depth (results/scale/v32_full_steps.*)
     full_dir = dirs["deepseek-v3.2-16-experts"] / "config.json"
     info = model_info(full_dir)
-    steps = estimate_plan(str(full_dir), info, model_size(info), timing(v32["plan_full_depth"]["plan"]["timing"]),
-                          32768, 1, info.num_slots - 2, 2, gpu_gib=139.0)
-    pending = [{"case": "DeepSeek-V3.2 FP8, 16 experts, 61 layers, 1 x 32K, two steps",
-                "estimate_s": round(steps.search_s_one_gpu, 1),
-                "flip_order_range_s": [round(x, 1) for x in steps.search_s_range],
-                "estimated_layer_forwards": steps.work.layer_forwards + steps.work.first_evaluation,
-                "reuse_previous": steps.reuse_previous, "measured_in": "v32_full_steps.state.json (not finished)"}]
+    case = "DeepSeek-V3.2 FP8, 16 experts, 61 layers, 1 x 32K, two steps"
+    run = R / "scale/v32_full_steps.json"
+    done = load(run) if run.exists() else {}
+    pending = []
+    if done.get("finished") and done.get("plan"):  # measured in one regime, with the plan it probed first
+        probed = timing(done["plan"]["timing"])
+        steps = estimate_plan(str(full_dir), info, model_size(info), probed, 32768, 1, info.num_slots - 2, 2,
+                              gpu_gib=139.0)
+        order = [e["flipped"] for e in done["trajectory"]]
+        own = estimate_plan(str(full_dir), info, model_size(info), probed, 32768, 1, info.num_slots - 2, 2,
+                            gpu_gib=139.0, flip_order=order).search_s_one_gpu
+        rows.append({"case": case, "estimate_s": round(steps.search_s_one_gpu, 1), "measured_s": done["search_s"],
+                     "flip_order_range_s": [round(x, 1) for x in steps.search_s_range],
+                     "estimate_with_its_flip_order_s": round(own, 1),
+                     "error": round(steps.search_s_one_gpu / done["search_s"] - 1, 3),
+                     "estimated_layer_forwards": steps.work.layer_forwards + steps.work.first_evaluation,
+                     "probe": probed.source, "measured_in": "v32_full_steps.json"})
+    else:  # estimated, not yet measured in one run
+        steps = estimate_plan(str(full_dir), info, model_size(info), timing(v32["plan_full_depth"]["plan"]["timing"]),
+                              32768, 1, info.num_slots - 2, 2, gpu_gib=139.0)
+        pending = [{"case": case, "estimate_s": round(steps.search_s_one_gpu, 1),
+                    "flip_order_range_s": [round(x, 1) for x in steps.search_s_range],
+                    "estimated_layer_forwards": steps.work.layer_forwards + steps.work.first_evaluation,
+                    "reuse_previous": steps.reuse_previous,
+                    "measured_in": "not yet (scripts/scale_evidence.sh STAGE=v32full)"}]
     # what the same probes say of whole searches of the real models on 8 GPUs (not measured: no 8-GPU node)
     projections = []
     recorded = {r["name"]: r for r in load(R / "scale/plans_fp8.json")["plans"]}

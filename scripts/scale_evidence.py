@@ -110,6 +110,19 @@ def v32_steps(work: Path, out: Path, data: str, seq_len: int, device: str = "cud
     d = config_dir or configs(work)[f"deepseek-v3.2-{V32_CUT_EXPERTS}-experts"]
     cfg = DSAConfig.from_file(d)
     cuda = device.startswith("cuda")
+    # the plan of these two steps, probed by the same code on the same GPU before the model is built (the
+    # probe's reduced model is freed first); a resumed call keeps the first call's plan
+    plan_file = out.with_suffix(".plan.json")
+    if not plan_file.exists():
+        from indexcache.architectures import model_info
+        from indexcache.plan import make_plan
+
+        plan = make_plan(d, seq_len, 1, target_full=model_info(d).num_slots - 2, flips=2, do_probe=True,
+                         device=device, data=data, gpu_gib=139.0 if cuda else None)
+        plan_file.write_text(json.dumps(plan.as_dict(), indent=1))
+        if cuda:
+            torch.cuda.empty_cache()
+    plan = json.loads(plan_file.read_text())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -151,6 +164,8 @@ def v32_steps(work: Path, out: Path, data: str, seq_len: int, device: str = "cud
         "s_per_layer_forward": search_s / max(res.counters["layer_forwards"], 1),
         "trajectory": [s.as_dict() for s in res.trajectory],
         "all_full_loss": res.all_full_loss, "prefix_cache_gib": round(cache / 2**30, 1),
+        "plan": plan, "finished": len(res.trajectory) >= 2,
+        "plan_vs_measured": round(plan["search_s_one_gpu"] / search_s - 1, 3) if len(res.trajectory) >= 2 else None,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }
     out.write_text(json.dumps(report, indent=1))
