@@ -119,3 +119,45 @@ def test_the_first_six_kinds_draw_what_they_drew_before_the_others_existed(tok_s
     assert digest == "b0a8674f233e9b3b4c1f87beebe0087d833df80c95ef5fa89de988586340d135"
     everything = retrieval_batch(stream, tok, 2, 512, seed=3, step=1)
     assert not np.array_equal(ids, everything[0])  # the default draws from all kinds
+
+
+def test_retrieval_calibration_windows(tmp_path):
+    from indexcache.data import load_calibration
+    from indexcache.data.text import DataError
+
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(corpus(40_000, seed=5)))
+    plain = load_calibration(MODEL, text, 3, 700, seed=1)
+    mixed = load_calibration(MODEL, text, 3, 700, seed=1, retrieval_mix=0.5)
+    again = load_calibration(MODEL, text, 3, 700, seed=1, retrieval_mix=0.5)
+    assert tuple(mixed.windows.shape) == (3, 700) and mixed.fingerprint != plain.fingerprint
+    assert mixed.fingerprint == again.fingerprint  # from (seed, window) alone
+    assert load_calibration(MODEL, text, 3, 700, seed=2, retrieval_mix=0.5).fingerprint != mixed.fingerprint
+    assert 0.03 < mixed.answer_share < 0.5 and "retrieval episodes" in mixed.source
+    assert plain.answer_share is None
+    rows = tmp_path / "rows.npy"
+    np.save(rows, plain.windows.numpy())
+    with pytest.raises(DataError, match="ready windows"):
+        load_calibration(MODEL, rows, 2, 700, retrieval_mix=0.5)
+    with pytest.raises(DataError, match="must be in"):
+        load_calibration(MODEL, text, 2, 700, retrieval_mix=0.95)
+
+
+def test_search_calibrates_on_retrieval_windows(tmp_path, capsys):
+    import json
+
+    from indexcache.cli import main
+    from indexcache.presets import make_random_checkpoint
+
+    d = make_random_checkpoint(tmp_path / "tiny", preset="tiny", seed=4)
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(corpus(20_000, seed=6)))
+    out = tmp_path / "s"
+    assert main(["search", str(d), "--data", str(text), "--retrieval-mix", "0.4", "--num-samples", "2", "--seq-len",
+                 "600", "--num-full", "3", "--baselines", "none", "--out", str(out)]) == 0
+    cal = json.loads((out / "report.json").read_text())["calibration"]
+    assert cal["retrieval_mix"] == 0.4 and cal["answer_share"] > 0 and "retrieval episodes" in cal["source"]
+    capsys.readouterr()
+    assert main(["search", str(d), "--retrieval-mix", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--retrieval-mix" in err and err.strip().count("\n") == 0 and not (tmp_path / "bad").exists()

@@ -66,6 +66,10 @@ def fraction(text: str) -> float:
     return _number(text, float, 0.0, 1.0, lo_open=True, accepted="a number in (0, 1]")
 
 
+def retrieval_share(text: str) -> float:
+    return _number(text, float, 0.0, 0.9, lo_open=True, accepted="a number in (0, 0.9]")
+
+
 def share(text: str) -> float:
     return _number(text, float, 0.0, 1.0, accepted="a number in [0, 1]")
 
@@ -497,7 +501,7 @@ def cmd_overlap(args: argparse.Namespace) -> int:
 
     mat = run_overlap(args.model, args.out, args.data, args.num_samples, args.seq_len, args.seed, args.parsed,
                       args.device, overwrite=args.overwrite, command=command_line(args.argv), backend=args.backend,
-                      dtype=getattr(torch, args.dtype), ops=args.ops)
+                      dtype=getattr(torch, args.dtype), ops=args.ops, retrieval_mix=args.retrieval_mix)
     n = mat.shape[0]
     adj = sum(float(mat[i + 1, i]) for i in range(n - 1)) / max(n - 1, 1)
     print(f"{n}x{n} overlap over the indexer layers ({args.info.spec.unit}s): mean adjacent-layer overlap {adj:.3f}, "
@@ -574,6 +578,10 @@ def _add_calibration_args(p: argparse.ArgumentParser, out: str) -> None:
     _add_overwrite(p)
     p.add_argument("--data", help="text file, directory of .txt(.xz), .jsonl, or token-id .npy "
                    "(default: the built-in synthetic corpus, tokenized with the model's tokenizer)")
+    p.add_argument("--retrieval-mix", type=retrieval_share, default=None, metavar="D",
+                   help="splice retrieval episodes (facts asked for later, repeats, tables, chains) into the "
+                   "calibration text until about D of each window is structured; 0.5 kept the bundled model's "
+                   "tasks where plain books did not (docs/results.md)")
     p.add_argument("--num-samples", type=positive_int, default=4,
                    help="calibration sequences (default 4: a small, fast default; use more for a real model)")
     p.add_argument("--seq-len", type=positive_int, default=None,

@@ -28,6 +28,7 @@ class SearchOptions:
     model: str
     out: str
     data: str | None = None
+    retrieval_mix: float | None = None  # splice retrieval episodes into the calibration text (this share)
     num_samples: int = 4
     seq_len: int | None = None
     seed: int = 0
@@ -120,7 +121,8 @@ def run_search(opt: SearchOptions) -> dict:
     n = info.num_slots  # pattern positions: the layers that own an indexer
     seq_len = opt.seq_len or default_seq_len(info)
     info.check_calibration(seq_len)
-    cal = load_calibration(opt.model, opt.data, opt.num_samples, seq_len, opt.seed, None, info.vocab_size)
+    cal = load_calibration(opt.model, opt.data, opt.num_samples, seq_len, opt.seed, None, info.vocab_size,
+                           opt.retrieval_mix)
     start = opened.start  # all Full, or a native-shared checkpoint's own Full layers
     target = target_full(n, opt.keep, opt.num_full)
     forced = sorted({0, *opt.force_full, *stage_starts(n, opt.stages)})
@@ -270,7 +272,8 @@ def build_report(opt: SearchOptions, info, cal, seq_len: int, result: GreedyResu
         "selection_unit": info.spec.unit,
         "indexer_layers": info.slots,
         "calibration": {"source": cal.source, "num_samples": int(cal.windows.shape[0]), "seq_len": seq_len,
-                        "seed": opt.seed, "fingerprint": cal.fingerprint},
+                        "seed": opt.seed, "fingerprint": cal.fingerprint, "retrieval_mix": opt.retrieval_mix,
+                        "answer_share": cal.answer_share},
         "all_full_loss": result.all_full_loss,
         "start_pattern": str(result.start_pattern),
         "forced_full": result.forced_full,
@@ -409,7 +412,7 @@ def plot_loss_curve(r: dict, path: Path) -> None:
 def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, seq_len: int | None, seed: int,
                 pattern: Pattern | None, device: str = "cpu", progress: bool = True, overwrite: bool = False,
                 command: str = "", backend: str = "auto", dtype: torch.dtype = torch.float32,
-                ops: str = "auto") -> torch.Tensor:
+                ops: str = "auto", retrieval_mix: float | None = None) -> torch.Tensor:
     """The cross-layer overlap of the all-Full model, over the pattern positions, in the architecture's unit
     (per indexer head too where each head selects), on the native model's ``ops`` (the kernels on CUDA)."""
     from ..analysis.overlap import overlap_by_head, plot_heatmap, write_csv
@@ -420,7 +423,7 @@ def run_overlap(model_dir: str, out: str, data: str | None, num_samples: int, se
     opened = open_model(model_dir, info, backend, dtype=dtype, device=device, ops=ops)
     seq_len = seq_len or default_seq_len(info)
     info.check_calibration(seq_len)
-    cal = load_calibration(model_dir, data, num_samples, seq_len, seed, None, info.vocab_size)
+    cal = load_calibration(model_dir, data, num_samples, seq_len, seed, None, info.vocab_size, retrieval_mix)
     pat = None if pattern is None else pattern.validate(num_layers=info.num_slots)
     inter, size = overlap_by_head(opened.runner, cal.batches(1), progress=progress,
                                   first_query=info.first_restrictive_query)
