@@ -57,7 +57,7 @@ def test_reference_against_a_sort():
 
 
 @interpreter
-@pytest.mark.parametrize("schedule", ["bucket", "rows", "split"])
+@pytest.mark.parametrize("schedule", ["sample", "bucket", "rows", "split"])
 def test_kernel_cpu(schedule):
     from indexcache.ops.topk.kernel import topk
 
@@ -74,6 +74,32 @@ def test_kernel_cpu(schedule):
         assert inside[r, out[r][out[r] >= 0].long()].all()
     if schedule != "split":  # ties go to the lowest indices, deterministically: as the reference's "lowest"
         assert torch.equal(out.sort(-1).values, topk_ref(x, k, ks, ke, ties="lowest").sort(-1).values)
+
+
+@interpreter
+def test_sample_schedule_falls_back_where_its_sample_misleads():
+    from indexcache.ops.topk.kernel import topk
+
+    g = torch.Generator().manual_seed(12)
+    N, k, cap = 400, 24, 64
+    x = torch.randn(6, N, generator=g)
+    # the sample reads 16 chunks of 2 keys, 26 apart (cap 64: 32 keys); which keys those are:
+    sampled = torch.zeros(N, dtype=torch.bool)
+    for c in range(16):
+        sampled[26 * c : 26 * c + 2] = True
+    x[0, ~sampled] += 10.0  # every large key is outside the sample: far more than cap reach its threshold
+    x[1, sampled] += 10.0  # every large key is inside it: fewer than k reach the threshold
+    x[1, :2] += 20.0
+    x[2] = torch.arange(N).float()  # sorted rows, both ways
+    x[3] = -torch.arange(N).float()
+    x[4, ::7] = float("-inf")
+    ks = torch.zeros(6, dtype=torch.int32)
+    ke = torch.full((6,), N, dtype=torch.int32)
+    ke[5] = 60  # a window that fits the candidate registers whole
+    out = topk(x, k, ks, ke, schedule="sample", block=64, cap=cap)
+    assert torch.equal(out.sort(-1).values, topk_ref(x, k, ks, ke, ties="lowest").sort(-1).values)
+    with pytest.raises(ValueError, match="cap a power of two"):
+        topk(x, k, schedule="sample", cap=32)
 
 
 @interpreter
@@ -96,11 +122,11 @@ def test_kernel_gpu():
     ke = torch.randint(1, N + 1, (R,), device="cuda", generator=g, dtype=torch.int32)
     ks = (ke - torch.randint(0, 20000, (R,), device="cuda", generator=g, dtype=torch.int32)).clamp_min(0)
     ke[0], ks[0] = 1000, 0  # shorter than k
-    for schedule in ("bucket", "rows", "split"):
+    for schedule in ("sample", "bucket", "rows", "split"):
         out = topk(x, k, ks, ke, schedule=schedule)
         same_sets_modulo_ties(out.cpu(), topk_ref(x, k, ks, ke).cpu(), x.cpu())
     long = torch.randn(2, 262144, device="cuda", generator=g)
     zero, full = torch.zeros(2, device="cuda"), torch.full((2,), 262144, device="cuda")
-    for schedule in ("bucket", "rows", "split"):
+    for schedule in ("sample", "bucket", "rows", "split"):
         out = topk(long, k, schedule=schedule)
         same_sets_modulo_ties(out.cpu(), topk_ref(long, k, zero, full).cpu(), long.cpu())

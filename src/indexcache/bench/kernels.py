@@ -188,13 +188,17 @@ def bench_topk(dev, ceil: dict, log) -> dict:
         ks, ke = _causal_windows(S, N, dev)
         nbytes = float((ke - ks).sum()) * 4
         ms = _bench(lambda: topk(x, K, ks, ke, schedule="bucket", **best[0]))
+        sample_ms = _bench(lambda: topk(x, K, ks, ke, schedule="sample", **best[0]))
         rows_ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"), warmup=5, rep=20)
         ref_ms = _bench(lambda: torch.topk(x, K, dim=-1), warmup=5, rep=20)
         row = {"rows": S, "N": N, "k": K, "schedule": "bucket", "ms": ms, "tbps_one_read": nbytes / ms / 1e9,
-               "radix_rows_ms": rows_ms, "torch_topk_ms": ref_ms}
+               "radix_rows_ms": rows_ms, "torch_topk_ms": ref_ms, "sample_ms": sample_ms,
+               "sample_tbps_one_read": nbytes / sample_ms / 1e9}
         row["resources"] = resources("topk_bucket")
+        row["resources_sample"] = resources("topk_sample")
         res["prefill"].append(row)
-        log(f"  topk {S}x{N}: bucket {ms:.3f} ms, radix rows {rows_ms:.3f} ms (torch.topk {ref_ms:.3f} ms)")
+        log(f"  topk {S}x{N}: bucket {ms:.3f} ms, sample {sample_ms:.3f} ms, radix rows {rows_ms:.3f} ms "
+            f"(torch.topk {ref_ms:.3f} ms)")
     for R in (1, 8, 64):
         for N in (65536, 131072, 200000):
             x = torch.randn(R, N, device=dev)
@@ -386,8 +390,9 @@ def summary_table(result: dict) -> str:
                      f"{r['tbps']:.2f} TB/s | {r['pct_of_copy']:.0f}% | |")
     for r in result["topk"]["prefill"]:
         tgt = f"<= {TARGETS['topk_8192x64K_ms']} ms" if r["N"] == 65536 else ""
-        lines.append(f"| top-k 2048 | {r['rows']} rows x {r['N']} (causal) | {r['ms']:.3f} ms (radix "
-                     f"{r['radix_rows_ms']:.2f}, torch {r['torch_topk_ms']:.2f}) | {r['tbps_one_read']:.2f} TB/s "
+        lines.append(f"| top-k 2048 | {r['rows']} rows x {r['N']} (causal) | {r['ms']:.3f} ms (sample "
+                     f"{r.get('sample_ms', float('nan')):.2f}, radix {r['radix_rows_ms']:.2f}, torch "
+                     f"{r['torch_topk_ms']:.2f}) | {r['tbps_one_read']:.2f} TB/s "
                      f"(1 read) | {100 * r['tbps_one_read'] / c['copy_tbps']:.0f}% | {tgt} |")
     for r in result["topk"]["decode"]:
         lines.append(f"| top-k 2048 decode | {r['rows']} x {r['N']} | rows {r['rows_us']:.1f} us, split "

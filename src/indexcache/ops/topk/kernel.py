@@ -9,7 +9,14 @@ the number of ties to keep; a last pass writes every key ``> T`` and the first t
 order (so ties go to the lowest indices, deterministically). Only the row's window ``[ks, ke)`` is read;
 a window of at most k keys returns its indices directly, ``-1`` filling the rest.
 
-Three schedules:
+Four schedules:
+
+* ``sample`` (prefill; to be measured against ``bucket`` before it becomes the default): one program per
+  row and one streaming read. A sample of the row (``cap / 2`` keys in 16 evenly spread chunks) gives a
+  threshold, its j-th largest key with j chosen so that about 1.5 k of the row's keys reach it; one pass
+  writes those keys' indices to a candidate list (at most ``cap``, at least 2 k), and four digit passes in
+  registers pick the exact top k among them. At least j keys always reach the threshold; where fewer
+  than k or more than ``cap`` do (the sample misled), the row falls back to ``rows``. Exact either way.
 
 * ``bucket`` (prefill, the default for many rows): one program per row. Three streaming reads instead of
   five: the range [lo, hi] of the row's finite values; a histogram of 256 equal-width buckets of it, which
@@ -215,6 +222,72 @@ if HAVE_TRITON:
             else:  # too many keys share the threshold bucket (clustered values, ties): plain radix
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
+    @triton.jit
+    def _kth_key(key, m, need):
+        """The exact ``need``-th largest of the keys where ``m`` (held in registers): four 8-bit digit passes.
+        Returns (that key, how many of the keys equal to it the top ``need`` take)."""
+        prefix = 0
+        for p in tl.static_range(1, 5):
+            if p == 1:
+                dig = (key >> 24) + C_NB // 2
+                mm = m
+            else:
+                mm = m & ((key >> (32 - 8 * (p - 1))) == prefix)
+                dig = (key >> (32 - 8 * p)) & (C_NB - 1)
+            b, need = _digit_pick(tl.histogram(dig, C_NB, mask=mm), need, C_NB)
+            prefix = _next_prefix(prefix, b, p, C_NB)
+        return prefix, need
+
+    @triton.jit
+    def _select_candidates(Xr, Or, cidx, cm, K):
+        """The top K of the candidate keys ``Xr[cidx]`` (where ``cm``; listed in index order) into ``Or[:K]``:
+        those above the K-th largest, then the first of its ties (lowest index first)."""
+        key = _keys(tl.load(Xr + cidx, mask=cm, other=0.0))
+        thr, ties = _kth_key(key, cm, K)
+        gt = (cm & (key > thr)).to(tl.int32)
+        eq = (cm & (key == thr)).to(tl.int32)
+        tl.store(Or + tl.cumsum(gt, axis=0) - 1, cidx, mask=gt != 0)
+        rank = tl.cumsum(eq, axis=0) - 1
+        tl.store(Or + (K - ties) + rank, cidx, mask=(eq != 0) & (rank < ties))
+
+    @triton.jit
+    def _topk_sample_kernel(X, KS, KE, OUT, CAND, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
+                            CAP: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr):
+        r = tl.program_id(0)
+        Xr, Or, ks, ke = _row(X, OUT, KS, KE, r, N, sx_r, so_r)
+        Cr = CAND + r.to(tl.int64) * CAP
+        n = ke - ks
+        if n <= K:
+            _write_whole_window(Or, ks, n, K, KP)
+        elif n <= CAP:  # the whole window fits the candidate registers
+            c = tl.arange(0, CAP)
+            _select_candidates(Xr, Or, ks + c, c < n, K)
+        else:
+            # a sample of NS keys, in chunks of CH contiguous ones spread evenly over the window, sets the
+            # threshold: the sample's j-th largest key, with j chosen so that about 1.5 K of the row's keys
+            # reach it (always at least j of them do: the sample is part of the row)
+            i = tl.arange(0, NS)
+            stride = (n - CH) // (NS // CH - 1)
+            skey = _keys(tl.load(Xr + ks + (i // CH) * stride + (i % CH)))
+            j = tl.minimum(tl.maximum((3 * K * NS + 2 * n - 1) // (2 * n), 1), NS)  # rounded up
+            tau, _ = _kth_key(skey, i < NS, j)
+            # one read of the row: the keys at or above the threshold become the candidates, in index order
+            n_c = 0
+            for t0 in range(ks, ke, BLOCK):
+                t = t0 + tl.arange(0, BLOCK)
+                m = t < ke
+                cand = (m & (_keys(tl.load(Xr + t, mask=m, other=0.0)) >= tau)).to(tl.int32)
+                slot = n_c + tl.cumsum(cand, axis=0) - 1
+                tl.store(Cr + slot, t, mask=(cand != 0) & (slot < CAP))
+                n_c += tl.sum(cand, axis=0)
+            if (n_c >= K) & (n_c <= CAP):
+                tl.debug_barrier()  # candidates written by other threads of this program
+                c = tl.arange(0, CAP)
+                cm = c < n_c
+                _select_candidates(Xr, Or, tl.load(Cr + c, mask=cm, other=0), cm, K)
+            else:  # the sample missed (fewer than K or more than CAP keys reach it): plain radix, still exact
+                _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
+
     # ------------------------------------------------------------------ split schedule (decode rows)
     @triton.jit
     def _split_hist_kernel(X, KS, KE, STATE, HIST, N, sx_r, SEG, PASS: tl.constexpr, NB: tl.constexpr,
@@ -313,7 +386,7 @@ def topk(
         return out
     kp = triton.next_power_of_2(k)
     if block is None:  # the fastest measured on H100: 2048 for bucket (8 warps), 1024 otherwise
-        block = 2048 if schedule in ("auto", "bucket") else 1024
+        block = 2048 if schedule in ("auto", "bucket", "sample") else 1024
     if schedule == "auto":
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
         schedule = "split" if R < sms and N > 8 * block else "bucket"
@@ -323,6 +396,15 @@ def topk(
         LAST_COMPILED["topk_rows"] = _topk_rows_kernel[(R,)](
             logits, ks, ke, out, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, num_warps=num_warps)
         return out
+    if schedule == "sample":
+        if cap < 2 * k or cap & (cap - 1):
+            raise ValueError(f"the sample schedule needs cap a power of two >= 2k, got cap={cap} for k={k}")
+        cand = torch.empty(R, cap, dtype=torch.int32, device=logits.device)
+        ns = cap // 2
+        LAST_COMPILED["topk_sample"] = _topk_sample_kernel[(R,)](
+            logits, ks, ke, out, cand, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, CAP=cap, NS=ns,
+            CH=max(1, ns // 16), num_warps=num_warps)
+        return out
     if schedule == "bucket":
         cand = torch.empty(R, cap, dtype=torch.int32, device=logits.device)
         LAST_COMPILED["topk_bucket"] = _topk_bucket_kernel[(R,)](
@@ -330,7 +412,7 @@ def topk(
             num_warps=num_warps)
         return out
     if schedule != "split":
-        raise ValueError(f"unknown schedule {schedule!r} (bucket, rows, split or auto)")
+        raise ValueError(f"unknown schedule {schedule!r} (sample, bucket, rows, split or auto)")
     if segments is None:
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 2
         segments = max(1, min(triton.cdiv(2 * sms, R), triton.cdiv(N, 4 * block)))
