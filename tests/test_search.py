@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from markers import interpreter
+from markers import gpu, interpreter
 
 from indexcache import Pattern, Trace, load_model
 from indexcache.cli import main
@@ -424,3 +424,19 @@ def test_search_on_the_kernels_follows_the_plain_ops(tmp_path):
     assert [e.pattern for e in kern.trajectory] == [e.pattern for e in plain.trajectory]
     for a, b in zip(kern.trajectory, plain.trajectory, strict=True):
         assert a.loss == pytest.approx(b.loss, rel=1e-5)
+
+
+@gpu
+def test_spilled_prefix_cache_on_a_gpu_uses_page_locked_host_memory(tmp_path):
+    """On CUDA the host tier holds page-locked copies, copied out and back asynchronously: the same
+    trajectory and work as an unlimited cache."""
+    model = load_model(_model_dir(tmp_path, 6), device="cuda", verbose=False)
+    batches = [b.cuda() for b in _batches(6)]
+    big = greedy_search(LossEvaluator(model, batches, cache_bytes=1 << 34), target_full=3, progress=False)
+    two_layers = 2 * LossEvaluator(model, batches).state_bytes() + 4096
+    spill = LossEvaluator(model, batches, cache_bytes=two_layers, host_bytes=1 << 34)
+    res = greedy_search(spill, target_full=3, progress=False)
+    assert res.trajectory == big.trajectory and res.counters["layer_forwards"] == big.counters["layer_forwards"]
+    assert res.counters["spilled"] > 0 and res.counters["host_hits"] > 0
+    held = [t for state in spill._host.items.values() for s in state for t in (s.hidden, s.carry) if t is not None]
+    assert held and all(t.is_pinned() for t in held)

@@ -48,7 +48,25 @@ class Counters:
 
 
 def _moved(state: State, device: torch.device | str) -> State:
-    return [LayerState(s.hidden.to(device), None if s.carry is None else s.carry.to(device), s.extra) for s in state]
+    """The state on ``device``; from page-locked host memory the copy is asynchronous (stream-ordered before
+    the forward that reads it)."""
+    def to(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=t.device.type == "cpu" and t.is_pinned())
+
+    return [LayerState(to(s.hidden), None if s.carry is None else to(s.carry), s.extra) for s in state]
+
+
+def _to_host(state: State) -> State:
+    """The state copied to host memory: page-locked where it comes from a GPU, so that the copies out and back
+    run at the link's speed, not the pageable path's, and without stalling the host (the copy is ordered on
+    the stream before anything that reuses the device memory or reads the copy back)."""
+    def host(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cuda":
+            return t.to("cpu")
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+
+    return [LayerState(host(s.hidden), None if s.carry is None else host(s.carry), s.extra) for s in state]
 
 
 class _Tier:
@@ -159,7 +177,7 @@ class LossEvaluator:
             if not self.spill_unprotected and not (self.protected and self.protected(old_key)):
                 continue  # no later evaluation is counted on it: copying it out costs more than it saves
             if self._host.budget and _nbytes(old) <= self._host.budget:  # pushed out of the device: to the host
-                self._host.put(old_key, _moved(old, "cpu"))
+                self._host.put(old_key, _to_host(old))
                 self.counters.spilled += 1
 
     def _key(self, pattern: str, j: int) -> tuple[int, str]:
