@@ -225,3 +225,96 @@ def test_triton_backend_topk_gpu():
         kth = logits[r, list(x)].min()
         for i in x ^ y:
             assert (logits[r, i] - kth).abs() <= 2 * tol[r, i], (r, i)
+
+
+def _fused_case(seed: int, G: int = 2, qpb: int = 24, T: int = 2000, H: int = 4, D: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    R = G * qpb
+    q, k, w = torch.randn(R, H, D, generator=g), torch.randn(G, T, D, generator=g), torch.rand(R, H, generator=g)
+    ke = torch.randint(1, T + 1, (R,), generator=g, dtype=torch.int32)
+    ke[:3] = torch.tensor([20, 100, 130], dtype=torch.int32)  # shorter than k; within cap; just above
+    ks = (ke - torch.randint(0, T, (R,), generator=g, dtype=torch.int32)).clamp_min(0)
+    return q, k, w, ks, ke
+
+
+def _same_sets(a: torch.Tensor, b: torch.Tensor) -> int:
+    return sum(set(x.tolist()) != set(y.tolist()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("mislead", ["none", "sampled keys high", "unsampled keys high"])
+def test_fused_topk_selects_what_the_logits_select(mislead):
+    from indexcache.ops.indexer import indexer_topk_fused
+
+    q, k, w, ks, ke = _fused_case(7)
+    stride, K = 4, 48  # a sample of a quarter: its thresholds land between k and cap for most rows
+    sampled = torch.zeros(k.shape[1], dtype=torch.bool)
+    sampled[::stride] = True
+    if mislead == "sampled keys high":  # the sample's threshold is too high: fewer than k keys reach it
+        k[:, sampled] *= 4
+    elif mislead == "unsampled keys high":  # too low: more than cap keys reach it
+        k[:, ~sampled] *= 4
+    stats: dict = {}
+    got = indexer_topk_fused(q, k, w, ks, ke, K, 0.5, stride=stride, stats=stats)
+    want = indexer_topk(q, k, w, ks, ke, K, 0.5)
+    assert _same_sets(got, want) == 0  # continuous random scores: no exact ties
+    if mislead == "none":
+        assert stats["fallback_rows"] <= 0.1 * stats["rows"]
+    else:
+        assert stats["fallback_rows"] > 0
+
+
+@interpreter
+def test_fused_topk_on_the_kernels_in_the_interpreter():
+    from indexcache.ops.indexer import indexer_topk_fused
+    from indexcache.ops.indexer.kernel import indexer_candidates
+    from indexcache.ops.indexer.reference import indexer_candidates as reference_candidates
+
+    q, k, w, ks, ke = _fused_case(8, T=900)
+    logits = indexer_logits(q, k, w, ks, ke, 0.5)
+    srt = logits.sort(-1, descending=True).values
+    tau = (srt[:, 30] + srt[:, 31]) / 2  # between two logits: no rounding decides membership
+    for cand in (indexer_candidates, reference_candidates):
+        values, keys, count = cand(q, k, w, ks, ke, tau, 64, 0.5)
+        for r in range(q.shape[0]):
+            # a window of at most 31 keys has tau = -inf: all of its keys, none outside it
+            want = set(((logits[r] >= tau[r]) & logits[r].isfinite()).nonzero().flatten().tolist())
+            c = int(count[r])
+            assert c == len(want) and set(keys[r, : min(c, 64)].tolist()) <= want
+            if c <= 64:
+                assert set(keys[r, :c].tolist()) == want
+                torch.testing.assert_close(values[r, :c], logits[r, keys[r, :c].long()], rtol=1e-5, atol=1e-6)
+    stats: dict = {}
+    got = indexer_topk_fused(q, k, w, ks, ke, 40, 0.5, backend="triton", stride=16, stats=stats)
+    assert _same_sets(got, indexer_topk(q, k, w, ks, ke, 40, 0.5)) == 0 and stats["rows"] == q.shape[0]
+
+
+@gpu
+def test_fused_topk_on_gpu_selects_what_the_kernels_select():
+    """A prefill chunk at the real shapes (64 heads x 128, top-2048 of 64K keys, fp8 and bf16): the fused
+    path's values come from the same kernel arithmetic as the logits, so the sets agree except among keys
+    whose logits tie exactly."""
+    from indexcache.ops.indexer import indexer_topk_fused
+    from indexcache.ops.indexer.kernel import quantize_fp8_per_token
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    S, N, H, D, K = 1024, 65536, 64, 128, 2048
+    q = torch.randn(S, H, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, N, D, device="cuda", generator=g).bfloat16()
+    w = torch.rand(S, H, device="cuda", generator=g) * D**-0.5
+    ke = torch.arange(N - S + 1, N + 1, device="cuda", dtype=torch.int32)
+    ks = torch.zeros_like(ke)
+    for fp8 in (False, True):
+        qq, kk, ww, sc = q, k, w, None
+        if fp8:
+            qq, qs = quantize_fp8_per_token(q)
+            kk, sc = quantize_fp8_per_token(k[0])
+            kk, sc, ww = kk[None], sc[None], w * qs
+        stats: dict = {}
+        got = indexer_topk_fused(qq, kk, ww, ks, ke, K, backend="triton", k_scale=sc, stats=stats)
+        want = indexer_topk(qq, kk, ww, ks, ke, K, backend="triton", k_scale=sc)
+        logits = indexer_logits(qq, kk, ww, ks, ke, 1.0, sc)
+        for r in range(0, S, 61):
+            x, y = set(got[r].tolist()), set(want[r].tolist())
+            kth = logits[r, list(y)].min()
+            assert all(logits[r, i] == kth for i in x ^ y), r
+        assert stats["fallback_rows"] <= 0.01 * S

@@ -166,6 +166,34 @@ def bench_indexer(dev, ceil: dict, log) -> dict:
     return res
 
 
+def bench_fused(dev, ceil: dict, log) -> dict:
+    """The indexer's selection of a prefill chunk (S = 4096 queries at the end of N keys, 64 heads x 128,
+    top-2048, fp8), fused (``indexer_topk_fused``: a 1/32 sample, then only the logits above each row's
+    threshold leave the kernel) against unfused (all logits written, then the top-k), for the crossover."""
+    from ..ops.indexer import indexer_topk, indexer_topk_fused
+    from ..ops.indexer.kernel import quantize_fp8_per_token
+
+    H, D, S, K = 64, 128, 4096, 2048
+    res: dict = {"rows": []}
+    for N in (8192, 16384, 32768, 65536, 131072):
+        q, qs = quantize_fp8_per_token(torch.randn(S, H, D, device=dev, dtype=torch.bfloat16))
+        k, ksc = quantize_fp8_per_token(torch.randn(N, D, device=dev, dtype=torch.bfloat16))
+        w = torch.rand(S, H, device=dev) * D**-0.5 * qs
+        ks, ke = _causal_windows(S, N, dev)
+        stats: dict = {}
+        indexer_topk_fused(q, k[None], w, ks, ke, K, backend="triton", k_scale=ksc[None], stats=stats)
+        fused_ms = _bench(lambda: indexer_topk_fused(q, k[None], w, ks, ke, K, backend="triton", k_scale=ksc[None]))
+        plain_ms = _bench(lambda: indexer_topk(q, k[None], w, ks, ke, K, backend="triton", k_scale=ksc[None]))
+        row = {"S": S, "N": N, "k": K, "fused_ms": fused_ms, "unfused_ms": plain_ms, "speedup": plain_ms / fused_ms,
+               **stats}
+        res["rows"].append(row)
+        log(f"  fused indexer+top-k S={S} N={N}: fused {fused_ms:.3f} ms, unfused {plain_ms:.3f} ms "
+            f"({row['speedup']:.2f}x; {stats['fallback_rows']} rows fell back)")
+    wins = [r["N"] for r in res["rows"] if r["speedup"] > 1]
+    res["crossover_N"] = min(wins) if wins else None
+    return res
+
+
 def bench_topk(dev, ceil: dict, log) -> dict:
     from ..ops.topk.kernel import topk
 
@@ -417,7 +445,7 @@ def fp8_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("indexer", "topk", "sparse_mla", "fp8_gemm", "moe")
+PARTS = ("indexer", "topk", "sparse_mla", "fp8_gemm", "moe", "fused")
 
 
 def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
@@ -445,7 +473,7 @@ def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
     result["ceilings"] = ceilings(dev)
     log(str(result["ceilings"]))
     for part, fn in (("indexer", bench_indexer), ("topk", bench_topk), ("sparse_mla", bench_sparse_mla),
-                     ("fp8_gemm", bench_fp8_gemm), ("moe", bench_moe)):
+                     ("fp8_gemm", bench_fp8_gemm), ("moe", bench_moe), ("fused", bench_fused)):
         if part in parts:
             log(f"{part} ...")
             t0 = time.time()

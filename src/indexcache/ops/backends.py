@@ -8,6 +8,8 @@ same signature in both backends:
 * ``topk(logits [R,n], k, ks, ke, row_len=None, ties="topk")``
 * ``sparse_mla(q [R,H,Dk], kv [G,T,Dk], indices [R,K], scale, d_v, budget_bytes=...)``
 * ``fp8_gemm(a [M,K] e4m3, a_scale [M,K/128], b [N,K] e4m3, b_scale [N/128,K/128], out_dtype)`` (FP8 layers)
+* ``indexer_candidates(q, k, w, ks, ke, tau [R], cap, scale=1.0, k_scale=None)``: the logits at or above a
+  per-row threshold as (values, keys, count), for the fused indexer + top-k (the logits never written whole)
 * ``moe_experts(x [N,D], w_gate [E,I,D], w_up [E,I,D], w_down [E,D,I], idx [N,k], weights [N,k])`` (MoE),
   and ``moe_experts_fp8(x, experts {part: e4m3 [E,...], part_scale_inv: [E,.../128]}, idx, weights, scale_fmt)``
 
@@ -42,6 +44,8 @@ class Backend:
     act_quant: Callable = act_quant  # the activations' e4m3 quantisation per token and 128 channels
     moe_experts: Callable | None = None  # the routed experts over stacked weights (per (token, slot) pair)
     moe_experts_fp8: Callable | None = None  # the same over block-FP8 experts
+    # the logits of each row that reach a threshold, as (values, keys, count): the fused indexer + top-k
+    indexer_candidates: Callable | None = None
 
     def supports(self, index_heads: int, index_dim: int, latent_dim: int, d_v: int) -> bool:
         """Whether the kernels take these shapes (the references take any)."""
@@ -66,19 +70,19 @@ def _triton_fp8_operands(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor):
 
 def _torch() -> Backend:
     from .fp8_gemm.reference import fp8_gemm
-    from .indexer.reference import indexer_logits
+    from .indexer.reference import indexer_candidates, indexer_logits
     from .moe.reference import moe_experts, moe_experts_fp8
     from .sparse_mla.reference import sparse_mla
     from .topk.reference import topk
 
     return Backend("torch", indexer_logits, topk, sparse_mla, fp8_gemm=fp8_gemm, moe_experts=moe_experts,
-                   moe_experts_fp8=moe_experts_fp8)
+                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates)
 
 
 def _triton() -> Backend:
     from .fp8_gemm.kernel import act_quant as act_quant_kernel
     from .fp8_gemm.kernel import fp8_gemm
-    from .indexer.kernel import indexer_logits
+    from .indexer.kernel import indexer_candidates, indexer_logits
     from .moe.kernel import moe_experts, moe_experts_fp8
     from .sparse_mla.kernel import sparse_mla
     from .topk.kernel import topk
@@ -87,7 +91,7 @@ def _triton() -> Backend:
     require_triton()
     return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest",
                    fp8_gemm=fp8_gemm, act_quant=act_quant_kernel, moe_experts=moe_experts,
-                   moe_experts_fp8=moe_experts_fp8)
+                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates)
 
 
 _MADE: dict[str, Backend] = {}

@@ -73,6 +73,73 @@ def indexer_topk(
     return out
 
 
+def indexer_topk_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    topk: int,
+    scale: float = 1.0,
+    backend: str | Backend = "torch",
+    k_scale: torch.Tensor | None = None,
+    stride: int = 32,
+    cap: int | None = None,
+    index_dtype: torch.dtype = torch.long,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """:func:`indexer_topk` without the ``[R, T]`` logits: the same top-``topk`` keys (up to exact ties) of
+    each row, for long rows where writing and re-reading the logits costs more than scoring a sample.
+
+    1. Every ``stride``-th key of each cache is scored (a ``1/stride`` share of the work): each row's
+       threshold is the j-th largest of its sampled logits, with j chosen so that about 1.5 ``topk`` of the
+       row's keys reach it. Rows whose window holds at most ``cap`` keys keep all of them.
+    2. The scoring pass keeps only the logits at or above the threshold (``indexer_candidates``), at most
+       ``cap`` (default: 2 ``topk`` rounded up to a power of two) per row.
+    3. The top ``topk`` of a row's candidates are exact wherever at least ``topk`` (or the whole window)
+       and at most ``cap`` keys reached the threshold; the other rows (the sample misled) are scored again
+       whole and selected by the backend's top-k.
+
+    ``stats``, a dict, receives ``rows``, ``fallback_rows`` and ``mean_candidates``."""
+    ops = get_backend(backend)
+    R = q.shape[0]
+    G, T = k.shape[0], k.shape[1]
+    qpb = rows_per_cache(R, G)
+    K = min(topk, T)
+    cap = cap or 1 << max(6, (2 * K - 1).bit_length())
+    if cap < K:
+        raise ValueError(f"cap {cap} is smaller than topk {K}")
+    ks32, ke32 = ks.to(torch.int32).clamp(0, T), ke.to(torch.int32).clamp(0, T)
+    n = (ke32 - ks32).clamp_min(0)
+    # 1. the sample and each row's threshold
+    ks_s, ke_s = (ks32 + stride - 1) // stride, (ke32 + stride - 1) // stride  # sampled keys j*stride in [ks, ke)
+    sc_s = None if k_scale is None else k_scale[:, ::stride]
+    sample = ops.indexer_logits(q, k[:, ::stride], w, ks_s, ke_s, scale, sc_s)
+    n_s = (ke_s - ks_s).clamp_min(0)
+    want = (3 * K * n_s.long() + 2 * n.long() - 1) // (2 * n.long().clamp_min(1))  # rounded up
+    j = torch.minimum(want.clamp_min(1), n_s.long().clamp_min(1))
+    jmax = min(int(j.max()) if R else 1, sample.shape[1])
+    top = sample.topk(jmax, dim=-1).values if jmax else sample.new_full((R, 1), float("-inf"))
+    tau = top.gather(1, (j.clamp_max(top.shape[1]) - 1).view(-1, 1)).squeeze(1)
+    tau = torch.where((n <= cap) | (n_s == 0), torch.full_like(tau, float("-inf")), tau)
+    # 2. the candidates, 3. the exact selection among them
+    values, keys, count = ops.indexer_candidates(q, k, w, ks32, ke32, tau, cap, scale, k_scale)
+    slot = torch.arange(cap, device=q.device).view(1, -1)
+    values = values.masked_fill(slot >= count.view(-1, 1), float("-inf"))
+    best = values.topk(min(K, cap), dim=-1)
+    out = keys.gather(1, best.indices).to(index_dtype).masked_fill(best.values == float("-inf"), -1)
+    bad = ((count < torch.minimum(n, torch.full_like(n, K))) | (count > cap)).nonzero().flatten()
+    if stats is not None:
+        stats.update(rows=R, fallback_rows=int(bad.numel()), mean_candidates=float(count.float().mean()) if R else 0.0)
+    for c0 in range(0, bad.numel(), 64):  # the rows the sample misled: scored again whole, in chunks of 64
+        rows = bad[c0 : c0 + 64]
+        caches = torch.div(rows, qpb, rounding_mode="floor")
+        sc = None if k_scale is None else k_scale[caches]
+        logits = ops.indexer_logits(q[rows], k[caches], w[rows], ks32[rows], ke32[rows], scale, sc, clean=False)
+        out[rows] = ops.topk(logits, K, ks32[rows], ke32[rows], row_len=T, ties=ops.ties).to(index_dtype)
+    return out
+
+
 def _mask_rows(mask: torch.Tensor, G: int, qpb: int, g0: int, g1: int, r0: int, r1: int) -> torch.Tensor:
     """The mask rows of query rows ``r0:r1`` (caches ``g0:g1``), [r1 - r0, T]."""
     if mask.dim() != 3 or mask.shape[1] != qpb or mask.shape[0] not in (1, G):
@@ -111,4 +178,5 @@ def causal_windows(q_pos: torch.Tensor, caches: int) -> tuple[torch.Tensor, torc
     return torch.zeros_like(ke), ke
 
 
-__all__ = ["causal_windows", "dense_scores", "indexer_logits", "indexer_scores_at", "indexer_topk"]
+__all__ = ["causal_windows", "dense_scores", "indexer_logits", "indexer_scores_at", "indexer_topk",
+           "indexer_topk_fused"]

@@ -30,6 +30,7 @@ if HAVE_TRITON:
         sq_s, sq_h, sk_b, sk_n, ssc_b, sw_s, so_s,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
         HAS_SCALE: tl.constexpr, KEY_MAJOR: tl.constexpr, IEEE: tl.constexpr,
+        TAU=None, CNT=None, CIDX=None, CAP=0, CAND: tl.constexpr = False,
     ):
         pid_q = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -58,6 +59,8 @@ if HAVE_TRITON:
         b0 = blk_lo + pid_n * per
         b1 = tl.minimum(b0 + per, blk_hi)
         out_rows = OUT + rows.to(tl.int64) * so_s
+        if CAND:
+            tau = tl.load(TAU + rows, mask=r_ok, other=float("inf"))
         for b in range(b0, b1):
             n = b * BN + tl.arange(0, BN)
             n_ok = n < N
@@ -73,8 +76,17 @@ if HAVE_TRITON:
                     sc = tl.load(KSC + kb * ssc_b + n, mask=n_ok, other=0.0)
                     lg = lg * sc[:, None]
                 inside = (n[:, None] >= ks[None, :]) & (n[:, None] < ke[None, :])
-                lg = tl.where(inside, lg, float("-inf"))
-                tl.store(out_rows[None, :] + n[:, None], lg, mask=n_ok[:, None] & r_ok[None, :])
+                if CAND:  # only the logits at or above their row's threshold leave, as (value, key) pairs
+                    keep = inside & n_ok[:, None] & r_ok[None, :] & (lg >= tau[None, :])
+                    ki = keep.to(tl.int32)
+                    base = tl.atomic_add(CNT + rows, tl.sum(ki, axis=0), mask=r_ok, sem="relaxed")  # [BQ]
+                    slot = base[None, :] + tl.cumsum(ki, axis=0) - 1  # [BN, BQ]
+                    ok = keep & (slot < CAP)
+                    tl.store(out_rows[None, :] + slot, lg, mask=ok)
+                    tl.store(CIDX + rows[None, :].to(tl.int64) * so_s + slot, n[:, None], mask=ok)
+                else:
+                    lg = tl.where(inside, lg, float("-inf"))
+                    tl.store(out_rows[None, :] + n[:, None], lg, mask=n_ok[:, None] & r_ok[None, :])
             else:
                 if IEEE:
                     s = tl.dot(q, tl.trans(kt), input_precision="ieee")  # [BQ*H, BN]
@@ -106,7 +118,7 @@ def supported(h: int, d: int) -> bool:
 
 
 def _launch(q, k, w, ks, ke, k_scale, out, S, N, qpb, sk_b, ssc_b, block_q, block_n, n_split, key_major,
-            num_warps, num_stages) -> None:
+            num_warps, num_stages, cand: tuple | None = None) -> None:
     H, D = q.shape[-2], q.shape[-1]
     if not supported(H, D):
         raise ValueError(f"mqa_logits supports power-of-two heads (<=128) and head dim (>=16), got H={H} D={D}")
@@ -130,6 +142,7 @@ def _launch(q, k, w, ks, ke, k_scale, out, S, N, qpb, sk_b, ssc_b, block_q, bloc
         q.stride(-3), q.stride(-2), sk_b, k.stride(-2), ssc_b, w.stride(-2), out.stride(-2),
         H=H, D=D, BQ=bq, BN=block_n, HAS_SCALE=k_scale is not None, KEY_MAJOR=key_major, IEEE=ieee,
         num_warps=num_warps, num_stages=num_stages,
+        **({} if cand is None else dict(zip(("TAU", "CNT", "CIDX", "CAP"), cand, strict=True), CAND=True)),
     )
 
 
@@ -207,6 +220,53 @@ def indexer_logits(  # the signature twin of reference.indexer_logits (one API, 
             block_q=bq, block_n=block_n, n_split=n_split, key_major=key_major, num_warps=num_warps,
             num_stages=num_stages)
     return out
+
+
+def indexer_candidates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    tau: torch.Tensor,
+    cap: int,
+    scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,
+    block_n: int = 128,
+    n_split: int | None = None,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The indexer's logits that reach their row's threshold, without the ``[R, T]`` matrix: for each row
+    r, every key t of its window with ``logits[r, t] >= tau[r]``, as ``(values [R, cap] fp32, keys [R, cap]
+    int32, count [R] int32)``. The first ``min(count, cap)`` slots of a row hold its pairs in no fixed order
+    (slots are reserved with atomic counters); a count above ``cap`` means some were not kept. Same
+    operands as :func:`indexer_logits` (key-major tiles)."""
+    require_triton()
+    _check(q, k, w, k_scale)
+    R, H, D = q.shape
+    G, T = k.shape[0], k.shape[1]
+    if G < 1 or R % G:
+        raise ValueError(f"{R} query rows do not split evenly over {G} key caches")
+    qpb = R // G
+    w = w.float() * scale
+    bq = _block_q(qpb, H, q.element_size(), D, None)
+    if bq * H < 16:
+        pad = -(-16 // bq) - H
+        q = torch.cat((q, q.new_zeros(R, pad, D)), dim=1)
+        w = torch.cat((w, w.new_zeros(R, pad)), dim=1)
+    q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
+    ks, ke = ks.to(torch.int32).contiguous(), ke.to(torch.int32).contiguous()
+    values = torch.empty(R, cap, dtype=torch.float32, device=q.device)
+    keys = torch.empty(R, cap, dtype=torch.int32, device=q.device)
+    count = torch.zeros(R, dtype=torch.int32, device=q.device)
+    if R == 0 or T == 0:
+        return values, keys, count
+    sc = k_scale.float().contiguous() if k_scale is not None else None
+    _launch(q, k, w, ks, ke, sc, values, R, T, qpb=qpb, sk_b=k.stride(0), ssc_b=sc.stride(0) if sc is not None else 0,
+            block_q=bq, block_n=block_n, n_split=n_split, key_major=True, num_warps=num_warps, num_stages=num_stages,
+            cand=(tau.float().contiguous(), count, keys, cap))
+    return values, keys, count
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

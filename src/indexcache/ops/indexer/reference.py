@@ -48,6 +48,35 @@ def indexer_logits(
     return out.masked_fill_(~window_mask(ks, ke, T), float("-inf"))
 
 
+def indexer_candidates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    ks: torch.Tensor,
+    ke: torch.Tensor,
+    tau: torch.Tensor,
+    cap: int,
+    scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits of each row's window that reach its threshold ``tau[r]``: ``(values [R, cap] fp32, keys
+    [R, cap] int32, count [R] int32)``, the first ``min(count, cap)`` slots in key order (the kernel's
+    order is free). Through the full logits, chunked: what the kernel is tested against."""
+    logits = indexer_logits(q, k, w, ks, ke, scale, k_scale, budget_bytes)
+    keep = (logits >= tau.float().view(-1, 1)) & window_mask(ks, ke, logits.shape[1])
+    count = keep.sum(-1).to(torch.int32)
+    # the kept keys first, in key order (a stable sort of the inverted mask)
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :cap]
+    values = logits.gather(1, order)
+    keys = order.to(torch.int32)
+    if values.shape[1] < cap:  # rows shorter than cap: pad
+        pad = cap - values.shape[1]
+        values = torch.cat((values, values.new_full((values.shape[0], pad), float("-inf"))), dim=1)
+        keys = torch.cat((keys, keys.new_full((keys.shape[0], pad), -1)), dim=1)
+    return values, keys, count
+
+
 def indexer_scores_at(
     q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float, indices: torch.Tensor
 ) -> torch.Tensor:
@@ -61,4 +90,4 @@ def indexer_scores_at(
     return scores.masked_fill(indices < 0, float("-inf"))
 
 
-__all__ = ["indexer_logits", "indexer_scores_at", "score_block"]
+__all__ = ["indexer_candidates", "indexer_logits", "indexer_scores_at", "score_block"]
