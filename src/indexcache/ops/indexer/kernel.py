@@ -173,6 +173,29 @@ def _block_q(qpb: int, heads: int, elem: int, dim: int, block_q: int | None) -> 
     return bq
 
 
+def _operands(q, k, w, ks, ke, scale, k_scale, block_q):
+    """Checked, contiguous kernel operands with the scale folded into ``w``, and the queries per cache and
+    per program; heads padded with zero heads where a program would hold fewer than 16 query-heads."""
+    require_triton()
+    _check(q, k, w, k_scale)
+    R, H, D = q.shape
+    G = k.shape[0]
+    if G < 1 or R % G:
+        raise ValueError(f"{R} query rows do not split evenly over {G} key caches")
+    qpb = R // G
+    w = w.float() * scale
+    bq = _block_q(qpb, H, q.element_size(), D, block_q)
+    if bq * H < 16:
+        # a program holds at least 16 rows of queries x heads; with fewer it would span several caches.
+        # Zero heads with zero weight add exactly nothing.
+        pad = -(-16 // bq) - H
+        q = torch.cat((q, q.new_zeros(R, pad, D)), dim=1)
+        w = torch.cat((w, w.new_zeros(R, pad)), dim=1)
+    sc = k_scale.float().contiguous() if k_scale is not None else None
+    return (q.contiguous(), k.contiguous(), w.contiguous(), ks.to(torch.int32).contiguous(),
+            ke.to(torch.int32).contiguous(), sc, qpb, bq)
+
+
 def indexer_logits(  # the signature twin of reference.indexer_logits (one API, two implementations)
     q: torch.Tensor,
     k: torch.Tensor,
@@ -195,27 +218,11 @@ def indexer_logits(  # the signature twin of reference.indexer_logits (one API, 
     ``k_scale`` [G,T] fp32), w [R,H] fp32, ks/ke [R]. ``clean=False`` leaves the logits outside the
     windows' tiles unwritten (a top-k reads windows only). ``budget_bytes`` is the reference's; the
     other arguments tune the kernel."""
-    require_triton()
-    _check(q, k, w, k_scale)
-    R, H, D = q.shape
-    G, T = k.shape[0], k.shape[1]
-    if G < 1 or R % G:
-        raise ValueError(f"{R} query rows do not split evenly over {G} key caches")
-    qpb = R // G
-    w = w.float() * scale
-    bq = _block_q(qpb, H, q.element_size(), D, block_q)
-    if bq * H < 16:
-        # a program holds at least 16 rows of queries x heads; with fewer it would span several caches.
-        # Zero heads with zero weight add exactly nothing.
-        pad = -(-16 // bq) - H
-        q = torch.cat((q, q.new_zeros(R, pad, D)), dim=1)
-        w = torch.cat((w, w.new_zeros(R, pad)), dim=1)
-    q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
-    ks, ke = ks.to(torch.int32).contiguous(), ke.to(torch.int32).contiguous()
+    q, k, w, ks, ke, sc, qpb, bq = _operands(q, k, w, ks, ke, scale, k_scale, block_q)
+    R, T = q.shape[0], k.shape[1]
     out = _logits_out(R, T, q.device, clean)
     if R == 0 or T == 0:
         return out
-    sc = k_scale.float().contiguous() if k_scale is not None else None
     _launch(q, k, w, ks, ke, sc, out, R, T, qpb=qpb, sk_b=k.stride(0), ssc_b=sc.stride(0) if sc is not None else 0,
             block_q=bq, block_n=block_n, n_split=n_split, key_major=key_major, num_warps=num_warps,
             num_stages=num_stages)
@@ -242,27 +249,13 @@ def indexer_candidates(
     int32, count [R] int32)``. The first ``min(count, cap)`` slots of a row hold its pairs in no fixed order
     (slots are reserved with atomic counters); a count above ``cap`` means some were not kept. Same
     operands as :func:`indexer_logits` (key-major tiles)."""
-    require_triton()
-    _check(q, k, w, k_scale)
-    R, H, D = q.shape
-    G, T = k.shape[0], k.shape[1]
-    if G < 1 or R % G:
-        raise ValueError(f"{R} query rows do not split evenly over {G} key caches")
-    qpb = R // G
-    w = w.float() * scale
-    bq = _block_q(qpb, H, q.element_size(), D, None)
-    if bq * H < 16:
-        pad = -(-16 // bq) - H
-        q = torch.cat((q, q.new_zeros(R, pad, D)), dim=1)
-        w = torch.cat((w, w.new_zeros(R, pad)), dim=1)
-    q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
-    ks, ke = ks.to(torch.int32).contiguous(), ke.to(torch.int32).contiguous()
+    q, k, w, ks, ke, sc, qpb, bq = _operands(q, k, w, ks, ke, scale, k_scale, None)
+    R, T = q.shape[0], k.shape[1]
     values = torch.empty(R, cap, dtype=torch.float32, device=q.device)
     keys = torch.empty(R, cap, dtype=torch.int32, device=q.device)
     count = torch.zeros(R, dtype=torch.int32, device=q.device)
     if R == 0 or T == 0:
         return values, keys, count
-    sc = k_scale.float().contiguous() if k_scale is not None else None
     _launch(q, k, w, ks, ke, sc, values, R, T, qpb=qpb, sk_b=k.stride(0), ssc_b=sc.stride(0) if sc is not None else 0,
             block_q=bq, block_n=block_n, n_split=n_split, key_major=True, num_warps=num_warps, num_stages=num_stages,
             cand=(tau.float().contiguous(), count, keys, cap))

@@ -28,17 +28,22 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gate_up_kernel(X, WG, WU, H, ORDER, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS,
-                        s_xn, s_we, s_wi, s_wd, s_hp,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    def _tile(TILE_E, TILE_R0, TILE_R1, BM: tl.constexpr):
+        """This program's tile: its expert, its rows of sorted pairs and their mask, and whether it is empty
+        (a program past the last real tile)."""
         t = tl.program_id(0)
         r0 = tl.load(TILE_R0 + t)
         r1 = tl.load(TILE_R1 + t)
-        if r0 >= r1:  # past the last tile
-            return
-        e = tl.load(TILE_E + t).to(tl.int64)
         rows = r0 + tl.arange(0, BM)
-        row_ok = rows < r1
+        return tl.load(TILE_E + t).to(tl.int64), rows, rows < r1, r0 >= r1
+
+    @triton.jit
+    def _gate_up_kernel(X, WG, WU, H, ORDER, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS,
+                        s_xn, s_we, s_wi, s_wd, s_hp,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+        if empty:  # past the last tile
+            return
         tok = tl.load(ORDER + rows, mask=row_ok, other=0) // SLOTS
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = rn < INTER
@@ -69,14 +74,9 @@ if HAVE_TRITON:
     def _down_kernel(H, WD, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER,
                      s_hp, s_we, s_wo, s_wi, s_op,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-        t = tl.program_id(0)
-        r0 = tl.load(TILE_R0 + t)
-        r1 = tl.load(TILE_R1 + t)
-        if r0 >= r1:
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+        if empty:  # past the last tile
             return
-        e = tl.load(TILE_E + t).to(tl.int64)
-        rows = r0 + tl.arange(0, BM)
-        row_ok = rows < r1
         pair = tl.load(ORDER + rows, mask=row_ok, other=0)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = rn < D
@@ -109,14 +109,9 @@ if HAVE_TRITON:
         # block-FP8: x in e4m3 with one scale per token and 128 channels, each expert's weights in e4m3 with
         # one scale per 128 x 128 block; K is walked in the blocks' steps (BK = 128), and each step's product
         # takes its row and column scales before it joins the fp32 accumulator
-        t = tl.program_id(0)
-        r0 = tl.load(TILE_R0 + t)
-        r1 = tl.load(TILE_R1 + t)
-        if r0 >= r1:
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+        if empty:  # past the last tile
             return
-        e = tl.load(TILE_E + t).to(tl.int64)
-        rows = r0 + tl.arange(0, BM)
-        row_ok = rows < r1
         tok = (tl.load(ORDER + rows, mask=row_ok, other=0) // SLOTS).to(tl.int64)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = rn < INTER
@@ -145,14 +140,9 @@ if HAVE_TRITON:
     def _down_fp8_kernel(HQ, HS, WD, WDS, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER,
                          s_hp, s_hsp, s_we, s_wo, s_wse, s_wso, s_op,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        t = tl.program_id(0)
-        r0 = tl.load(TILE_R0 + t)
-        r1 = tl.load(TILE_R1 + t)
-        if r0 >= r1:
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+        if empty:  # past the last tile
             return
-        e = tl.load(TILE_E + t).to(tl.int64)
-        rows = r0 + tl.arange(0, BM)
-        row_ok = rows < r1
         pair = tl.load(ORDER + rows, mask=row_ok, other=0)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = rn < D

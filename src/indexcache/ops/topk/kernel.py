@@ -148,6 +148,35 @@ if HAVE_TRITON:
             _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
     @triton.jit
+    def _kth_key(key, m, need):
+        """The exact ``need``-th largest of the keys where ``m`` (held in registers): four 8-bit digit passes.
+        Returns (that key, how many of the keys equal to it the top ``need`` take)."""
+        prefix = 0
+        for p in tl.static_range(1, 5):
+            if p == 1:
+                dig = (key >> 24) + C_NB // 2
+                mm = m
+            else:
+                mm = m & ((key >> (32 - 8 * (p - 1))) == prefix)
+                dig = (key >> (32 - 8 * p)) & (C_NB - 1)
+            b, need = _digit_pick(tl.histogram(dig, C_NB, mask=mm), need, C_NB)
+            prefix = _next_prefix(prefix, b, p, C_NB)
+        return prefix, need
+
+    @triton.jit
+    def _select_candidates(Xr, Or, cidx, cm, K):
+        """The top K of the candidate keys ``Xr[cidx]`` (where ``cm``; listed in index order) into ``Or[:K]``:
+        those above the K-th largest, then the first of its ties (lowest index first). Digit passes in
+        registers (:func:`_kth_key`)."""
+        key = _keys(tl.load(Xr + cidx, mask=cm, other=0.0))
+        thr, ties = _kth_key(key, cm, K)
+        gt = (cm & (key > thr)).to(tl.int32)
+        eq = (cm & (key == thr)).to(tl.int32)
+        tl.store(Or + tl.cumsum(gt, axis=0) - 1, cidx, mask=gt != 0)
+        rank = tl.cumsum(eq, axis=0) - 1
+        tl.store(Or + (K - ties) + rank, cidx, mask=(eq != 0) & (rank < ties))
+
+    @triton.jit
     def _bucket(x, lo, inv, NB: tl.constexpr):
         # monotone in x (so every key of a higher bucket is larger); -inf and NaN land in bucket 0
         b = tl.where(x >= lo, (x - lo) * inv, 0.0).to(tl.int32)
@@ -198,57 +227,12 @@ if HAVE_TRITON:
                     n_gt += tl.sum(gt, axis=0)
                     n_c += tl.sum(eq, axis=0)
                 tl.debug_barrier()  # candidates written by other threads of this program
-                # exact selection of `need` among the candidates, held in registers
+                # exact selection of `need` among the candidates, held in registers, after the n_gt above
                 c = tl.arange(0, CAP)
                 cm = c < n_c
-                cidx = tl.load(Cr + c, mask=cm, other=0)
-                key = _keys(tl.load(Xr + cidx, mask=cm, other=0.0))
-                need2 = need
-                prefix = 0
-                for p in tl.static_range(1, 5):
-                    if p == 1:
-                        dig = (key >> 24) + C_NB // 2
-                        mm = cm
-                    else:
-                        mm = cm & ((key >> (32 - 8 * (p - 1))) == prefix)
-                        dig = (key >> (32 - 8 * p)) & (C_NB - 1)
-                    bb, need2 = _digit_pick(tl.histogram(dig, C_NB, mask=mm), need2, C_NB)
-                    prefix = _next_prefix(prefix, bb, p, C_NB)
-                gt2 = (cm & (key > prefix)).to(tl.int32)
-                eq2 = (cm & (key == prefix)).to(tl.int32)
-                tl.store(Or + n_gt + tl.cumsum(gt2, axis=0) - 1, cidx, mask=gt2 != 0)
-                rank = tl.cumsum(eq2, axis=0) - 1
-                tl.store(Or + (K - need2) + rank, cidx, mask=(eq2 != 0) & (rank < need2))
+                _select_candidates(Xr, Or + n_gt, tl.load(Cr + c, mask=cm, other=0), cm, need)
             else:  # too many keys share the threshold bucket (clustered values, ties): plain radix
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
-
-    @triton.jit
-    def _kth_key(key, m, need):
-        """The exact ``need``-th largest of the keys where ``m`` (held in registers): four 8-bit digit passes.
-        Returns (that key, how many of the keys equal to it the top ``need`` take)."""
-        prefix = 0
-        for p in tl.static_range(1, 5):
-            if p == 1:
-                dig = (key >> 24) + C_NB // 2
-                mm = m
-            else:
-                mm = m & ((key >> (32 - 8 * (p - 1))) == prefix)
-                dig = (key >> (32 - 8 * p)) & (C_NB - 1)
-            b, need = _digit_pick(tl.histogram(dig, C_NB, mask=mm), need, C_NB)
-            prefix = _next_prefix(prefix, b, p, C_NB)
-        return prefix, need
-
-    @triton.jit
-    def _select_candidates(Xr, Or, cidx, cm, K):
-        """The top K of the candidate keys ``Xr[cidx]`` (where ``cm``; listed in index order) into ``Or[:K]``:
-        those above the K-th largest, then the first of its ties (lowest index first)."""
-        key = _keys(tl.load(Xr + cidx, mask=cm, other=0.0))
-        thr, ties = _kth_key(key, cm, K)
-        gt = (cm & (key > thr)).to(tl.int32)
-        eq = (cm & (key == thr)).to(tl.int32)
-        tl.store(Or + tl.cumsum(gt, axis=0) - 1, cidx, mask=gt != 0)
-        rank = tl.cumsum(eq, axis=0) - 1
-        tl.store(Or + (K - ties) + rank, cidx, mask=(eq != 0) & (rank < ties))
 
     @triton.jit
     def _topk_sample_kernel(X, KS, KE, OUT, CAND, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
