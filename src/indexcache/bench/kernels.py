@@ -231,13 +231,13 @@ def bench_topk(dev, ceil: dict, log) -> dict:
         for N in (65536, 131072, 200000):
             x = torch.randn(R, N, device=dev)
             row = {"rows": R, "N": N, "k": K}
-            for sched in ("rows", "split"):
+            for sched in ("rows", "split", "auto"):  # auto: what the dispatch picks, against torch.topk
                 row[f"{sched}_us"] = 1e3 * _bench_graph(lambda sched=sched: topk(x, K, schedule=sched))
             row["torch_topk_us"] = 1e3 * _bench_graph(lambda: torch.topk(x, K, dim=-1))
             res["decode"].append(row)
             res["resources_split_hist"] = resources("topk_split_hist")
             log(f"  topk decode {R}x{N}: rows {row['rows_us']:.1f} us, split {row['split_us']:.1f} us, "
-                f"torch {row['torch_topk_us']:.1f} us")
+                f"auto {row['auto_us']:.1f} us, torch {row['torch_topk_us']:.1f} us")
     return res
 
 

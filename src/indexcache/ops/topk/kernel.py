@@ -9,7 +9,8 @@ the number of ties to keep; a last pass writes every key ``> T`` and the first t
 order (so ties go to the lowest indices, deterministically). Only the row's window ``[ks, ke)`` is read;
 a window of at most k keys returns its indices directly, ``-1`` filling the rest.
 
-Four schedules:
+Four schedules, and ``torch`` (torch.topk on the masked windows, which ``auto`` picks for tens of long
+decode rows, where it was measured faster):
 
 * ``sample`` (prefill; to be measured against ``bucket`` before it becomes the default): one program per
   row and one streaming read. A sample of the row (``cap / 2`` keys in 16 evenly spread chunks) gives a
@@ -358,8 +359,10 @@ def topk(
 
     logits [R, N] fp32 (row stride free). Returns int32 [R, k], unsorted, ``-1`` where the window holds
     fewer than ``k`` keys; the set equals ``torch.topk``'s except among exactly tied values (here: lowest
-    index first for ``rows`` and ``bucket``, arrival order for ``split``). ``schedule``: ``bucket``,
-    ``rows``, ``split`` or ``auto`` (split when there are too few rows to fill the GPU, else bucket).
+    index first for ``rows``, ``bucket`` and ``sample``, arrival order for ``split``, torch.topk's for
+    ``torch``). ``schedule``: ``sample``, ``bucket``, ``rows``, ``split``, ``torch`` (torch.topk on the
+    masked windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond; else
+    bucket).
     ``cap``: candidate slots per row for ``bucket`` (a power of two). ``row_len`` and ``ties`` are the
     reference's (:func:`.reference.topk`): the kernel reads windows only and breaks ties its own way."""
     require_triton()
@@ -372,10 +375,17 @@ def topk(
     if block is None:  # the fastest measured on H100: 2048 for bucket (8 warps), 1024 otherwise
         block = 2048 if schedule in ("auto", "bucket", "sample") else 1024
     if schedule == "auto":
+        # measured on the H100 (results/kernels/kernels.json): with few long rows `split` beats torch.topk up
+        # to 8 rows (53-84 us against 78-102 at 64K-200K keys) but not at 64 (176-489 us against 130-283),
+        # where one program per row already fills the GPU; there torch.topk runs on the masked windows
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
-        schedule = "split" if R < sms and N > 8 * block else "bucket"
+        schedule = ("split" if R <= 8 else "torch") if R < sms and N > 8 * block else "bucket"
         if schedule == "split":
             block = 1024
+    if schedule == "torch":
+        from .reference import topk as masked_torch_topk
+
+        return masked_torch_topk(logits, k, ks, ke, ties="topk")
     if schedule == "rows":
         LAST_COMPILED["topk_rows"] = _topk_rows_kernel[(R,)](
             logits, ks, ke, out, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, num_warps=num_warps)
@@ -396,7 +406,7 @@ def topk(
             num_warps=num_warps)
         return out
     if schedule != "split":
-        raise ValueError(f"unknown schedule {schedule!r} (sample, bucket, rows, split or auto)")
+        raise ValueError(f"unknown schedule {schedule!r} (sample, bucket, rows, split, torch or auto)")
     if segments is None:
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 2
         segments = max(1, min(triton.cdiv(2 * sms, R), triton.cdiv(N, 4 * block)))
