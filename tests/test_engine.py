@@ -59,11 +59,15 @@ def test_decode_batch_matches_greedy_reference(pattern):
 
 
 @interpreter
-def test_engine_on_the_kernels_in_the_interpreter():
-    # every op on its Triton kernel (indexer logits, top-k, sparse MLA, the MoE's grouped GEMM), fp32
+@pytest.mark.parametrize("scoring", ["exact", "fp8"])
+def test_engine_on_the_kernels_in_the_interpreter(scoring):
+    # every op on its Triton kernel (indexer logits, top-k, sparse MLA, the MoE's grouped GEMM), fp32; with
+    # fp8 scoring the engine keeps the fp8 indexer-K cache and the fp8 logits kernel reads it
     model = tiny_model(1)
+    model.set_scoring(scoring)
     ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     eng = Engine(model, "FSFS", max_batch=2, max_len=64, chunk=16, backend="triton")
+    assert eng.fp8_index == (scoring == "fp8")
     prompts = [ids[:30], ids[:13]]
     out = eng.generate(prompts, max_new_tokens=4)
     for b, p in enumerate(prompts):
