@@ -199,3 +199,26 @@ def test_fp8_indexer_cache_is_the_fp8_indexer_exactly():
     with pytest.raises(ValueError, match="index_head_dim must be <= 128"):
         big = DSAForCausalLM(preset_config("tiny", "deepseek_v32", index_head_dim=256))
         Engine(big, fp8_index_cache=True, backend="torch")
+
+
+def test_decode_families_run_without_disturbing_the_engine():
+    """The benchmark's per-family decode work (each family captured in its own graph on a GPU) runs on
+    inputs of the step's shapes and leaves the engine's caches as they were: a decode afterwards gives the
+    same logits as without it."""
+    from indexcache.bench.e2e import decode_families
+
+    model = tiny_model(2)
+    ids = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
+    a = Engine(model, "FSFS", max_batch=2, max_len=64, chunk=16)
+    b = Engine(model, "FSFS", max_batch=2, max_len=64, chunk=16)
+    for eng in (a, b):
+        eng.prefill(0, ids)
+        eng.prefill(1, ids[:17])
+    families = decode_families(a, 2)
+    assert set(families) == {"norms", "projections", "indexer", "attention", "output_projection", "mlp_moe",
+                             "lm_head"}
+    with torch.no_grad():
+        for fn in families.values():
+            fn()
+    tok = torch.tensor([5, 9])
+    torch.testing.assert_close(a.decode(tok), b.decode(tok), rtol=0, atol=0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,36 +110,91 @@ def _decode_rate(eng, B: int, steps: int) -> float:
     return dt
 
 
-def _decode_share(eng, B: int, step_ms: float) -> dict:
-    """The indexer's share of a graph-replayed decode step: the same indexer work (projection, indexer-K
-    cache write, scoring against the cache, top-k) for every Full layer, captured in its own CUDA graph on
-    inputs of the step's shapes and timed the same way; the step itself was timed from its graph."""
-    import triton.testing
-
+def decode_families(eng, B: int) -> dict[str, Callable[[], None]]:
+    """The work of one decode step at batch ``B``, cut by kernel family: each a closure that runs that
+    family's kernels for every layer on inputs of the step's shapes (random, on the step's device), so that
+    each can be captured in its own CUDA graph and timed. What no family covers (embedding, RoPE gathers,
+    latent cache writes, residual adds) is the step's remainder."""
     model, cfg = eng.model, eng.cfg
-    g = torch.Generator(device="cuda").manual_seed(2)
-    x = torch.randn(1, B, cfg.hidden_size, device="cuda", dtype=eng.dtype, generator=g)
-    qr = torch.randn(1, B, cfg.q_lora_rank, device="cuda", dtype=eng.dtype, generator=g)
+    dev = eng.device
+    g = torch.Generator(device=dev).manual_seed(2)
+    layers = model.model.layers
+    x = torch.randn(1, B, cfg.hidden_size, device=dev, dtype=eng.dtype, generator=g)
+    qr = torch.randn(1, B, cfg.q_lora_rank, device=dev, dtype=eng.dtype, generator=g) if cfg.q_lora_rank else None
     pos = eng.lengths[:B].long()
     lengths = eng.lengths[:B] + 1
-    rows = torch.arange(B, device="cuda")
+    rows = torch.arange(B, device=dev)
     ctx = eng.context(pos)
+    heads, d_qk, d_v = cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    q_attn = torch.randn(B, heads, d_qk, device=dev, dtype=eng.dtype, generator=g)
+    out_attn = torch.randn(1, B, heads, d_v, device=dev, dtype=eng.dtype, generator=g)
+    # each row's selection: top-k distinct visible positions (the step's shape; which ones does not matter)
+    span = lengths.view(-1, 1).float()
+    topk = torch.rand(B, cfg.index_topk, device=dev, generator=g).mul(span).long().clamp_max(span.long() - 1)
 
-    def indexer_only():
+    def norms() -> None:
+        for layer in layers:
+            layer.input_layernorm(x)
+            layer.post_attention_layernorm(x)
+
+    def projections() -> None:  # q (with its low-rank path), the latent kv and RoPE
+        for layer in layers:
+            layer.self_attn.latents(x, ctx)
+
+    def indexer() -> None:  # projection, indexer-K cache write, scoring against the cache, top-k
         for i in eng.pattern.full_layers:
-            ind = model.model.layers[i].self_attn.indexer
+            ind = layers[i].self_attn.indexer
             iq, iw, ik = ind.project(x, qr, ctx)
-            eng.index_k[i][rows, pos] = ik[0]  # beyond every length: the caches stay valid
-            eng.select_indices(iq[0], iw[0] * ind.softmax_scale, eng.index_k[i][:B], lengths, trim=False)
+            if eng.fp8_index:
+                from ..ops.fp8 import act_quant
 
+                k8, k_scale = act_quant(ik[0], ik.shape[-1], "ue8m0")
+                eng.index_k[i][rows, pos] = k8  # beyond every length: the caches stay valid
+                eng.index_scale[i][rows, pos] = k_scale[..., 0]
+            else:
+                eng.index_k[i][rows, pos] = ik[0]
+            eng.select_indices(iq[0], iw[0] * ind.softmax_scale, eng.index_k[i][:B], lengths, trim=False,
+                               k_scale=eng._scales(i, slice(0, B)))
+
+    def attention() -> None:  # sparse MLA over the latent cache
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            eng.ops.sparse_mla(q_attn, eng.latent[i][:B], topk, attn.softmax_scale, attn.kv_lora)
+
+    def output() -> None:  # W_uv and o_proj
+        for layer in layers:
+            layer.self_attn.project_out(out_attn)
+
+    def mlp() -> None:  # dense MLPs and MoE (router, routed experts, shared experts)
+        for layer in layers:
+            layer.mlp(x, graph_safe=True, backend=eng.ops.name)
+
+    def head() -> None:
+        model.head(x[0])
+
+    return {"norms": norms, "projections": projections, "indexer": indexer, "attention": attention,
+            "output_projection": output, "mlp_moe": mlp, "lm_head": head}
+
+
+def _decode_share(eng, B: int, step_ms: float) -> dict:
+    """The decode step's time by kernel family: each family of :func:`decode_families` captured in its own
+    CUDA graph and timed the same way as the graph-replayed step; the indexer's share, and what no family
+    covers."""
+    import triton.testing
+
+    families = {}
     with torch.no_grad():
-        indexer_only()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            indexer_only()
-        ms = float(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"))
-    return {"indexer_ms": ms, "step_ms": step_ms, "indexer_share": ms / step_ms,
-            "method": "indexer work of all Full layers in its own CUDA graph / the graph-replayed step"}
+        for name, fn in decode_families(eng, B).items():
+            fn()  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            families[name] = float(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"))
+    covered = sum(families.values())
+    return {"indexer_ms": families["indexer"], "step_ms": step_ms, "indexer_share": families["indexer"] / step_ms,
+            "families_ms": families, "remainder_ms": step_ms - covered,
+            "method": "each kernel family of all layers in its own CUDA graph, on inputs of the step's shapes / the "
+                      "graph-replayed step; the remainder is the step minus their sum"}
 
 
 def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 47, chunk: int = 8192,
@@ -205,6 +261,10 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             row["decode_b1_ms"] = dt * 1e3
             row["decode_b1_tok_s"] = 1.0 / dt
             row["decode_b1"] = _decode_share(eng, 1, dt * 1e3)
+            fam = row["decode_b1"]["families_ms"]
+            log(f"{name:12s} ctx={ctx:>6d}: decode b1 {dt * 1e3:.2f} ms = "
+                + ", ".join(f"{k} {v:.2f}" for k, v in fam.items())
+                + f", remainder {row['decode_b1']['remainder_ms']:.2f} (ms)")
             row["peak_memory_gib_b1"] = torch.cuda.max_memory_allocated() / 2**30
             del eng
             torch.cuda.empty_cache()
