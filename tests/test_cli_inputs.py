@@ -148,6 +148,9 @@ def test_every_command_takes_every_pattern_form(capsys, tiny_dir, tmp_path):
      "--lengths 5000 exceeds the model's max_position_embeddings"),
     (["eval", "{m}", "--tasks", "none", "--out", "o.json"], "--tasks none leaves nothing to evaluate"),
     (["eval", "{m}", "--tasks", "bogus", "--out", "o.json"], "unknown task family 'bogus'"),
+    (["bench", "e2e", "--out", "o.json", "--pattern", "FSFS"], "--pattern times a checkpoint's patterns"),
+    (["bench", "e2e", "--out", "o.json", "--model", "{m}", "--pattern", "FSF"], "--pattern FSF"),
+    (["bench", "kernels", "--out", "o.json", "--model", "{m}"], "--model is for bench e2e"),
 ])
 def test_bad_values_are_one_sentence_naming_the_option(capsys, tiny_dir, tmp_path, monkeypatch, no_loading, argv,
                                                         message):

@@ -704,6 +704,17 @@ def check_bench(args: argparse.Namespace) -> None:
         unknown = [p for p in args.parts.split(",") if p not in PARTS]
         if unknown:
             raise OptionError(f"--parts: unknown kernel group {unknown[0]!r} (choose from {', '.join(PARTS)})")
+    if args.pattern and args.model is None:
+        raise OptionError("--pattern times a checkpoint's patterns: give --model too")
+    if args.model is not None:
+        if args.what != "e2e":
+            raise OptionError("--model is for bench e2e")
+        info = model_info_arg(args.model)
+        if not info.spec.native:
+            raise OptionError(f"bench e2e runs this package's engine, which does not cover {info.architecture}")
+        model_weights(args.model)
+        for spec in args.pattern or []:
+            pattern_arg(spec, info)
     _out_file(args)
 
 
@@ -716,7 +727,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.e2e import run as run_e2e
 
     run_e2e(args.out, args.contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
-            decode_steps=args.decode_steps, large_batch=args.large_batch)
+            decode_steps=args.decode_steps, large_batch=args.large_batch, model_dir=args.model,
+            pattern_specs=args.pattern)
     return 0
 
 
@@ -1049,6 +1061,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=positive_int, default=8192, help="prefill chunk (e2e)")
     p.add_argument("--decode-steps", type=positive_int, default=32, help="timed decode steps (e2e)")
     p.add_argument("--large-batch", type=positive_int, default=8, help="the larger decode batch (e2e)")
+    p.add_argument("--model", help="e2e on this checkpoint instead of the random GLM-4.7-Flash shape")
+    p.add_argument("--pattern", action="append", help="with --model: a pattern to time beside all Full "
+                   "(repeatable; any pattern form)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text with the engine (chunked prefill, cached decode)")

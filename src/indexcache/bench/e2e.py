@@ -198,7 +198,12 @@ def _decode_share(eng, B: int, step_ms: float) -> dict:
 
 
 def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 47, chunk: int = 8192,
-        decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None) -> dict:
+        decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None,
+        model_dir: str | None = None, pattern_specs: list[str] | None = None) -> dict:
+    """The engine's prefill and decode speed per pattern and context. By default on a random
+    GLM-4.7-Flash-DSA-shaped model (``experts``, ``layers``) under all Full and uniform 1/2 and 1/4
+    (``patterns`` picks among those names); with ``model_dir``, on that checkpoint (bf16) under all Full and
+    ``pattern_specs`` (any pattern form), so that a study's patterns get their speed beside their quality."""
     from ..engine import Engine
 
     if not torch.cuda.is_available():
@@ -209,25 +214,35 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
 
     torch.manual_seed(0)
     t_init = time.time()
-    model = random_model(experts, layers)
-    log(f"model: {layers} layers, {experts} routed experts, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, built in {time.time() - t_init:.0f} s")
-    named = {"all-Full": Pattern.parse("F" * layers), "uniform 1/2": Pattern.uniform(layers, 2),
-             "uniform 1/4": Pattern.uniform(layers, 4)}
-    if patterns:
-        named = {k: v for k, v in named.items() if k in patterns}
+    if model_dir is not None:
+        from ..checkpoint import load_model
+        from ..pattern import parse_spec
+
+        model = load_model(model_dir, device="cuda", dtype=torch.bfloat16, verbose=False)
+        layers = model.config.num_hidden_layers
+        named = {"all-Full": Pattern.parse("F" * layers)}
+        named.update({str(p): p for p in (parse_spec(spec, layers) for spec in pattern_specs or [])})
+        described = {"shape": f"the checkpoint {model_dir}", "num_hidden_layers": layers}
+    else:
+        model = random_model(experts, layers)
+        named = {"all-Full": Pattern.parse("F" * layers), "uniform 1/2": Pattern.uniform(layers, 2),
+                 "uniform 1/4": Pattern.uniform(layers, 4)}
+        if patterns:
+            named = {k: v for k, v in named.items() if k in patterns}
+        described = {"shape": "GLM-4.7-Flash with DSA", **{k: v for k, v in GLM47_FLASH_DSA.items()
+                                                          if isinstance(v, int | float)},
+                     "n_routed_experts": experts, "num_hidden_layers": layers,
+                     "note": f"routed experts lowered from 64 to {experts} to fit one GPU; every token still runs "
+                             "4 routed + 1 shared expert, so the compute per token is unchanged"}
+    log(f"model: {layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B params, "
+        f"ready in {time.time() - t_init:.0f} s")
     max_ctx = max(contexts)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (max_ctx,), device="cuda")
     result: dict = {
         "command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "model": {"shape": "GLM-4.7-Flash with DSA", **{k: v for k, v in GLM47_FLASH_DSA.items()
-                                                       if isinstance(v, int | float)},
-                  "n_routed_experts": experts, "num_hidden_layers": layers,
-                  "note": f"routed experts lowered from 64 to {experts} to fit one GPU; every token still runs "
-                          "4 routed + 1 shared expert, so the compute per token is unchanged",
-                  "params": sum(p.numel() for p in model.parameters())},
+        "model": {**described, "params": sum(p.numel() for p in model.parameters())},
         "chunk": chunk, "decode_steps": decode_steps, "targets": TARGETS, "runs": [],
     }
     for name, pat in named.items():
