@@ -373,8 +373,8 @@ class MoE(nn.Module):
         pair is computed once, then slots are summed in a fixed order, so the result is deterministic on
         every device (an ``index_add_`` would use atomics on GPUs). ``graph_safe``: shapes that do not
         depend on the routing and no host synchronisation, so a decode step can be captured in a CUDA graph
-        (the same numbers). On the ``triton`` backend the stacked bf16 experts run as one grouped GEMM that
-        reads the chosen experts' weights in place, graph-safe in both modes."""
+        (the same numbers). On the ``triton`` backend the stacked experts (bf16 or block-FP8) run as one
+        grouped GEMM that reads the chosen experts' weights in place, graph-safe in both modes."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat)
