@@ -38,13 +38,14 @@ def _exact_and_bound(x, wg, wu, wd, idx, w, u_acc: float, u_out: float):
     gate and up accumulate D products with unit roundoff ``u_acc``; h = silu(g) * u moves by at most
     1.1 |u| dg + |silu(g)| du and is rounded once to the output dtype; the down product accumulates I
     products; the result is rounded once more."""
-    X = x.double().cpu()
-    idx, w = idx.cpu(), w.double().cpu()
-    # only the experts the pairs use, in float64 on the host (the stacked weights can be many GB)
-    G, U, Dn = ({e: t[e].double().cpu() for e in idx.unique().tolist()} for t in (wg, wu, wd))
+    # in float64 where the operands live: on a GPU the host copies and loops of the large shapes take minutes
+    X = x.double()
+    idx, w = idx.cpu(), w.double()
+    # only the experts the pairs use
+    G, U, Dn = ({e: t[e].double() for e in idx.unique().tolist()} for t in (wg, wu, wd))
     N, k = idx.shape
     D, inter = X.shape[1], wg.shape[1]
-    out = torch.zeros(N, k, D, dtype=torch.float64)
+    out = torch.zeros(N, k, D, dtype=torch.float64, device=x.device)
     bound = torch.zeros_like(out)
     for n in range(N):
         for s in range(k):
@@ -61,7 +62,7 @@ def _exact_and_bound(x, wg, wu, wd, idx, w, u_acc: float, u_out: float):
 
 
 def _check(got, exact, bound):
-    err = (got.double().cpu() - exact).abs()
+    err = (got.double().to(exact.device) - exact).abs()
     assert (err <= bound + 1e-30).all(), (err - bound).max().item()
 
 

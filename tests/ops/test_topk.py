@@ -80,6 +80,32 @@ def test_kernel_cpu(schedule):
 
 
 @interpreter
+def test_torch_schedule_masks_only_given_windows_and_auto_picks_sample_then_bucket():
+    from indexcache.ops.topk.kernel import _mask_windows_kernel, topk
+    from indexcache.ops.triton_support import LAST_COMPILED
+
+    g = torch.Generator().manual_seed(13)
+    wide = torch.randn(5, 300, generator=g)
+    x = wide[:, 20:280]  # a row stride wider than the row
+    ks = torch.tensor([0, 5, 0, 100, 259]).int()
+    ke = torch.tensor([260, 200, 10, 101, 260]).int()
+    masked = torch.empty_like(x.contiguous())
+    _mask_windows_kernel[(5, 3)](x, ks, ke, masked, 260, x.stride(0), masked.stride(0), BLOCK=128)
+    inside = window_mask(ks, ke, 260)
+    assert torch.equal(masked[inside], x[inside]) and (masked[~inside] == float("-inf")).all()
+    # no windows given: torch.topk itself, in its order
+    assert torch.equal(topk(x, 24, schedule="torch"), x.topk(24, dim=-1).indices.int())
+    same_sets_modulo_ties(topk(x, 24, ks, ke, schedule="torch"), topk_ref(x, 24, ks, ke), x)
+    # many rows (here: more than the one "SM" the interpreter counts): sample while 2k fits the candidates
+    LAST_COMPILED.clear()
+    same_sets_modulo_ties(topk(x, 24, ks, ke, block=64, cap=64), topk_ref(x, 24, ks, ke), x)
+    assert "topk_sample" in LAST_COMPILED and "topk_bucket" not in LAST_COMPILED
+    LAST_COMPILED.clear()
+    same_sets_modulo_ties(topk(x, 40, ks, ke, block=64, cap=64), topk_ref(x, 40, ks, ke), x)
+    assert "topk_bucket" in LAST_COMPILED and "topk_sample" not in LAST_COMPILED
+
+
+@interpreter
 def test_sample_schedule_falls_back_where_its_sample_misleads():
     from indexcache.ops.topk.kernel import topk
 

@@ -175,7 +175,7 @@ def bench_fused(dev, ceil: dict, log) -> dict:
 
     H, D, S, K = 64, 128, 4096, 2048
     res: dict = {"rows": []}
-    for N in (8192, 16384, 32768, 65536, 131072):
+    for N in (8192, 16384, 32768, 65536, 131072, 262144):
         q, qs = quantize_fp8_per_token(torch.randn(S, H, D, device=dev, dtype=torch.bfloat16))
         k, ksc = quantize_fp8_per_token(torch.randn(N, D, device=dev, dtype=torch.bfloat16))
         w = torch.rand(S, H, device=dev) * D**-0.5 * qs
@@ -217,15 +217,17 @@ def bench_topk(dev, ceil: dict, log) -> dict:
         nbytes = float((ke - ks).sum()) * 4
         ms = _bench(lambda: topk(x, K, ks, ke, schedule="bucket", **best[0]))
         sample_ms = _bench(lambda: topk(x, K, ks, ke, schedule="sample", **best[0]))
+        auto_ms = _bench(lambda: topk(x, K, ks, ke))  # what the dispatch picks
         rows_ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"), warmup=5, rep=20)
         ref_ms = _bench(lambda: torch.topk(x, K, dim=-1), warmup=5, rep=20)
         row = {"rows": S, "N": N, "k": K, "schedule": "bucket", "ms": ms, "tbps_one_read": nbytes / ms / 1e9,
-               "radix_rows_ms": rows_ms, "torch_topk_ms": ref_ms, "sample_ms": sample_ms,
+               "radix_rows_ms": rows_ms, "torch_topk_ms": ref_ms, "sample_ms": sample_ms, "auto_ms": auto_ms,
                "sample_tbps_one_read": nbytes / sample_ms / 1e9}
         row["resources"] = resources("topk_bucket")
         row["resources_sample"] = resources("topk_sample")
         res["prefill"].append(row)
-        log(f"  topk {S}x{N}: bucket {ms:.3f} ms, sample {sample_ms:.3f} ms, radix rows {rows_ms:.3f} ms "
+        log(f"  topk {S}x{N}: bucket {ms:.3f} ms, sample {sample_ms:.3f} ms, auto {auto_ms:.3f} ms, "
+            f"radix rows {rows_ms:.3f} ms "
             f"(torch.topk {ref_ms:.3f} ms)")
     for R in (1, 8, 64):
         for N in (65536, 131072, 200000):
@@ -234,10 +236,15 @@ def bench_topk(dev, ceil: dict, log) -> dict:
             for sched in ("rows", "split", "auto"):  # auto: what the dispatch picks, against torch.topk
                 row[f"{sched}_us"] = 1e3 * _bench_graph(lambda sched=sched: topk(x, K, schedule=sched))
             row["torch_topk_us"] = 1e3 * _bench_graph(lambda: torch.topk(x, K, dim=-1))
+            # the engine's call passes each row's window: the dispatch then pays for the mask too
+            wks = torch.zeros(R, dtype=torch.int32, device=dev)
+            wke = torch.full((R,), N, dtype=torch.int32, device=dev)
+            row["auto_windows_us"] = 1e3 * _bench_graph(lambda: topk(x, K, wks, wke))
             res["decode"].append(row)
             res["resources_split_hist"] = resources("topk_split_hist")
             log(f"  topk decode {R}x{N}: rows {row['rows_us']:.1f} us, split {row['split_us']:.1f} us, "
-                f"auto {row['auto_us']:.1f} us, torch {row['torch_topk_us']:.1f} us")
+                f"auto {row['auto_us']:.1f} us (windows given {row['auto_windows_us']:.1f} us), "
+                f"torch {row['torch_topk_us']:.1f} us")
     return res
 
 
@@ -419,12 +426,14 @@ def summary_table(result: dict) -> str:
     for r in result["topk"]["prefill"]:
         tgt = f"<= {TARGETS['topk_8192x64K_ms']} ms" if r["N"] == 65536 else ""
         lines.append(f"| top-k 2048 | {r['rows']} rows x {r['N']} (causal) | {r['ms']:.3f} ms (sample "
-                     f"{r.get('sample_ms', float('nan')):.2f}, radix {r['radix_rows_ms']:.2f}, torch "
+                     f"{r.get('sample_ms', float('nan')):.2f}, auto {r.get('auto_ms', float('nan')):.2f}, radix "
+                     f"{r['radix_rows_ms']:.2f}, torch "
                      f"{r['torch_topk_ms']:.2f}) | {r['tbps_one_read']:.2f} TB/s "
                      f"(1 read) | {100 * r['tbps_one_read'] / c['copy_tbps']:.0f}% | {tgt} |")
     for r in result["topk"]["decode"]:
         lines.append(f"| top-k 2048 decode | {r['rows']} x {r['N']} | rows {r['rows_us']:.1f} us, split "
-                     f"{r['split_us']:.1f} us | torch {r['torch_topk_us']:.1f} us | | |")
+                     f"{r['split_us']:.1f} us, auto {r.get('auto_us', float('nan')):.1f} us (windows given "
+                     f"{r.get('auto_windows_us', float('nan')):.1f}) | torch {r['torch_topk_us']:.1f} us | | |")
     for r in result["sparse_mla"]["prefill"]:
         tgt = f">= {TARGETS['sparse_mla_prefill_h128_tflops']:.0f}" if r["H"] == 128 else ""
         lines.append(f"| sparse MLA prefill | S={r['S']} H={r['H']} k=2048 | {r['ms']:.3f} ms | "

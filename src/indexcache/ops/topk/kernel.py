@@ -9,17 +9,17 @@ the number of ties to keep; a last pass writes every key ``> T`` and the first t
 order (so ties go to the lowest indices, deterministically). Only the row's window ``[ks, ke)`` is read;
 a window of at most k keys returns its indices directly, ``-1`` filling the rest.
 
-Four schedules, and ``torch`` (torch.topk on the masked windows, which ``auto`` picks for tens of long
-decode rows, where it was measured faster):
+Four schedules, and ``torch`` (torch.topk on the windows, which ``auto`` picks for tens of long decode
+rows, where it was measured faster):
 
-* ``sample`` (prefill; to be measured against ``bucket`` before it becomes the default): one program per
-  row and one streaming read. A sample of the row (``cap / 2`` keys in 16 evenly spread chunks) gives a
+* ``sample`` (prefill, the default for many rows: measured faster than ``bucket`` and torch.topk): one
+  program per row and one streaming read. A sample of the row (``cap / 2`` keys in 16 evenly spread chunks) gives a
   threshold, its j-th largest key with j chosen so that about 1.5 k of the row's keys reach it; one pass
   writes those keys' indices to a candidate list (at most ``cap``, at least 2 k), and four digit passes in
   registers pick the exact top k among them. At least j keys always reach the threshold; where fewer
   than k or more than ``cap`` do (the sample misled), the row falls back to ``rows``. Exact either way.
 
-* ``bucket`` (prefill, the default for many rows): one program per row. Three streaming reads instead of
+* ``bucket`` (prefill, for k above ``cap / 2``): one program per row. Three streaming reads instead of
   five: the range [lo, hi] of the row's finite values; a histogram of 256 equal-width buckets of it, which
   fixes the bucket holding the k-th value; then every key above that bucket goes straight to the output
   and the bucket's own keys (a few hundred on real logits) to a candidate list, on which the four digit
@@ -326,6 +326,37 @@ if HAVE_TRITON:
                 _write_selected(Or, t, gt, eq, gi, ei, base_gt, base_eq, first_tie, need)
 
 
+    # ------------------------------------------------------------------ torch schedule: the windows masked
+    @triton.jit
+    def _mask_windows_kernel(X, KS, KE, Y, N, sx_r, sy_r, BLOCK: tl.constexpr):
+        """Y = X inside each row's window, -inf outside: one read and one write, where the plain mask costs
+        four passes over [R, N] (two comparisons, their product, the fill)."""
+        r = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ks, ke = _window(KS, KE, r, N)
+        m = t < N
+        x = tl.load(X + r.to(tl.int64) * sx_r + t, mask=m & (t >= ks) & (t < ke), other=float("-inf"))
+        tl.store(Y + r.to(tl.int64) * sy_r + t, x, mask=m)
+
+
+def _torch_topk(logits: torch.Tensor, k: int, ks: torch.Tensor, ke: torch.Tensor, whole_rows: bool) -> torch.Tensor:
+    """torch.topk on the windows: on the logits themselves when every window is the whole row (no mask to
+    write), else on one masked copy; keys outside a window that holds fewer than k come back as -1."""
+    R, N = logits.shape
+    kk = min(k, N)
+    if whole_rows:
+        idx = logits.topk(kk, dim=-1).indices.int()
+    else:
+        masked = torch.empty_like(logits)
+        _mask_windows_kernel[(R, triton.cdiv(N, 1024))](logits, ks, ke, masked, N, logits.stride(0),
+                                                         masked.stride(0), BLOCK=1024, num_warps=4)
+        vals, idx = masked.topk(kk, dim=-1)
+        idx = idx.int().masked_fill_(vals == float("-inf"), -1)
+    if kk < k:
+        idx = torch.cat((idx, idx.new_full((R, k - kk), -1)), dim=1)
+    return idx
+
+
 def _prepare(logits: torch.Tensor, k: int, ks: torch.Tensor | None, ke: torch.Tensor | None):
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, N], got {tuple(logits.shape)}")
@@ -361,11 +392,12 @@ def topk(
     fewer than ``k`` keys; the set equals ``torch.topk``'s except among exactly tied values (here: lowest
     index first for ``rows``, ``bucket`` and ``sample``, arrival order for ``split``, torch.topk's for
     ``torch``). ``schedule``: ``sample``, ``bucket``, ``rows``, ``split``, ``torch`` (torch.topk on the
-    masked windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond; else
-    bucket).
+    windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond; else sample,
+    or bucket when k > cap / 2).
     ``cap``: candidate slots per row for ``bucket`` (a power of two). ``row_len`` and ``ties`` are the
     reference's (:func:`.reference.topk`): the kernel reads windows only and breaks ties its own way."""
     require_triton()
+    whole_rows = ks is None and ke is None
     logits, ks, ke = _prepare(logits, k, ks, ke)
     R, N = logits.shape
     out = torch.full((R, k), -1, dtype=torch.int32, device=logits.device)
@@ -375,17 +407,20 @@ def topk(
     if block is None:  # the fastest measured on H100: 2048 for bucket (8 warps), 1024 otherwise
         block = 2048 if schedule in ("auto", "bucket", "sample") else 1024
     if schedule == "auto":
-        # measured on the H100 (results/kernels/kernels.json): with few long rows `split` beats torch.topk up
-        # to 8 rows (53-84 us against 78-102 at 64K-200K keys) but not at 64 (176-489 us against 130-283),
-        # where one program per row already fills the GPU; there torch.topk runs on the masked windows
+        # measured on the H200 (results/kernels/h200/topk_dispatch.json): with few long rows `split` beats torch.topk up
+        # to 8 rows (52-83 us against 77-100 at 64K-200K keys) but not at 64 (175-488 us against 127-271),
+        # where one program per row already fills the GPU; there torch.topk runs on the windows. With many
+        # rows `sample` beats torch.topk at every length swept (0.86-3.38 ms against 1.35-6.49 ms at 8192 rows
+        # of 8K-64K keys) and `bucket` does not (3.83 against 3.58 ms at 32K); bucket stays for k > cap / 2
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
-        schedule = ("split" if R <= 8 else "torch") if R < sms and N > 8 * block else "bucket"
+        if R < sms and N > 8 * block:
+            schedule = "split" if R <= 8 else "torch"
+        else:
+            schedule = "sample" if 2 * k <= cap and cap & (cap - 1) == 0 else "bucket"
         if schedule == "split":
             block = 1024
     if schedule == "torch":
-        from .reference import topk as masked_torch_topk
-
-        return masked_torch_topk(logits, k, ks, ke, ties="topk")
+        return _torch_topk(logits, k, ks, ke, whole_rows)
     if schedule == "rows":
         LAST_COMPILED["topk_rows"] = _topk_rows_kernel[(R,)](
             logits, ks, ke, out, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, num_warps=num_warps)
