@@ -211,12 +211,23 @@ def bench_topk(dev, ceil: dict, log) -> dict:
         if ms < best[1]:
             best = (cfg, ms)
     res["best_config"] = best[0]
+    # the sample schedule's own sweep: its per-row work (the sample's selection, the candidates' digit passes)
+    # is not the bucket's, so its best block and warps may differ
+    best_sample = ({}, float("inf"))
+    for cfg in (dict(block=1024, num_warps=8), dict(block=2048, num_warps=8), dict(block=4096, num_warps=8),
+                dict(block=2048, num_warps=16), dict(block=1024, num_warps=4)):
+        ms = _bench(lambda cfg=cfg: topk(x, K, ks, ke, schedule="sample", **cfg), warmup=5, rep=20)
+        res["sweep"].append({"rows": S, "N": 65536, "schedule": "sample", **cfg, "ms": ms})
+        log(f"  topk sample sweep {cfg}: {ms:.3f} ms")
+        if ms < best_sample[1]:
+            best_sample = (cfg, ms)
+    res["best_sample_config"] = best_sample[0]
     for N in (8192, 16384, 32768, 65536):
         x = torch.randn(S, N, device=dev)
         ks, ke = _causal_windows(S, N, dev)
         nbytes = float((ke - ks).sum()) * 4
         ms = _bench(lambda: topk(x, K, ks, ke, schedule="bucket", **best[0]))
-        sample_ms = _bench(lambda: topk(x, K, ks, ke, schedule="sample", **best[0]))
+        sample_ms = _bench(lambda: topk(x, K, ks, ke, schedule="sample", **best_sample[0]))
         auto_ms = _bench(lambda: topk(x, K, ks, ke))  # what the dispatch picks
         rows_ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"), warmup=5, rep=20)
         ref_ms = _bench(lambda: torch.topk(x, K, dim=-1), warmup=5, rep=20)
@@ -353,17 +364,45 @@ def bench_fp8_gemm(dev, ceil: dict, log) -> dict:
 
 
 # (hidden, expert inter, routed experts, experts per token): GLM-4.7-Flash's shape, and DeepSeek-V3.2's
-MOE_SHAPES = {"glm47_flash": (2048, 1536, 64, 4), "deepseek_v32": (7168, 2048, 256, 8)}
+MOE_SHAPES = {"glm47_flash": (2048, 1536, 64, 4), "deepseek_v32": (7168, 2048, 256, 8)}  # (D, I, E, k)
+MOE_PREFILL_TOKENS = (4096, 16384)
+MOE_DECODE_BATCHES = (1, 8, 64)
+
+
+# tile configurations the MoE sweep tries: (block_m or None for the kernel's choice, block_n, block_k, warps,
+# stages); the first of each list is the kernel's default
+MOE_PREFILL_CONFIGS = [(None, 64, 64, 4, 3), (None, 128, 64, 4, 3), (None, 128, 64, 8, 3), (None, 128, 128, 8, 3),
+                       (None, 64, 128, 4, 4), (128, 128, 64, 8, 3)]
+MOE_DECODE_CONFIGS = [(None, 64, 64, 4, 3), (None, 32, 64, 4, 3), (None, 16, 64, 2, 4), (None, 32, 128, 4, 4),
+                      (None, 16, 128, 4, 4)]
+
+
+def _fp8_experts(wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stacked bf16 experts in DeepSeek's block-FP8 layout (e4m3, one fp32 scale per 128 x 128)."""
+    from ..ops.fp8 import block_quant
+
+    experts = {}
+    for part, w in (("gate_proj", wg), ("up_proj", wu), ("down_proj", wd)):
+        blocks = [block_quant(w[e]) for e in range(w.shape[0])]
+        experts[part] = torch.stack([q for q, _ in blocks])
+        experts[f"{part}_scale_inv"] = torch.stack([sc for _, sc in blocks])
+    return experts
 
 
 def bench_moe(dev, ceil: dict, log) -> dict:
-    """The routed experts in bf16: the grouped-GEMM kernel against the model's torch paths (one expert at a
-    time in prefill; in decode the graph-safe form that gathers the chosen experts' weights). Prefill rates
-    count 2 x pairs x 3 D I FLOPs; decode rates the bytes of the distinct chosen experts' weights, read once."""
-    from ..ops.moe.kernel import moe_experts
+    """The routed experts: the grouped-GEMM kernel in bf16 against the model's torch paths (one expert at a
+    time in prefill; in decode the graph-safe form that gathers the chosen experts' weights), a sweep of its
+    tile configurations, and the block-FP8 kernel on the same routings. Prefill rates count 2 x pairs x 3 D I
+    FLOPs; decode rates the bytes of the distinct chosen experts' weights, read once."""
+    from ..ops.moe.kernel import moe_experts, moe_experts_fp8
     from ..ops.moe.reference import moe_experts as reference
 
-    res: dict = {"prefill": [], "decode": []}
+    res: dict = {"prefill": [], "decode": [], "sweep": [], "fp8": []}
+
+    def tune(cfg: tuple) -> dict:
+        bm, bn, bk, warps, stages = cfg
+        return {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages}
+
     for name, (D, inter, E, k) in MOE_SHAPES.items():
         g = torch.Generator(device=dev).manual_seed(0)
         wg, wu = (torch.randn(E, inter, D, device=dev, generator=g, dtype=torch.bfloat16) * D**-0.5 for _ in range(2))
@@ -374,7 +413,7 @@ def bench_moe(dev, ceil: dict, log) -> dict:
             return torch.randn(n, D, device=dev, generator=g, dtype=torch.bfloat16), idx, \
                 torch.rand(n, k, device=dev, generator=g)
 
-        for M in (4096, 16384):
+        for M in MOE_PREFILL_TOKENS:
             x, idx, w = routing(M)
             ms = _bench(lambda: moe_experts(x, wg, wu, wd, idx, w))
             ref_ms = _bench(lambda: reference(x, wg, wu, wd, idx, w), warmup=3, rep=10)
@@ -384,18 +423,41 @@ def bench_moe(dev, ceil: dict, log) -> dict:
                    "torch_loop_ms": ref_ms, "resources": resources("moe_gate_up")}
             res["prefill"].append(row)
             log(f"  moe {name} prefill {M} tokens: {ms:.3f} ms {row['tflops']:.0f} TFLOP/s; torch loop {ref_ms:.3f} ms")
-        for B in (1, 8, 64):
+        for cfg in MOE_PREFILL_CONFIGS:  # on the last (largest) prefill routing
+            try:
+                cms = _bench(lambda cfg=cfg: moe_experts(x, wg, wu, wd, idx, w, **tune(cfg)), warmup=5, rep=20)
+            except Exception as err:  # e.g. a configuration beyond the shared memory
+                log(f"  moe {name} prefill config {cfg} failed: {type(err).__name__}")
+                continue
+            res["sweep"].append({"shape": name, "tokens": M, **tune(cfg), "ms": cms, "tflops": flops / cms / 1e9})
+            log(f"  moe {name} prefill {M} tokens, config {tune(cfg)}: {cms:.3f} ms {flops / cms / 1e9:.0f} TFLOP/s")
+        experts = _fp8_experts(wg, wu, wd)
+        fp8_ms = _bench(lambda: moe_experts_fp8(x, experts, idx, w))
+        res["fp8"].append({"shape": name, "tokens": M, "ms": fp8_ms, "tflops": flops / fp8_ms / 1e9,
+                           "pct_of_fp8_gemm": 100 * flops / fp8_ms / 1e9 / ceil.get("fp8_gemm_tflops", float("nan"))})
+        log(f"  moe {name} fp8 prefill {M} tokens: {fp8_ms:.3f} ms {flops / fp8_ms / 1e9:.0f} TFLOP/s")
+        for B in MOE_DECODE_BATCHES:
             x, idx, w = routing(B)
             ms = _bench_graph(lambda: moe_experts(x, wg, wu, wd, idx, w))
             sel = idx.flatten()
             gather_ms = _bench_graph(lambda: (wg[sel], wu[sel], wd[sel]))  # what a gathering decode copies first
-            experts = int(idx.unique().numel())
-            nbytes = experts * 3 * D * inter * 2
-            row = {"shape": name, "B": B, "distinct_experts": experts, "us": ms * 1e3, "tbps": nbytes / ms / 1e9,
+            n_experts = int(idx.unique().numel())
+            nbytes = n_experts * 3 * D * inter * 2
+            row = {"shape": name, "B": B, "distinct_experts": n_experts, "us": ms * 1e3, "tbps": nbytes / ms / 1e9,
                    "pct_of_copy": 100 * nbytes / ms / 1e9 / ceil["copy_tbps"], "gather_weights_us": gather_ms * 1e3}
             res["decode"].append(row)
-            log(f"  moe {name} decode B={B}: {row['us']:.1f} us {row['tbps']:.2f} TB/s over {experts} experts; "
+            log(f"  moe {name} decode B={B}: {row['us']:.1f} us {row['tbps']:.2f} TB/s over {n_experts} experts; "
                 f"gathering their weights alone {row['gather_weights_us']:.1f} us")
+            if B < 64:  # where the default leaves SMs idle
+                for cfg in MOE_DECODE_CONFIGS[1:]:
+                    cus = 1e3 * _bench_graph(lambda cfg=cfg: moe_experts(x, wg, wu, wd, idx, w, **tune(cfg)))
+                    res["sweep"].append({"shape": name, "B": B, **tune(cfg), "us": cus,
+                                         "tbps": nbytes / cus / 1e6})
+                    log(f"  moe {name} decode B={B}, config {tune(cfg)}: {cus:.1f} us {nbytes / cus / 1e6:.2f} TB/s")
+            fp8_us = 1e3 * _bench_graph(lambda: moe_experts_fp8(x, experts, idx, w))
+            fp8_bytes = nbytes / 2 * (1 + 4 / 128**2)  # one byte a weight, and an fp32 scale per 128 x 128
+            res["fp8"].append({"shape": name, "B": B, "us": fp8_us, "tbps": fp8_bytes / fp8_us / 1e6})
+            log(f"  moe {name} fp8 decode B={B}: {fp8_us:.1f} us {fp8_bytes / fp8_us / 1e6:.2f} TB/s")
     return res
 
 
@@ -407,6 +469,12 @@ def moe_table(result: dict) -> str:
     for r in result["moe"]["decode"]:
         lines.append(f"| decode | {r['shape']} B={r['B']} ({r['distinct_experts']} experts) | {r['us']:.1f} us | "
                      f"{r['tbps']:.2f} TB/s | {r['pct_of_copy']:.0f}% | gather alone {r['gather_weights_us']:.1f} us |")
+    for r in result["moe"].get("fp8", []):
+        if "tokens" in r:
+            lines.append(f"| fp8 prefill | {r['shape']} {r['tokens']} tokens | {r['ms']:.3f} ms | {r['tflops']:.0f} "
+                         f"TFLOP/s | {r['pct_of_fp8_gemm']:.0f}% of fp8 | |")
+        else:
+            lines.append(f"| fp8 decode | {r['shape']} B={r['B']} | {r['us']:.1f} us | {r['tbps']:.2f} TB/s | | |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,42 @@
+"""The kernel benchmark's MoE part runs end to end in Triton's interpreter on tiny shapes (its timers replaced
+by one call each), so that a GPU run does not fail on the code around the kernels."""
+
+import pytest
+import torch
+from markers import interpreter
+
+
+@interpreter
+def test_moe_bench_runs_its_sweep_and_fp8_rows_and_prints_them(monkeypatch):
+    from indexcache.bench import kernels as bench
+
+    calls = []
+
+    def once(fn, warmup: int = 0, rep: int = 0) -> float:
+        out = fn()
+        calls.append(out)
+        return 1.0
+
+    monkeypatch.setattr(bench, "_bench", once)
+    monkeypatch.setattr(bench, "_bench_graph", once)
+    monkeypatch.setattr(bench, "MOE_SHAPES", {"tiny": (128, 128, 4, 2)})
+    monkeypatch.setattr(bench, "MOE_PREFILL_TOKENS", (8,))
+    monkeypatch.setattr(bench, "MOE_DECODE_BATCHES", (1, 64))
+    # the interpreter has no shared-memory limit to trip: every configuration runs
+    monkeypatch.setattr(bench, "MOE_PREFILL_CONFIGS", bench.MOE_PREFILL_CONFIGS[:2])
+    monkeypatch.setattr(bench, "MOE_DECODE_CONFIGS", bench.MOE_DECODE_CONFIGS[:2])
+    ceil = {"bf16_gemm_tflops": 1.0, "fp8_gemm_tflops": 1.0, "copy_tbps": 1.0}
+    res = bench.bench_moe("cpu", ceil, lambda msg: None)
+    assert [r["tokens"] for r in res["prefill"]] == [8]
+    assert [r["B"] for r in res["decode"]] == [1, 64]
+    # two prefill configurations, one extra decode configuration at B=1 (none at 64)
+    assert len(res["sweep"]) == 3 and res["sweep"][0]["block_n"] == bench.MOE_PREFILL_CONFIGS[0][1]
+    assert [("tokens" in r, r.get("B")) for r in res["fp8"]] == [(True, None), (False, 1), (False, 64)]
+    # the fp8 decode rate counts one byte a weight (half the bf16 bytes) and the block scales
+    bf16 = res["decode"][0]["distinct_experts"] * 3 * 128 * 128 * 2
+    assert res["fp8"][1]["tbps"] == pytest.approx(bf16 / 2 * (1 + 4 / 128**2) / 1e3 / 1e6)  # 1 ms = 1e3 us
+    # every timed call produced the kernel's output, with finite values
+    outs = [c for c in calls if isinstance(c, torch.Tensor) and c.dim() == 3]
+    assert outs and all(torch.isfinite(c.float()).all() for c in outs)
+    table = bench.moe_table({"moe": res})
+    assert table.count("| fp8 prefill |") == 1 and table.count("| fp8 decode |") == 2
