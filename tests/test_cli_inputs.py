@@ -151,6 +151,8 @@ def test_every_command_takes_every_pattern_form(capsys, tiny_dir, tmp_path):
     (["bench", "e2e", "--out", "o.json", "--pattern", "FSFS"], "--pattern times a checkpoint's patterns"),
     (["bench", "e2e", "--out", "o.json", "--model", "{m}", "--pattern", "FSF"], "--pattern FSF"),
     (["bench", "kernels", "--out", "o.json", "--model", "{m}"], "--model is for bench e2e"),
+    (["bench", "kernels", "--out", "o.json", "--fused-from", "65536"], "--fused-from is for bench e2e"),
+    (["bench", "e2e", "--out", "o.json", "--fused-from", "0"], "--fused-from"),
 ])
 def test_bad_values_are_one_sentence_naming_the_option(capsys, tiny_dir, tmp_path, monkeypatch, no_loading, argv,
                                                         message):

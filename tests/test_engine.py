@@ -74,6 +74,33 @@ def test_engine_on_the_kernels_in_the_interpreter(scoring):
         assert out[b] == greedy_reference(model, p.tolist(), 4, "FSFS")
 
 
+def test_fused_selection_in_prefill_gives_the_reference_tokens(monkeypatch):
+    # every prefill chunk through the fused indexer + top-k (from 1 key): windows up to 100 keys against a
+    # candidate cap of 64 and a 1/32 sample, so rows take both the candidate path and the rescored fallback
+    import indexcache.engine.engine as engine_module
+
+    fused_rows = []
+
+    def counted(*args, **kwargs):
+        stats: dict = {}
+        out = engine_module.indexer_topk_fused.__wrapped__(*args, stats=stats, **kwargs)
+        fused_rows.append(stats)
+        return out
+
+    counted.__wrapped__ = engine_module.indexer_topk_fused
+    monkeypatch.setattr(engine_module, "indexer_topk_fused", counted)
+    model = tiny_model(2)
+    ids = torch.randint(0, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(3))
+    eng = Engine(model, "FSFS", max_len=128, chunk=50, fused_topk_from=1)
+    assert eng.generate([ids], max_new_tokens=4)[0] == greedy_reference(model, ids.tolist(), 4, "FSFS")
+    assert len(fused_rows) == 2 * 2  # two chunks x two Full layers; decode stays unfused
+    # the second chunk's windows hold 51-100 keys (75.5 on average): fewer candidates than keys left the
+    # scoring, and some rows, misled by their four sampled keys, were rescored whole
+    assert all(st["mean_candidates"] < 75 for st in fused_rows[2:])
+    assert sum(st["fallback_rows"] for st in fused_rows) > 0
+    assert Engine(model, "FSFS", max_len=128).fused_topk_from is None  # the default: never (none measured to win)
+
+
 def test_decode_logits_match_model():
     model = tiny_model(2)
     ids = torch.randint(0, model.config.vocab_size, (33,))

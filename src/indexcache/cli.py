@@ -706,6 +706,8 @@ def check_bench(args: argparse.Namespace) -> None:
             raise OptionError(f"--parts: unknown kernel group {unknown[0]!r} (choose from {', '.join(PARTS)})")
     if args.pattern and args.model is None:
         raise OptionError("--pattern times a checkpoint's patterns: give --model too")
+    if args.fused_from is not None and args.what != "e2e":
+        raise OptionError("--fused-from is for bench e2e")
     if args.model is not None:
         if args.what != "e2e":
             raise OptionError("--model is for bench e2e")
@@ -728,7 +730,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_e2e(args.out, args.contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
             decode_steps=args.decode_steps, large_batch=args.large_batch, model_dir=args.model,
-            pattern_specs=args.pattern)
+            pattern_specs=args.pattern, fused_from=args.fused_from)
     return 0
 
 
@@ -1064,6 +1066,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="e2e on this checkpoint instead of the random GLM-4.7-Flash shape")
     p.add_argument("--pattern", action="append", help="with --model: a pattern to time beside all Full "
                    "(repeatable; any pattern form)")
+    p.add_argument("--fused-from", type=positive_int, default=None, help="e2e: prefill chunks whose windows "
+                   "reach this many keys select through the fused indexer + top-k (default: never)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text with the engine (chunked prefill, cached decode)")

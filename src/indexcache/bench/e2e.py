@@ -199,11 +199,14 @@ def _decode_share(eng, B: int, step_ms: float) -> dict:
 
 def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 47, chunk: int = 8192,
         decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None,
-        model_dir: str | None = None, pattern_specs: list[str] | None = None) -> dict:
+        model_dir: str | None = None, pattern_specs: list[str] | None = None,
+        fused_from: int | None = None) -> dict:
     """The engine's prefill and decode speed per pattern and context. By default on a random
     GLM-4.7-Flash-DSA-shaped model (``experts``, ``layers``) under all Full and uniform 1/2 and 1/4
     (``patterns`` picks among those names); with ``model_dir``, on that checkpoint (bf16) under all Full and
-    ``pattern_specs`` (any pattern form), so that a study's patterns get their speed beside their quality."""
+    ``pattern_specs`` (any pattern form), so that a study's patterns get their speed beside their quality.
+    ``fused_from``: prefill chunks whose windows reach this many keys select through the fused indexer +
+    top-k (default: the engine's own, ``FUSED_TOPK_FROM_KEYS``)."""
     from ..engine import Engine
 
     if not torch.cuda.is_available():
@@ -245,9 +248,11 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
         "model": {**described, "params": sum(p.numel() for p in model.parameters())},
         "chunk": chunk, "decode_steps": decode_steps, "targets": TARGETS, "runs": [],
     }
+    fused = {} if fused_from is None else {"fused_topk_from": fused_from}
+    result["fused_topk_from"] = fused_from
     for name, pat in named.items():
         # warm-up: compile every kernel variant this pattern's prefill and decode use, outside the timings
-        warm = Engine(model, pat, max_batch=2, max_len=2 * chunk + 64, chunk=chunk)
+        warm = Engine(model, pat, max_batch=2, max_len=2 * chunk + 64, chunk=chunk, **fused)
         warm.prefill(0, ids[: 2 * chunk])
         warm.decode(torch.zeros(1, dtype=torch.long, device="cuda"))
         del warm
@@ -255,7 +260,7 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             per_req = None
-            eng = Engine(model, pat, max_batch=1, max_len=ctx + decode_steps + 8, chunk=chunk)
+            eng = Engine(model, pat, max_batch=1, max_len=ctx + decode_steps + 8, chunk=chunk, **fused)
             per_req = eng.cache_bytes_per_token
             eng.timer = timer = EventTimer()
             torch.cuda.synchronize()
@@ -285,7 +290,7 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info()
             B = max(2, min(large_batch, int(0.8 * free // ((ctx + decode_steps + 8) * per_req))))
-            engb = Engine(model, pat, max_batch=B, max_len=ctx + decode_steps + 8, chunk=chunk)
+            engb = Engine(model, pat, max_batch=B, max_len=ctx + decode_steps + 8, chunk=chunk, **fused)
             _fill_random(engb, B, ctx)
             dtb = _decode_rate(engb, B, decode_steps)
             row.update({"large_batch": B, "decode_large_ms": dtb * 1e3, "decode_large_tok_s": B / dtb,

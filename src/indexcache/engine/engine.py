@@ -32,8 +32,13 @@ from ..model.dsa import Context, DSAForCausalLM
 from ..model.rope import Rope
 from ..ops.backends import check_backend, default_backend, get_backend
 from ..ops.fp8 import act_quant
-from ..ops.indexer import indexer_topk
+from ..ops.indexer import indexer_topk, indexer_topk_fused
 from ..pattern import Pattern
+
+# From how many keys a prefill chunk's selection runs fused (indexer_topk_fused: the [rows, keys] logits never
+# written). None: never. On the H200 the fused path lost at every measured length, 0.49x at 8K keys to 0.89x
+# at 128K for a chunk of 4096 queries (results/kernels/h200/moe_topk_fused.json), so no crossover is set.
+FUSED_TOPK_FROM_KEYS: int | None = None
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -75,6 +80,7 @@ class Engine:
         backend: str | None = None,
         cuda_graphs: bool | None = None,
         fp8_index_cache: bool | None = None,
+        fused_topk_from: int | None = FUSED_TOPK_FROM_KEYS,
     ):
         self.model = model.eval()
         cfg = model.config
@@ -85,6 +91,9 @@ class Engine:
         backend = backend or default_backend(self.device)
         check_backend(backend, self.device)
         self.ops = get_backend(backend)
+        # prefill chunks whose windows reach this many keys select through the fused indexer + top-k (it
+        # needs the backend's candidates kernel); decode keeps the unfused, graph-safe path
+        self.fused_topk_from = fused_topk_from if self.ops.indexer_candidates is not None else None
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
         self.topk = cfg.index_topk
@@ -191,8 +200,12 @@ class Engine:
         if k_scale is not None:  # e4m3 queries, one scale per head folded into its gate
             q, q_scale = act_quant(q, q.shape[-1], "ue8m0")
             w = w * q_scale[..., 0]
-        idx = indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim,
-                           ke_host=ke_host, k_scale=k_scale)
+        if trim and self.fused_topk_from is not None and k.shape[1] >= self.fused_topk_from:
+            idx = indexer_topk_fused(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops,
+                                     k_scale=k_scale)
+        else:
+            idx = indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim,
+                               ke_host=ke_host, k_scale=k_scale)
         if self.selections is not None:
             self.selections.append(idx.cpu())
         return idx
