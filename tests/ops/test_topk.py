@@ -57,14 +57,14 @@ def test_reference_against_a_sort():
 
 
 @interpreter
-@pytest.mark.parametrize("schedule", ["sample", "bucket", "rows", "split", "torch"])
+@pytest.mark.parametrize("schedule", ["sample", "staged", "bucket", "rows", "split", "torch"])
 def test_kernel_cpu(schedule):
     from indexcache.ops.topk.kernel import topk
 
     g = torch.Generator().manual_seed(11)
     x, ks, ke = _rows(g)
     N, k = x.shape[1], 24
-    out = topk(x, k, ks, ke, schedule=schedule, block=64, segments=3, cap=64)
+    out = topk(x, k, ks, ke, schedule=schedule, block=64, segments=3, cap=64, seg_keys=96)
     same_sets_modulo_ties(out, topk_ref(x, k, ks, ke), x)
     if schedule == "torch":  # best first, as torch.topk orders them
         assert sorted(out[1].tolist()) == [-1] * 4 + list(range(20))
@@ -106,7 +106,8 @@ def test_torch_schedule_masks_only_given_windows_and_auto_picks_sample_then_buck
 
 
 @interpreter
-def test_sample_schedule_falls_back_where_its_sample_misleads():
+@pytest.mark.parametrize("schedule", ["sample", "staged"])
+def test_sample_schedules_fall_back_where_their_sample_misleads(schedule):
     from indexcache.ops.topk.kernel import topk
 
     g = torch.Generator().manual_seed(12)
@@ -125,10 +126,39 @@ def test_sample_schedule_falls_back_where_its_sample_misleads():
     ks = torch.zeros(6, dtype=torch.int32)
     ke = torch.full((6,), N, dtype=torch.int32)
     ke[5] = 60  # a window that fits the candidate registers whole
-    out = topk(x, k, ks, ke, schedule="sample", block=64, cap=cap)
+    # staged: 100 keys per collecting program, so each row's candidates arrive from four programs
+    out = topk(x, k, ks, ke, schedule=schedule, block=64, cap=cap, seg_keys=100)
     assert torch.equal(out.sort(-1).values, topk_ref(x, k, ks, ke, ties="lowest").sort(-1).values)
     with pytest.raises(ValueError, match="cap a power of two"):
-        topk(x, k, schedule="sample", cap=32)
+        topk(x, k, schedule=schedule, cap=32)
+
+
+@interpreter
+def test_staged_selection_keeps_the_lowest_tied_indices_whatever_order_the_candidates_arrived_in():
+    from indexcache.ops.topk.kernel import _staged_select_kernel
+
+    g = torch.Generator().manual_seed(14)
+    N, k, cap = 400, 24, 64
+    x = torch.randn(2, N, generator=g)
+    above = torch.randperm(N, generator=g)[:10]
+    x[:, above] = 5.0 + torch.rand(10, generator=g)  # ten keys above the threshold
+    rest = torch.tensor([i for i in range(N) if i not in set(above.tolist())])
+    tied = rest[torch.randperm(rest.numel(), generator=g)[:30]]
+    x[:, tied] = 4.0  # thirty keys tied at it, of which the top 24 take 14
+    x[1, tied[:3]] = 4.5  # row 1: three of them above, eleven ties to take
+    ks = torch.zeros(2, dtype=torch.int32)
+    ke = torch.full((2,), N, dtype=torch.int32)
+    cand = torch.zeros(2, cap, dtype=torch.int32)
+    cnt = torch.zeros(2, dtype=torch.int32)
+    for r in range(2):  # the candidates (keys >= 4.0) in a scrambled arrival order
+        c = (x[r] >= 4.0).nonzero().flatten()
+        cand[r, : c.numel()] = c[torch.randperm(c.numel(), generator=g)].int()
+        cnt[r] = c.numel()
+    out = torch.full((2, k), -7, dtype=torch.int32)
+    _staged_select_kernel[(2,)](x, ks, ke, cnt, cand, out, N, x.stride(0), out.stride(0), k, KP=32, BLOCK=64,
+                                CAP=cap)
+    want = topk_ref(x, k, ks, ke, ties="lowest")
+    assert torch.equal(out.sort(-1).values, want.sort(-1).values)
 
 
 @interpreter
@@ -151,11 +181,11 @@ def test_kernel_gpu():
     ke = torch.randint(1, N + 1, (R,), device="cuda", generator=g, dtype=torch.int32)
     ks = (ke - torch.randint(0, 20000, (R,), device="cuda", generator=g, dtype=torch.int32)).clamp_min(0)
     ke[0], ks[0] = 1000, 0  # shorter than k
-    for schedule in ("sample", "bucket", "rows", "split", "torch"):
+    for schedule in ("sample", "staged", "bucket", "rows", "split", "torch"):
         out = topk(x, k, ks, ke, schedule=schedule)
         same_sets_modulo_ties(out.cpu(), topk_ref(x, k, ks, ke).cpu(), x.cpu())
     long = torch.randn(2, 262144, device="cuda", generator=g)
     zero, full = torch.zeros(2, device="cuda"), torch.full((2,), 262144, device="cuda")
-    for schedule in ("sample", "bucket", "rows", "split", "torch"):
+    for schedule in ("sample", "staged", "bucket", "rows", "split", "torch"):
         out = topk(long, k, schedule=schedule)
         same_sets_modulo_ties(out.cpu(), topk_ref(long, k, zero, full).cpu(), long.cpu())

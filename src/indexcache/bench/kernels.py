@@ -222,22 +222,38 @@ def bench_topk(dev, ceil: dict, log) -> dict:
         if ms < best_sample[1]:
             best_sample = (cfg, ms)
     res["best_sample_config"] = best_sample[0]
+    # the staged schedule: keys per collecting program, its tile, its warps (the select kernel keeps 8)
+    best_staged = ({}, float("inf"))
+    for cfg in (dict(seg_keys=8192, block=1024, collect_warps=4), dict(seg_keys=4096, block=1024, collect_warps=4),
+                dict(seg_keys=16384, block=2048, collect_warps=4), dict(seg_keys=8192, block=2048, collect_warps=8),
+                dict(seg_keys=4096, block=512, collect_warps=2)):
+        ms = _bench(lambda cfg=cfg: topk(x, K, ks, ke, schedule="staged", **cfg), warmup=5, rep=20)
+        res["sweep"].append({"rows": S, "N": 65536, "schedule": "staged", **cfg, "ms": ms})
+        log(f"  topk staged sweep {cfg}: {ms:.3f} ms")
+        if ms < best_staged[1]:
+            best_staged = (cfg, ms)
+    res["best_staged_config"] = best_staged[0]
     for N in (8192, 16384, 32768, 65536):
         x = torch.randn(S, N, device=dev)
         ks, ke = _causal_windows(S, N, dev)
         nbytes = float((ke - ks).sum()) * 4
         ms = _bench(lambda: topk(x, K, ks, ke, schedule="bucket", **best[0]))
         sample_ms = _bench(lambda: topk(x, K, ks, ke, schedule="sample", **best_sample[0]))
+        staged_ms = _bench(lambda: topk(x, K, ks, ke, schedule="staged", **best_staged[0]))
         auto_ms = _bench(lambda: topk(x, K, ks, ke))  # what the dispatch picks
         rows_ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"), warmup=5, rep=20)
         ref_ms = _bench(lambda: torch.topk(x, K, dim=-1), warmup=5, rep=20)
         row = {"rows": S, "N": N, "k": K, "schedule": "bucket", "ms": ms, "tbps_one_read": nbytes / ms / 1e9,
                "radix_rows_ms": rows_ms, "torch_topk_ms": ref_ms, "sample_ms": sample_ms, "auto_ms": auto_ms,
+               "staged_ms": staged_ms,
                "sample_tbps_one_read": nbytes / sample_ms / 1e9}
         row["resources"] = resources("topk_bucket")
         row["resources_sample"] = resources("topk_sample")
         res["prefill"].append(row)
-        log(f"  topk {S}x{N}: bucket {ms:.3f} ms, sample {sample_ms:.3f} ms, auto {auto_ms:.3f} ms, "
+        row["resources_staged_collect"] = resources("topk_staged_collect")
+        row["resources_staged_select"] = resources("topk_staged_select")
+        log(f"  topk {S}x{N}: bucket {ms:.3f} ms, sample {sample_ms:.3f} ms, staged {staged_ms:.3f} ms, "
+            f"auto {auto_ms:.3f} ms, "
             f"radix rows {rows_ms:.3f} ms "
             f"(torch.topk {ref_ms:.3f} ms)")
     for R in (1, 8, 64):
@@ -494,7 +510,8 @@ def summary_table(result: dict) -> str:
     for r in result["topk"]["prefill"]:
         tgt = f"<= {TARGETS['topk_8192x64K_ms']} ms" if r["N"] == 65536 else ""
         lines.append(f"| top-k 2048 | {r['rows']} rows x {r['N']} (causal) | {r['ms']:.3f} ms (sample "
-                     f"{r.get('sample_ms', float('nan')):.2f}, auto {r.get('auto_ms', float('nan')):.2f}, radix "
+                     f"{r.get('sample_ms', float('nan')):.2f}, staged {r.get('staged_ms', float('nan')):.2f}, auto "
+                     f"{r.get('auto_ms', float('nan')):.2f}, radix "
                      f"{r['radix_rows_ms']:.2f}, torch "
                      f"{r['torch_topk_ms']:.2f}) | {r['tbps_one_read']:.2f} TB/s "
                      f"(1 read) | {100 * r['tbps_one_read'] / c['copy_tbps']:.0f}% | {tgt} |")

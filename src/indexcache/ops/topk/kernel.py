@@ -9,7 +9,7 @@ the number of ties to keep; a last pass writes every key ``> T`` and the first t
 order (so ties go to the lowest indices, deterministically). Only the row's window ``[ks, ke)`` is read;
 a window of at most k keys returns its indices directly, ``-1`` filling the rest.
 
-Four schedules, and ``torch`` (torch.topk on the windows, which ``auto`` picks for tens of long decode
+Five schedules, and ``torch`` (torch.topk on the windows, which ``auto`` picks for tens of long decode
 rows, where it was measured faster):
 
 * ``sample`` (prefill, the default for many rows: measured faster than ``bucket`` and torch.topk): one
@@ -19,6 +19,11 @@ rows, where it was measured faster):
   registers pick the exact top k among them. At least j keys always reach the threshold; where fewer
   than k or more than ``cap`` do (the sample misled), the row falls back to ``rows``. Exact either way.
 
+* ``staged`` (prefill; to be measured against ``sample``): the sample schedule in three kernels. One
+  program per row finds the threshold from the sample; programs of ``seg_keys`` keys each read the row and
+  reserve candidate slots per tile with an atomic counter; one program per row selects among the
+  candidates, breaking the threshold's ties by index so the set equals ``sample``'s. The read then runs in
+  many light programs instead of one register-heavy program per row.
 * ``bucket`` (prefill, for k above ``cap / 2``): one program per row. Three streaming reads instead of
   five: the range [lo, hi] of the row's finite values; a histogram of 256 equal-width buckets of it, which
   fixes the bucket holding the k-th value; then every key above that bucket goes straight to the output
@@ -236,6 +241,18 @@ if HAVE_TRITON:
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
     @triton.jit
+    def _sample_tau(Xr, ks, n, K, NS: tl.constexpr, CH: tl.constexpr):
+        """The candidates' threshold key of a window of ``n`` > NS keys: a sample of NS keys, in chunks of CH
+        contiguous ones spread evenly over the window, and its j-th largest key, with j chosen so that about
+        1.5 K of the row's keys reach it (always at least j of them do: the sample is part of the row)."""
+        i = tl.arange(0, NS)
+        stride = (n - CH) // (NS // CH - 1)
+        skey = _keys(tl.load(Xr + ks + (i // CH) * stride + (i % CH)))
+        j = tl.minimum(tl.maximum((3 * K * NS + 2 * n - 1) // (2 * n), 1), NS)  # rounded up
+        tau, _ = _kth_key(skey, i < NS, j)
+        return tau
+
+    @triton.jit
     def _topk_sample_kernel(X, KS, KE, OUT, CAND, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
                             CAP: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr):
         r = tl.program_id(0)
@@ -248,14 +265,7 @@ if HAVE_TRITON:
             c = tl.arange(0, CAP)
             _select_candidates(Xr, Or, ks + c, c < n, K)
         else:
-            # a sample of NS keys, in chunks of CH contiguous ones spread evenly over the window, sets the
-            # threshold: the sample's j-th largest key, with j chosen so that about 1.5 K of the row's keys
-            # reach it (always at least j of them do: the sample is part of the row)
-            i = tl.arange(0, NS)
-            stride = (n - CH) // (NS // CH - 1)
-            skey = _keys(tl.load(Xr + ks + (i // CH) * stride + (i % CH)))
-            j = tl.minimum(tl.maximum((3 * K * NS + 2 * n - 1) // (2 * n), 1), NS)  # rounded up
-            tau, _ = _kth_key(skey, i < NS, j)
+            tau = _sample_tau(Xr, ks, n, K, NS, CH)
             # one read of the row: the keys at or above the threshold become the candidates, in index order
             n_c = 0
             for t0 in range(ks, ke, BLOCK):
@@ -270,6 +280,70 @@ if HAVE_TRITON:
                 c = tl.arange(0, CAP)
                 cm = c < n_c
                 _select_candidates(Xr, Or, tl.load(Cr + c, mask=cm, other=0), cm, K)
+            else:  # the sample missed (fewer than K or more than CAP keys reach it): plain radix, still exact
+                _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
+
+    # ------------------------------------------------------------------ staged schedule (prefill rows)
+    # The sample schedule's work in three kernels, so that the row's one read runs in many light programs
+    # instead of one register-heavy program per row: (1) each row's threshold from its sample, (2) the
+    # candidates, collected by (row, segment) programs that reserve slots per tile with an atomic counter
+    # (so they arrive in no fixed order), (3) the exact selection among them, one program per row, which
+    # breaks the threshold's ties by index so that the result equals the sample schedule's.
+    @triton.jit
+    def _staged_tau_kernel(X, KS, KE, TAU, N, sx_r, K, CAP: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr):
+        r = tl.program_id(0)
+        ks, ke = _window(KS, KE, r, N)
+        if ke - ks > CAP:  # shorter windows are selected whole, in registers, by the select kernel
+            tl.store(TAU + r, _sample_tau(X + r.to(tl.int64) * sx_r, ks, ke - ks, K, NS, CH))
+
+    @triton.jit
+    def _staged_collect_kernel(X, KS, KE, TAU, CNT, CAND, N, sx_r, SEG, CAP: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        ks, ke = _window(KS, KE, r, N)
+        s0 = ks + tl.program_id(1) * SEG
+        if (ke - ks > CAP) & (s0 < ke):
+            s1 = tl.minimum(s0 + SEG, ke)
+            tau = tl.load(TAU + r)
+            Xr = X + r.to(tl.int64) * sx_r
+            Cr = CAND + r.to(tl.int64) * CAP
+            for t0 in range(s0, s1, BLOCK):
+                t = t0 + tl.arange(0, BLOCK)
+                m = t < s1
+                cand = (m & (_keys(tl.load(Xr + t, mask=m, other=0.0)) >= tau)).to(tl.int32)
+                base = tl.atomic_add(CNT + r, tl.sum(cand, axis=0), sem="relaxed")
+                slot = base + tl.cumsum(cand, axis=0) - 1
+                tl.store(Cr + slot, t, mask=(cand != 0) & (slot < CAP))
+
+    @triton.jit
+    def _staged_select_kernel(X, KS, KE, CNT, CAND, OUT, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
+                              CAP: tl.constexpr):
+        r = tl.program_id(0)
+        Xr, Or, ks, ke = _row(X, OUT, KS, KE, r, N, sx_r, so_r)
+        n = ke - ks
+        if n <= K:
+            _write_whole_window(Or, ks, n, K, KP)
+        elif n <= CAP:
+            c = tl.arange(0, CAP)
+            _select_candidates(Xr, Or, ks + c, c < n, K)
+        else:
+            n_c = tl.load(CNT + r)
+            if (n_c >= K) & (n_c <= CAP):
+                c = tl.arange(0, CAP)
+                cm = c < n_c
+                cidx = tl.load(CAND + r.to(tl.int64) * CAP + c, mask=cm, other=0)
+                key = _keys(tl.load(Xr + cidx, mask=cm, other=0.0))
+                thr, ties = _kth_key(key, cm, K)
+                gt = (cm & (key > thr)).to(tl.int32)
+                eq = cm & (key == thr)
+                tl.store(Or + tl.cumsum(gt, axis=0) - 1, cidx, mask=gt != 0)
+                # the ties to keep: the `ties` lowest indices among the candidates equal to the threshold
+                # (the candidates arrived in no fixed order); the largest of -index picks them
+                n_eq = tl.sum(eq.to(tl.int32), axis=0)
+                if n_eq > ties:
+                    last, _ = _kth_key(-cidx, eq, ties)
+                    eq = eq & (-cidx >= last)
+                ei = eq.to(tl.int32)
+                tl.store(Or + (K - ties) + tl.cumsum(ei, axis=0) - 1, cidx, mask=eq)
             else:  # the sample missed (fewer than K or more than CAP keys reach it): plain radix, still exact
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
@@ -385,15 +459,18 @@ def topk(
     num_warps: int = 8,
     segments: int | None = None,
     cap: int = 4096,
+    seg_keys: int = 8192,
+    collect_warps: int = 4,
 ) -> torch.Tensor:
     """Indices of the ``k`` largest logits of each row inside ``[ks, ke)`` (default: the whole row).
 
     logits [R, N] fp32 (row stride free). Returns int32 [R, k], unsorted, ``-1`` where the window holds
     fewer than ``k`` keys; the set equals ``torch.topk``'s except among exactly tied values (here: lowest
-    index first for ``rows``, ``bucket`` and ``sample``, arrival order for ``split``, torch.topk's for
-    ``torch``). ``schedule``: ``sample``, ``bucket``, ``rows``, ``split``, ``torch`` (torch.topk on the
-    windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond; else sample,
-    or bucket when k > cap / 2).
+    index first for ``rows``, ``bucket``, ``sample`` and ``staged``, arrival order for ``split``, torch.topk's for
+    ``torch``). ``schedule``: ``sample``, ``staged``, ``bucket``, ``rows``, ``split``, ``torch``
+    (torch.topk on the windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond;
+    else sample, or bucket when k > cap / 2). ``seg_keys`` and ``collect_warps``: the staged schedule's
+    keys and warps per collecting program.
     ``cap``: candidate slots per row for ``bucket`` (a power of two). ``row_len`` and ``ties`` are the
     reference's (:func:`.reference.topk`): the kernel reads windows only and breaks ties its own way."""
     require_triton()
@@ -405,7 +482,7 @@ def topk(
         return out
     kp = triton.next_power_of_2(k)
     if block is None:  # the fastest measured on H100: 2048 for bucket (8 warps), 1024 otherwise
-        block = 2048 if schedule in ("auto", "bucket", "sample") else 1024
+        block = 2048 if schedule in ("auto", "bucket", "sample") else 1024  # staged: 1024-key tiles
     if schedule == "auto":
         # measured on the H200 (results/kernels/h200/topk_dispatch.json): with few long rows `split` beats torch.topk up
         # to 8 rows (52-83 us against 77-100 at 64K-200K keys) but not at 64 (175-488 us against 127-271),
@@ -434,6 +511,23 @@ def topk(
             logits, ks, ke, out, cand, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, CAP=cap, NS=ns,
             CH=max(1, ns // 16), num_warps=num_warps)
         return out
+    if schedule == "staged":
+        if cap < 2 * k or cap & (cap - 1):
+            raise ValueError(f"the staged schedule needs cap a power of two >= 2k, got cap={cap} for k={k}")
+        ns = cap // 2
+        dev = logits.device
+        tau = torch.empty(R, dtype=torch.int32, device=dev)
+        cnt = torch.zeros(R, dtype=torch.int32, device=dev)
+        cand = torch.empty(R, cap, dtype=torch.int32, device=dev)
+        seg = max(block, seg_keys)  # keys per collecting program
+        _staged_tau_kernel[(R,)](logits, ks, ke, tau, N, logits.stride(0), k, CAP=cap, NS=ns, CH=max(1, ns // 16),
+                                 num_warps=4)
+        LAST_COMPILED["topk_staged_collect"] = _staged_collect_kernel[(R, triton.cdiv(N, seg))](
+            logits, ks, ke, tau, cnt, cand, N, logits.stride(0), seg, CAP=cap, BLOCK=block, num_warps=collect_warps)
+        LAST_COMPILED["topk_staged_select"] = _staged_select_kernel[(R,)](
+            logits, ks, ke, cnt, cand, out, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, CAP=cap,
+            num_warps=num_warps)
+        return out
     if schedule == "bucket":
         cand = torch.empty(R, cap, dtype=torch.int32, device=logits.device)
         LAST_COMPILED["topk_bucket"] = _topk_bucket_kernel[(R,)](
@@ -441,7 +535,7 @@ def topk(
             num_warps=num_warps)
         return out
     if schedule != "split":
-        raise ValueError(f"unknown schedule {schedule!r} (sample, bucket, rows, split, torch or auto)")
+        raise ValueError(f"unknown schedule {schedule!r} (sample, staged, bucket, rows, split, torch or auto)")
     if segments is None:
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 2
         segments = max(1, min(triton.cdiv(2 * sms, R), triton.cdiv(N, 4 * block)))
