@@ -9,7 +9,8 @@ fp32), so they differ only by how the kernel rounds:
   of Numerical Algorithms, 3.1). bf16/fp16 tensor-core products accumulate in fp32 (``u = 2^-24``); Hopper's
   fp8 tensor cores keep about 14 bits while accumulating (the DeepSeek-V3 report), ``u = 2^-14``;
 * operands a kernel rounds itself (flash attention's probabilities cast to bf16 before ``P @ V``), once
-  each, ``u = 2^-9`` for bf16.
+  each, ``u = 2^-8`` for bf16 (8 significant bits: half a unit in the last place is 2^-8 of the
+  smallest value with that exponent).
 
 Tests therefore compare elementwise against ``bound * magnitude``, where ``magnitude`` is the same
 computation on absolute values.
@@ -18,7 +19,7 @@ computation on absolute values.
 from __future__ import annotations
 
 U_FP32 = 2.0**-24
-U_BF16 = 2.0**-9  # round to nearest, 8 significant bits
+U_BF16 = 2.0**-8  # round to nearest, 8 significant bits (7 stored): u = 2^-p
 U_FP16 = 2.0**-11
 U_FP8_ACCUMULATE = 2.0**-14
 

@@ -134,8 +134,8 @@ def decode_families(eng, B: int) -> dict[str, Callable[[], None]]:
 
     def norms() -> None:
         for layer in layers:
-            layer.input_layernorm(x)
-            layer.post_attention_layernorm(x)
+            layer.input_layernorm(x, eng.ops.name)
+            layer.post_attention_layernorm(x, eng.ops.name)
 
     def projections() -> None:  # q (with its low-rank path), the latent kv and RoPE
         for layer in layers:
@@ -170,7 +170,7 @@ def decode_families(eng, B: int) -> dict[str, Callable[[], None]]:
             layer.mlp(x, graph_safe=True, backend=eng.ops.name)
 
     def head() -> None:
-        model.head(x[0])
+        model.head(x[0], eng.ops.name)
 
     return {"norms": norms, "projections": projections, "indexer": indexer, "attention": attention,
             "output_projection": output, "mlp_moe": mlp, "lm_head": head}

@@ -135,7 +135,7 @@ class Engine:
     def context(self, positions: torch.Tensor) -> Context:
         """The forward context of new tokens at ``positions`` (RoPE rows of the engine's table)."""
         return Context(rope=self.rope_table.at(positions), positions=positions, slots=positions,
-                       scoring=self.scoring)
+                       scoring=self.scoring, backend=self.ops.name)
 
     def _timed(self, name: str):
         if self.timer is None:
@@ -161,10 +161,10 @@ class Engine:
             p1 = min(P, p0 + self.chunk)
             h = self._prefill_chunk(slot, ids[p0:p1], p0)
             if all_logits:
-                outs.append(self.model.head(h))
+                outs.append(self.model.head(h, self.ops.name))
             last = h[-1:]
         self.lengths[slot] = P
-        return torch.cat(outs) if all_logits else self.model.head(last)[0]
+        return torch.cat(outs) if all_logits else self.model.head(last, self.ops.name)[0]
 
     def _layer(self, i: int, h: torch.Tensor, ctx: Context, idx: torch.Tensor | None, write: Callable,
                select: Callable, attend: Callable, graph_safe: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -173,7 +173,7 @@ class Engine:
         ``attend(i, q, idx)`` attends over the latent cache. ``idx`` is carried in from the Full layer before."""
         layer = self.model.model.layers[i]
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
+        x = layer.input_layernorm(h, self.ops.name)
         qr, q, kv = attn.latents(x, ctx)
         write(self.latent[i], kv[0])
         if self.pattern.is_full(i):
@@ -189,7 +189,8 @@ class Engine:
         with self._timed("attention"):
             out = attend(i, q[0], idx)
         h = h + attn.project_out(out)[None]
-        return h + layer.mlp(layer.post_attention_layernorm(h), graph_safe=graph_safe, backend=self.ops.name), idx
+        mlp_in = layer.post_attention_layernorm(h, self.ops.name)
+        return h + layer.mlp(mlp_in, graph_safe=graph_safe, backend=self.ops.name), idx
 
     def select_indices(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, ke: torch.Tensor,
                        trim: bool, ke_host: torch.Tensor | None = None,
@@ -261,7 +262,7 @@ class Engine:
         for i in range(self.cfg.num_hidden_layers):
             h, idx = self._layer(i, h, ctx, idx, write, select, attend, graph_safe=True)
         self.lengths[:B] += 1
-        return self.model.head(h)[0]
+        return self.model.head(h, self.ops.name)[0]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

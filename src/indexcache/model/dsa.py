@@ -95,11 +95,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.backend = "torch"  # the ops backend of the norm (the model's set_backend sets it)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """On ``backend`` (default: the module's own); a forward that trains stays on the reference (the
+        kernel has no backward)."""
+        backend = backend or self.backend
+        trains = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        op = get_backend("torch" if trains else backend).rms_norm
+        return op(x, self.weight, self.eps)
 
 
 class Indexer(nn.Module):
@@ -169,11 +173,11 @@ class MLA(nn.Module):
     def latents(self, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qr, absorbed queries [B,S,H,kv_lora+dr], key latents [B,S,kv_lora+dr])."""
         B, S, _ = x.shape
-        qr = self.q_a_layernorm(self.q_a_proj(x))
+        qr = self.q_a_layernorm(self.q_a_proj(x), ctx.backend)
         q = self.q_b_proj(qr).view(B, S, self.n_heads, self.dn + self.dr)
         q_nope, q_pe = q[..., : self.dn], ctx.rope.interleaved(q[..., self.dn :])
         ckv = self.kv_a_proj_with_mqa(x)
-        c = self.kv_a_layernorm(ckv[..., : self.kv_lora])
+        c = self.kv_a_layernorm(ckv[..., : self.kv_lora], ctx.backend)
         k_pe = ctx.rope.interleaved(ckv[..., self.kv_lora :])
         w_uk = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, : self.dn]
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # absorb W_uk into the query
@@ -426,9 +430,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, h: torch.Tensor, ctx: Context, full: bool, prev: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, indices = self.self_attn(self.input_layernorm(h), ctx, self.layer, full, prev)
+        a, indices = self.self_attn(self.input_layernorm(h, ctx.backend), ctx, self.layer, full, prev)
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h)), indices
+        return h + self.mlp(self.post_attention_layernorm(h, ctx.backend)), indices
 
 
 class DSABackbone(nn.Module):
@@ -502,7 +506,7 @@ class DSAForCausalLM(nn.Module):
             raise ValueError("the triton kernels need power-of-two indexer heads/dims, kv_lora_rank and rope dim")
         self.backend = backend
         for m in self.modules():
-            if isinstance(m, (FP8Linear, FP8Experts, MoE)):
+            if isinstance(m, (FP8Linear, FP8Experts, MoE, RMSNorm)):
                 m.backend = backend
 
     def keep_fp8(self, fp8_weights: set[str], scale_fmt: str | None = None) -> int:
@@ -596,8 +600,9 @@ class DSAForCausalLM(nn.Module):
             h, indices = self.model.layers[i](h, ctx, pattern.is_full(i), indices)
         return h, indices
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(h))
+    def head(self, h: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """The final norm (on ``backend``, default the model's) and the vocabulary projection."""
+        return self.lm_head(self.model.norm(h, backend))
 
     def forward(
         self,

@@ -46,6 +46,7 @@ class Backend:
     moe_experts_fp8: Callable | None = None  # the same over block-FP8 experts
     # the logits of each row that reach a threshold, as (values, keys, count): the fused indexer + top-k
     indexer_candidates: Callable | None = None
+    rms_norm: Callable | None = None  # RMSNorm over the last dimension (weight, eps)
 
     def supports(self, index_heads: int, index_dim: int, latent_dim: int, d_v: int) -> bool:
         """Whether the kernels take these shapes (the references take any)."""
@@ -72,11 +73,12 @@ def _torch() -> Backend:
     from .fp8_gemm.reference import fp8_gemm
     from .indexer.reference import indexer_candidates, indexer_logits
     from .moe.reference import moe_experts, moe_experts_fp8
+    from .norm.reference import rms_norm
     from .sparse_mla.reference import sparse_mla
     from .topk.reference import topk
 
     return Backend("torch", indexer_logits, topk, sparse_mla, fp8_gemm=fp8_gemm, moe_experts=moe_experts,
-                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates)
+                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm)
 
 
 def _triton() -> Backend:
@@ -84,6 +86,7 @@ def _triton() -> Backend:
     from .fp8_gemm.kernel import fp8_gemm
     from .indexer.kernel import indexer_candidates, indexer_logits
     from .moe.kernel import moe_experts, moe_experts_fp8
+    from .norm.kernel import rms_norm
     from .sparse_mla.kernel import sparse_mla
     from .topk.kernel import topk
     from .triton_support import require_triton
@@ -91,7 +94,7 @@ def _triton() -> Backend:
     require_triton()
     return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest",
                    fp8_gemm=fp8_gemm, act_quant=act_quant_kernel, moe_experts=moe_experts,
-                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates)
+                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm)
 
 
 _MADE: dict[str, Backend] = {}
