@@ -118,9 +118,9 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)  # kept in fp32
         self.softmax_scale = self.head_dim**-0.5
 
-    def _rope(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, rope: Rope, backend: str = "torch") -> torch.Tensor:
         pe, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]  # rope dims come first in the indexer
-        pe = rope.interleaved(pe) if self.interleave else rope.half_split(pe)
+        pe = rope.interleaved(pe, backend=backend) if self.interleave else rope.half_split(pe, backend=backend)
         return torch.cat((pe, rest), dim=-1)
 
     def project(
@@ -128,8 +128,8 @@ class Indexer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B,S,H,D], head gates w [B,S,H] fp32, keys k [B,S,D], as the scoring op consumes them."""
         B, S, _ = x.shape
-        q = self._rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), ctx.rope)
-        k = self._rope(self.k_norm(self.wk(x)), ctx.rope)
+        q = self._rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), ctx.rope, ctx.backend)
+        k = self._rope(self.k_norm(self.wk(x)), ctx.rope, ctx.backend)
         w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
         if ctx.scoring == "fp8":
             q, k = fp8_indexer_operands(q, k)  # DeepSeek's reference; operands passed on dequantised
@@ -175,10 +175,10 @@ class MLA(nn.Module):
         B, S, _ = x.shape
         qr = self.q_a_layernorm(self.q_a_proj(x), ctx.backend)
         q = self.q_b_proj(qr).view(B, S, self.n_heads, self.dn + self.dr)
-        q_nope, q_pe = q[..., : self.dn], ctx.rope.interleaved(q[..., self.dn :])
+        q_nope, q_pe = q[..., : self.dn], ctx.rope.interleaved(q[..., self.dn :], backend=ctx.backend)
         ckv = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(ckv[..., : self.kv_lora], ctx.backend)
-        k_pe = ctx.rope.interleaved(ckv[..., self.kv_lora :])
+        k_pe = ctx.rope.interleaved(ckv[..., self.kv_lora :], backend=ctx.backend)
         w_uk = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora)[:, : self.dn]
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # absorb W_uk into the query
         return qr, torch.cat((q_abs, q_pe), dim=-1), torch.cat((c, k_pe), dim=-1)

@@ -62,22 +62,20 @@ class Rope:
         out.positions = positions
         return out
 
-    def _bcast(self, x: torch.Tensor, seq_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # x [..., S, (heads...), d]: put the table's S on seq_dim and broadcast the rest.
-        shape = [1] * x.dim()
-        shape[seq_dim] = self.cos.shape[0]
-        shape[-1] = self.cos.shape[1]
-        return self.cos.view(shape), self.sin.view(shape)
+    def interleaved(self, x: torch.Tensor, seq_dim: int = 1, backend: str = "torch") -> torch.Tensor:
+        """Rotate pairs (x0, x1), (x2, x3), ... in place in the layout (GPT-J / complex style), x [..., S (at
+        ``seq_dim``), ..., d], on the ops ``backend`` (its kernel takes the positions on dim 1)."""
+        return self._apply(x, True, seq_dim, backend)
 
-    def interleaved(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
-        """Rotate pairs (x0, x1), (x2, x3), ... in place in the layout (GPT-J / complex style)."""
-        cos, sin = self._bcast(x, seq_dim)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-
-    def half_split(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+    def half_split(self, x: torch.Tensor, seq_dim: int = 1, backend: str = "torch") -> torch.Tensor:
         """Rotate (x_i, x_{i+d/2}) pairs (NeoX style)."""
-        cos, sin = self._bcast(x, seq_dim)
-        h = x.shape[-1] // 2
-        x1, x2 = x[..., :h], x[..., h:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self._apply(x, False, seq_dim, backend)
+
+    def _apply(self, x: torch.Tensor, interleaved: bool, seq_dim: int, backend: str) -> torch.Tensor:
+        from ..ops.backends import get_backend
+
+        # a rotation that trains, or another layout than the kernel's, stays on the reference
+        trains = torch.is_grad_enabled() and x.requires_grad
+        if trains or seq_dim != 1 or x.dim() not in (3, 4):
+            backend = "torch"
+        return get_backend(backend).rope(x, self.cos, self.sin, interleaved, seq_dim)

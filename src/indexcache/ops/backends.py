@@ -47,6 +47,7 @@ class Backend:
     # the logits of each row that reach a threshold, as (values, keys, count): the fused indexer + top-k
     indexer_candidates: Callable | None = None
     rms_norm: Callable | None = None  # RMSNorm over the last dimension (weight, eps)
+    rope: Callable | None = None  # RoPE on the last dimension from cos/sin tables (interleaved or half split)
 
     def supports(self, index_heads: int, index_dim: int, latent_dim: int, d_v: int) -> bool:
         """Whether the kernels take these shapes (the references take any)."""
@@ -74,11 +75,13 @@ def _torch() -> Backend:
     from .indexer.reference import indexer_candidates, indexer_logits
     from .moe.reference import moe_experts, moe_experts_fp8
     from .norm.reference import rms_norm
+    from .rope.reference import apply_rope
     from .sparse_mla.reference import sparse_mla
     from .topk.reference import topk
 
     return Backend("torch", indexer_logits, topk, sparse_mla, fp8_gemm=fp8_gemm, moe_experts=moe_experts,
-                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm)
+                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm,
+                   rope=apply_rope)
 
 
 def _triton() -> Backend:
@@ -87,6 +90,7 @@ def _triton() -> Backend:
     from .indexer.kernel import indexer_candidates, indexer_logits
     from .moe.kernel import moe_experts, moe_experts_fp8
     from .norm.kernel import rms_norm
+    from .rope.kernel import apply_rope
     from .sparse_mla.kernel import sparse_mla
     from .topk.kernel import topk
     from .triton_support import require_triton
@@ -94,7 +98,8 @@ def _triton() -> Backend:
     require_triton()
     return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest",
                    fp8_gemm=fp8_gemm, act_quant=act_quant_kernel, moe_experts=moe_experts,
-                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm)
+                   moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm,
+                   rope=apply_rope)
 
 
 _MADE: dict[str, Backend] = {}
