@@ -203,10 +203,10 @@ class Engine:
             w = w * q_scale[..., 0]
         if trim and self.fused_topk_from is not None and k.shape[1] >= self.fused_topk_from:
             idx = indexer_topk_fused(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops,
-                                     k_scale=k_scale)
-        else:
+                                     k_scale=k_scale, index_dtype=torch.int32)
+        else:  # int32, as the top-k writes them and sparse attention reads them: no casts in the step
             idx = indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim,
-                               ke_host=ke_host, k_scale=k_scale)
+                               ke_host=ke_host, k_scale=k_scale, index_dtype=torch.int32)
         if self.selections is not None:
             self.selections.append(idx.cpu())
         return idx
