@@ -40,3 +40,35 @@ def test_moe_bench_runs_its_sweep_and_fp8_rows_and_prints_them(monkeypatch):
     assert outs and all(torch.isfinite(c.float()).all() for c in outs)
     table = bench.moe_table({"moe": res})
     assert table.count("| fp8 prefill |") == 1 and table.count("| fp8 decode |") == 2
+
+
+@interpreter
+def test_topk_bench_runs_its_sweeps_and_tables(monkeypatch):
+    from indexcache.bench import kernels as bench
+
+    outs = []
+
+    def once(fn, warmup: int = 0, rep: int = 0) -> float:
+        outs.append(fn())
+        return 1.0
+
+    monkeypatch.setattr(bench, "_bench", once)
+    monkeypatch.setattr(bench, "_bench_graph", once)
+    monkeypatch.setattr(bench, "TOPK_K", 8)
+    monkeypatch.setattr(bench, "TOPK_ROWS", 6)
+    monkeypatch.setattr(bench, "TOPK_SWEEP_KEYS", 300)
+    monkeypatch.setattr(bench, "TOPK_PREFILL_KEYS", (64, 300))
+    monkeypatch.setattr(bench, "TOPK_DECODE", ((1, 3), (300,)))
+    res = bench.bench_topk("cpu", {"copy_tbps": 1.0}, lambda msg: None)
+    assert {r["schedule"] for r in res["sweep"]} == {"bucket", "sample", "staged"}
+    assert res["best_config"] and res["best_sample_config"] and res["best_staged_config"]
+    assert [r["N"] for r in res["prefill"]] == [64, 300]
+    assert all(k in res["prefill"][0] for k in ("sample_ms", "staged_ms", "auto_ms", "torch_topk_ms"))
+    assert [(r["rows"], r["N"]) for r in res["decode"]] == [(1, 300), (3, 300)]
+    assert all("auto_windows_us" in r for r in res["decode"])
+    # every timed selection returned k indices per row
+    assert all(o.shape[-1] == 8 for o in outs if isinstance(o, torch.Tensor))
+    table = bench.summary_table({"ceilings": {"bf16_gemm_tflops": 1.0, "copy_tbps": 1.0},
+                                 "indexer": {"prefill": [], "decode": []}, "topk": res,
+                                 "sparse_mla": {"prefill": [], "decode": []}})
+    assert table.count("| top-k 2048") == 4

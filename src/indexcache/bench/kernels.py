@@ -22,12 +22,13 @@ from ..errors import OptionError
 from ..ops.triton_support import resources
 from ..outputs import write_report
 
-TARGETS = {
+TARGETS = {  # the engine-and-kernels issue's bars on one H200
     "indexer_fp8_tflops": 1000.0,
     "indexer_bf16_tflops": 550.0,
-    "topk_8192x64K_ms": 1.83,
+    "topk_8192x64K_ms": 2.0,
     "sparse_mla_prefill_h128_tflops": 450.0,
-    "sparse_decode_tbps": 2.2,
+    "sparse_mla_prefill_h20_tflops": 300.0,  # counting the 20 real heads only
+    "sparse_decode_tbps": 2.5,
 }
 
 
@@ -194,52 +195,50 @@ def bench_fused(dev, ceil: dict, log) -> dict:
     return res
 
 
+# the top-k benchmark's shapes: k, prefill rows, the sweep's and the table's key counts, decode rows and keys
+TOPK_K, TOPK_ROWS, TOPK_SWEEP_KEYS = 2048, 8192, 65536
+TOPK_PREFILL_KEYS = (8192, 16384, 32768, 65536)
+TOPK_DECODE = ((1, 8, 64), (65536, 131072, 200000))
+
+
 def bench_topk(dev, ceil: dict, log) -> dict:
     from ..ops.topk.kernel import topk
 
-    K = 2048
+    K, S, NS = TOPK_K, TOPK_ROWS, TOPK_SWEEP_KEYS
     res: dict = {"prefill": [], "decode": [], "sweep": []}
-    S = 8192
-    x = torch.randn(S, 65536, device=dev)
-    ks, ke = _causal_windows(S, 65536, dev)
-    best = ({}, float("inf"))
-    for cfg in (dict(block=1024, num_warps=8), dict(block=2048, num_warps=8), dict(block=4096, num_warps=8),
-                dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=4096, num_warps=16)):
-        ms = _bench(lambda cfg=cfg: topk(x, K, ks, ke, schedule="bucket", **cfg), warmup=5, rep=20)
-        res["sweep"].append({"rows": S, "N": 65536, **cfg, "ms": ms})
-        log(f"  topk sweep {cfg}: {ms:.3f} ms")
-        if ms < best[1]:
-            best = (cfg, ms)
-    res["best_config"] = best[0]
-    # the sample schedule's own sweep: its per-row work (the sample's selection, the candidates' digit passes)
-    # is not the bucket's, so its best block and warps may differ
-    best_sample = ({}, float("inf"))
-    for cfg in (dict(block=1024, num_warps=8), dict(block=2048, num_warps=8), dict(block=4096, num_warps=8),
-                dict(block=2048, num_warps=16), dict(block=1024, num_warps=4)):
-        ms = _bench(lambda cfg=cfg: topk(x, K, ks, ke, schedule="sample", **cfg), warmup=5, rep=20)
-        res["sweep"].append({"rows": S, "N": 65536, "schedule": "sample", **cfg, "ms": ms})
-        log(f"  topk sample sweep {cfg}: {ms:.3f} ms")
-        if ms < best_sample[1]:
-            best_sample = (cfg, ms)
-    res["best_sample_config"] = best_sample[0]
-    # the staged schedule: keys per collecting program, its tile, its warps (the select kernel keeps 8)
-    best_staged = ({}, float("inf"))
-    for cfg in (dict(seg_keys=8192, block=1024, collect_warps=4), dict(seg_keys=4096, block=1024, collect_warps=4),
-                dict(seg_keys=16384, block=2048, collect_warps=4), dict(seg_keys=8192, block=2048, collect_warps=8),
-                dict(seg_keys=4096, block=512, collect_warps=2)):
-        ms = _bench(lambda cfg=cfg: topk(x, K, ks, ke, schedule="staged", **cfg), warmup=5, rep=20)
-        res["sweep"].append({"rows": S, "N": 65536, "schedule": "staged", **cfg, "ms": ms})
-        log(f"  topk staged sweep {cfg}: {ms:.3f} ms")
-        if ms < best_staged[1]:
-            best_staged = (cfg, ms)
-    res["best_staged_config"] = best_staged[0]
-    for N in (8192, 16384, 32768, 65536):
+    x = torch.randn(S, NS, device=dev)
+    ks, ke = _causal_windows(S, NS, dev)
+
+    def sweep(schedule: str, configs: tuple[dict, ...]) -> dict:
+        """Each configuration of ``schedule`` at S x NS into the results' sweep; returns the fastest."""
+        best = ({}, float("inf"))
+        for cfg in configs:
+            ms = _bench(lambda cfg=cfg: topk(x, K, ks, ke, schedule=schedule, **cfg), warmup=5, rep=20)
+            res["sweep"].append({"rows": S, "N": NS, "schedule": schedule, **cfg, "ms": ms})
+            log(f"  topk {schedule} sweep {cfg}: {ms:.3f} ms")
+            if ms < best[1]:
+                best = (cfg, ms)
+        return best[0]
+
+    res["best_config"] = sweep("bucket", (
+        dict(block=1024, num_warps=8), dict(block=2048, num_warps=8), dict(block=4096, num_warps=8),
+        dict(block=1024, num_warps=4), dict(block=2048, num_warps=4), dict(block=4096, num_warps=16)))
+    # sample's per-row work (the sample's selection, the candidates' digit passes) is not bucket's, so its
+    # best block and warps may differ; staged: keys per collecting program, its tile, its warps
+    res["best_sample_config"] = sweep("sample", (
+        dict(block=1024, num_warps=8), dict(block=2048, num_warps=8), dict(block=4096, num_warps=8),
+        dict(block=2048, num_warps=16), dict(block=1024, num_warps=4)))
+    res["best_staged_config"] = sweep("staged", (
+        dict(seg_keys=8192, block=1024, collect_warps=4), dict(seg_keys=4096, block=1024, collect_warps=4),
+        dict(seg_keys=16384, block=2048, collect_warps=4), dict(seg_keys=8192, block=2048, collect_warps=8),
+        dict(seg_keys=4096, block=512, collect_warps=2)))
+    for N in TOPK_PREFILL_KEYS:
         x = torch.randn(S, N, device=dev)
         ks, ke = _causal_windows(S, N, dev)
         nbytes = float((ke - ks).sum()) * 4
-        ms = _bench(lambda: topk(x, K, ks, ke, schedule="bucket", **best[0]))
-        sample_ms = _bench(lambda: topk(x, K, ks, ke, schedule="sample", **best_sample[0]))
-        staged_ms = _bench(lambda: topk(x, K, ks, ke, schedule="staged", **best_staged[0]))
+        ms = _bench(lambda: topk(x, K, ks, ke, schedule="bucket", **res["best_config"]))
+        sample_ms = _bench(lambda: topk(x, K, ks, ke, schedule="sample", **res["best_sample_config"]))
+        staged_ms = _bench(lambda: topk(x, K, ks, ke, schedule="staged", **res["best_staged_config"]))
         auto_ms = _bench(lambda: topk(x, K, ks, ke))  # what the dispatch picks
         rows_ms = _bench(lambda: topk(x, K, ks, ke, schedule="rows"), warmup=5, rep=20)
         ref_ms = _bench(lambda: torch.topk(x, K, dim=-1), warmup=5, rep=20)
@@ -256,8 +255,8 @@ def bench_topk(dev, ceil: dict, log) -> dict:
             f"auto {auto_ms:.3f} ms, "
             f"radix rows {rows_ms:.3f} ms "
             f"(torch.topk {ref_ms:.3f} ms)")
-    for R in (1, 8, 64):
-        for N in (65536, 131072, 200000):
+    for R in TOPK_DECODE[0]:
+        for N in TOPK_DECODE[1]:
             x = torch.randn(R, N, device=dev)
             row = {"rows": R, "N": N, "k": K}
             for sched in ("rows", "split", "auto"):  # auto: what the dispatch picks, against torch.topk
@@ -520,7 +519,8 @@ def summary_table(result: dict) -> str:
                      f"{r['split_us']:.1f} us, auto {r.get('auto_us', float('nan')):.1f} us (windows given "
                      f"{r.get('auto_windows_us', float('nan')):.1f}) | torch {r['torch_topk_us']:.1f} us | | |")
     for r in result["sparse_mla"]["prefill"]:
-        tgt = f">= {TARGETS['sparse_mla_prefill_h128_tflops']:.0f}" if r["H"] == 128 else ""
+        tgt = {128: f">= {TARGETS['sparse_mla_prefill_h128_tflops']:.0f}",
+               20: f">= {TARGETS['sparse_mla_prefill_h20_tflops']:.0f}"}.get(r["H"], "")
         lines.append(f"| sparse MLA prefill | S={r['S']} H={r['H']} k=2048 | {r['ms']:.3f} ms | "
                      f"{r['tflops']:.0f} TFLOP/s | {r['pct_of_bf16_gemm']:.0f}% | {tgt} |")
     for r in result["sparse_mla"]["decode"]:
