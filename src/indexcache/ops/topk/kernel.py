@@ -170,14 +170,20 @@ if HAVE_TRITON:
         return prefix, need
 
     @triton.jit
-    def _select_candidates(Xr, Or, cidx, cm, K):
-        """The top K of the candidate keys ``Xr[cidx]`` (where ``cm``; listed in index order) into ``Or[:K]``:
-        those above the K-th largest, then the first of its ties (lowest index first). Digit passes in
-        registers (:func:`_kth_key`)."""
+    def _select_candidates(Xr, Or, cidx, cm, K, IN_ORDER: tl.constexpr = True):
+        """The top K of the candidate keys ``Xr[cidx]`` (where ``cm``) into ``Or[:K]``: those above the K-th
+        largest, then the lowest-index of its ties. Digit passes in registers (:func:`_kth_key`). Candidates
+        listed in index order take the first ties; otherwise (``IN_ORDER`` false) a digit selection on the
+        negated indices of the tied candidates finds the lowest ones."""
         key = _keys(tl.load(Xr + cidx, mask=cm, other=0.0))
         thr, ties = _kth_key(key, cm, K)
         gt = (cm & (key > thr)).to(tl.int32)
-        eq = (cm & (key == thr)).to(tl.int32)
+        tied = cm & (key == thr)
+        if not IN_ORDER:
+            if tl.sum(tied.to(tl.int32), axis=0) > ties:
+                last, _ = _kth_key(-cidx, tied, ties)
+                tied = tied & (-cidx >= last)
+        eq = tied.to(tl.int32)
         tl.store(Or + tl.cumsum(gt, axis=0) - 1, cidx, mask=gt != 0)
         rank = tl.cumsum(eq, axis=0) - 1
         tl.store(Or + (K - ties) + rank, cidx, mask=(eq != 0) & (rank < ties))
@@ -331,19 +337,7 @@ if HAVE_TRITON:
                 c = tl.arange(0, CAP)
                 cm = c < n_c
                 cidx = tl.load(CAND + r.to(tl.int64) * CAP + c, mask=cm, other=0)
-                key = _keys(tl.load(Xr + cidx, mask=cm, other=0.0))
-                thr, ties = _kth_key(key, cm, K)
-                gt = (cm & (key > thr)).to(tl.int32)
-                eq = cm & (key == thr)
-                tl.store(Or + tl.cumsum(gt, axis=0) - 1, cidx, mask=gt != 0)
-                # the ties to keep: the `ties` lowest indices among the candidates equal to the threshold
-                # (the candidates arrived in no fixed order); the largest of -index picks them
-                n_eq = tl.sum(eq.to(tl.int32), axis=0)
-                if n_eq > ties:
-                    last, _ = _kth_key(-cidx, eq, ties)
-                    eq = eq & (-cidx >= last)
-                ei = eq.to(tl.int32)
-                tl.store(Or + (K - ties) + tl.cumsum(ei, axis=0) - 1, cidx, mask=eq)
+                _select_candidates(Xr, Or, cidx, cm, K, False)  # they arrived in no fixed order
             else:  # the sample missed (fewer than K or more than CAP keys reach it): plain radix, still exact
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
@@ -398,7 +392,6 @@ if HAVE_TRITON:
                 base_gt = tl.atomic_add(CNT + r * 2, tl.sum(gi, axis=0), sem="relaxed")
                 base_eq = tl.atomic_add(CNT + r * 2 + 1, tl.sum(ei, axis=0), sem="relaxed")
                 _write_selected(Or, t, gt, eq, gi, ei, base_gt, base_eq, first_tie, need)
-
 
     # ------------------------------------------------------------------ torch schedule: the windows masked
     @triton.jit
