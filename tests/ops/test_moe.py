@@ -87,7 +87,8 @@ def test_tile_table_covers_every_pair_once_within_one_expert():
     from indexcache.ops.moe.kernel import tile_table
 
     g = torch.Generator().manual_seed(2)
-    for N, k, E, bm in [(37, 2, 5, 16), (1, 8, 64, 16), (300, 4, 16, 64), (5, 2, 3, 32)]:
+    # (1, 8) and (5, 2): one tile per pair (at most PER_PAIR_TILES pairs); the others sorted by expert
+    for N, k, E, bm in [(37, 2, 5, 16), (1, 8, 64, 16), (300, 4, 16, 64), (5, 2, 3, 32), (17, 2, 4, 16)]:
         idx = torch.stack([torch.multinomial(torch.arange(E, 0, -1).double() ** 2, k, generator=g) for _ in range(N)])
         order, tile_e, r0, r1 = tile_table(idx, E, bm)
         flat = idx.flatten()

@@ -163,12 +163,21 @@ if HAVE_TRITON:
         tl.store(OUT + pair[:, None].to(tl.int64) * s_op + rn[None, :], (acc * rw[:, None]).to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
 
+PER_PAIR_TILES = 32  # up to this many (token, slot) pairs, one tile per pair (decode)
+
+
 def tile_table(idx: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
     """The pairs sorted by expert and the tiles over them: ``(order [P], tile_expert, tile_first_row,
     tile_end_row)`` (int32, one entry per possible tile). Shapes depend on ``P = idx.numel()`` and
-    ``n_experts`` only; tiles past the last real one have first row = end row."""
+    ``n_experts`` only; tiles past the last real one have first row = end row. Up to ``PER_PAIR_TILES``
+    pairs, each pair is its own tile in routing order: the table is then the routing itself, three
+    operators instead of about twenty for the sort, a decode step's fixed cost; an expert two pairs chose
+    is read twice, the second time mostly from L2."""
     flat = idx.reshape(-1)
     P = flat.numel()
+    if P <= PER_PAIR_TILES:
+        pairs = torch.arange(P, device=idx.device, dtype=torch.int32)
+        return pairs, flat.to(torch.int32), pairs, pairs + 1
     order = torch.argsort(flat, stable=True)
     sorted_e = flat[order]
     experts = torch.arange(n_experts, device=idx.device, dtype=flat.dtype)
