@@ -30,12 +30,12 @@ from indexcache.model import dsa, rope  # noqa: E402
 from indexcache.ops.triton_support import HAVE_TRITON, interpreted  # noqa: E402
 from indexcache.pattern import Pattern  # noqa: E402
 
+# toy widths, the real head counts (the kernels' launchers pad too few heads, which would add operators)
 TOY_WIDTHS = dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-                  num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
-                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, index_n_heads=4,
-                  index_head_dim=32, index_topk=8, max_position_embeddings=4096)
+                  q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                  n_routed_experts=8, index_head_dim=32, index_topk=8, max_position_embeddings=4096)
 NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
-           "promote_types"}
+           "promote_types", "_unsafe_view"}
 
 
 class OpCount(TorchDispatchMode):
@@ -113,8 +113,16 @@ def main() -> None:
     model = dsa.DSAForCausalLM(cfg).init_random(0, std=0.05).eval()
     L = cfg.num_hidden_layers
     rows = []
-    backends = ["torch"] + (["triton"] if HAVE_TRITON and interpreted() else [])
-    for backend in backends:
+    # (label, backend, pairs up to which the MoE kernel gives each pair its own tile); 0: the table sorted
+    # by expert at every size, as the kernel did before
+    variants = [("torch", "torch", None)]
+    if HAVE_TRITON and interpreted():
+        from indexcache.ops.moe import kernel as moe_kernel
+
+        variants += [("triton", "triton", moe_kernel.PER_PAIR_TILES), ("triton, MoE table sorted", "triton", 0)]
+    for label, backend, per_pair in variants:
+        if per_pair is not None:
+            saved_per_pair, moe_kernel.PER_PAIR_TILES = moe_kernel.PER_PAIR_TILES, per_pair
         for name, pattern in (("all Full", Pattern.all_full(L)), ("uniform 1/4", Pattern.uniform(L, 4))):
             eng = Engine(model, pattern, max_len=64, chunk=32, backend=backend, cuda_graphs=False)
             logits = eng.prefill(0, torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(1)))
@@ -126,11 +134,13 @@ def main() -> None:
             finally:
                 for owner, attr, fn in saved:
                     setattr(owner, attr, fn)
-            rows.append({"backend": backend, "pattern": name, "full_layers": len(pattern.full_layers),
+            rows.append({"ops": label, "pattern": name, "full_layers": len(pattern.full_layers),
                          "operators": counter.total, "by_region": dict(counter.inside.most_common()),
                          "calls": dict(counter.calls)})
-            print(f"{backend:6s} {name:12s} {counter.total:5d} operators per decode step: "
+            print(f"{label:24s} {name:12s} {counter.total:5d} operators per decode step: "
                   + ", ".join(f"{k} {v}" for k, v in counter.inside.most_common()))
+        if per_pair is not None:
+            moe_kernel.PER_PAIR_TILES = saved_per_pair
     report = {"about": __doc__.splitlines()[0], "command": "TRITON_INTERPRET=1 python scripts/decode_op_count.py "
               + str(out), "layout": {k: GLM47_FLASH_DSA[k] for k in ("num_hidden_layers", "first_k_dense_replace",
                                                                      "num_experts_per_tok", "n_shared_experts")},
