@@ -30,8 +30,14 @@ def test_kernel_equals_the_reference(dtype, interleaved):
         want = reference(x, cos, sin, interleaved)
         assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
         assert exact(got, want)
+    # the indexer's rows: the first 16 dims rotated, the other 24 kept (copied in the same pass)
+    rows = torch.randn(2, 7, 5, 40, generator=g).to(dtype)
+    got = apply_rope(rows, cos, sin, interleaved, rope_dims=16)
+    assert torch.equal(got[..., 16:], rows[..., 16:]) and exact(got, reference(rows, cos, sin, interleaved, 1, 16))
     with pytest.raises(ValueError, match="do not fit"):
         apply_rope(q, cos[:, :4], sin[:, :4], interleaved)
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_rope(rows, cos, sin, interleaved, rope_dims=12)
     with pytest.raises(ValueError, match="positions on dim 1"):
         apply_rope(q, cos, sin, interleaved, seq_dim=2)
 
@@ -66,3 +72,6 @@ def test_kernel_is_bit_identical_to_the_reference_on_gpu(interleaved):
     for x in (q, k, q[:, :1]):
         c, s = cos[: x.shape[1]], sin[: x.shape[1]]
         assert torch.equal(apply_rope(x, c, s, interleaved), reference(x, c, s, interleaved))
+    rows = torch.randn(1, 4096, 64, 128, generator=g).to("cuda", torch.bfloat16)  # the indexer's q rows
+    assert torch.equal(apply_rope(rows, cos, sin, interleaved, rope_dims=64),
+                       reference(rows, cos, sin, interleaved, 1, 64))

@@ -119,9 +119,9 @@ class Indexer(nn.Module):
         self.softmax_scale = self.head_dim**-0.5
 
     def _rope(self, x: torch.Tensor, rope: Rope, backend: str = "torch") -> torch.Tensor:
-        pe, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]  # rope dims come first in the indexer
-        pe = rope.interleaved(pe, backend=backend) if self.interleave else rope.half_split(pe, backend=backend)
-        return torch.cat((pe, rest), dim=-1)
+        # the rope dims come first in the indexer's rows; the rest is kept
+        turn = rope.interleaved if self.interleave else rope.half_split
+        return turn(x, backend=backend, rope_dims=self.rope_dim)
 
     def project(
         self, x: torch.Tensor, qr: torch.Tensor, ctx: Context

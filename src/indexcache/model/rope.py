@@ -62,20 +62,24 @@ class Rope:
         out.positions = positions
         return out
 
-    def interleaved(self, x: torch.Tensor, seq_dim: int = 1, backend: str = "torch") -> torch.Tensor:
+    def interleaved(self, x: torch.Tensor, seq_dim: int = 1, backend: str = "torch",
+                    rope_dims: int | None = None) -> torch.Tensor:
         """Rotate pairs (x0, x1), (x2, x3), ... in place in the layout (GPT-J / complex style), x [..., S (at
-        ``seq_dim``), ..., d], on the ops ``backend`` (its kernel takes the positions on dim 1)."""
-        return self._apply(x, True, seq_dim, backend)
+        ``seq_dim``), ..., d], on the ops ``backend`` (its kernel takes the positions on dim 1); with
+        ``rope_dims``, only the first that many, the rest kept."""
+        return self._apply(x, True, seq_dim, backend, rope_dims)
 
-    def half_split(self, x: torch.Tensor, seq_dim: int = 1, backend: str = "torch") -> torch.Tensor:
+    def half_split(self, x: torch.Tensor, seq_dim: int = 1, backend: str = "torch",
+                   rope_dims: int | None = None) -> torch.Tensor:
         """Rotate (x_i, x_{i+d/2}) pairs (NeoX style)."""
-        return self._apply(x, False, seq_dim, backend)
+        return self._apply(x, False, seq_dim, backend, rope_dims)
 
-    def _apply(self, x: torch.Tensor, interleaved: bool, seq_dim: int, backend: str) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, interleaved: bool, seq_dim: int, backend: str,
+               rope_dims: int | None = None) -> torch.Tensor:
         from ..ops.backends import get_backend
 
         # a rotation that trains, or another layout than the kernel's, stays on the reference
         trains = torch.is_grad_enabled() and x.requires_grad
         if trains or seq_dim != 1 or x.dim() not in (3, 4):
             backend = "torch"
-        return get_backend(backend).rope(x, self.cos, self.sin, interleaved, seq_dim)
+        return get_backend(backend).rope(x, self.cos, self.sin, interleaved, seq_dim, rope_dims)

@@ -16,7 +16,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kernel(X, COS, SIN, Y, S, H, sxb, sxs, sxh, scs, sys_, syh, HALF: tl.constexpr, HP: tl.constexpr,
-                     BH: tl.constexpr, INTERLEAVED: tl.constexpr):
+                     BH: tl.constexpr, INTERLEAVED: tl.constexpr, REST: tl.constexpr, RP: tl.constexpr):
         bs = tl.program_id(0).to(tl.int64)  # one (batch, position) per program, BH heads at a time
         b, s = bs // S, bs % S
         h = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -44,20 +44,28 @@ if HAVE_TRITON:
         yrow = Y + b * (S * sys_) + s * sys_ + h[:, None].to(tl.int64) * syh
         tl.store(yrow + first[None, :], o1, mask=m)
         tl.store(yrow + second[None, :], o2, mask=m)
+        if REST > 0:  # the columns after the rotated ones, copied
+            j = tl.arange(0, RP)
+            mr = hm[:, None] & (j < REST)[None, :]
+            rest = tl.load(xrow + 2 * HALF + j[None, :], mask=mr, other=0.0)
+            tl.store(yrow + 2 * HALF + j[None, :], rest.to(out_t), mask=mr)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-               seq_dim: int = 1) -> torch.Tensor:
+               seq_dim: int = 1, rope_dims: int | None = None) -> torch.Tensor:
     """The signature twin of :func:`.reference.apply_rope` for x [B, S, d] or [B, S, H, d] (``seq_dim`` 1;
-    rows may be strided, as a slice of wider rows is)."""
+    rows may be strided, as a slice of wider rows is); with ``rope_dims`` the rest of each row is copied in
+    the same pass (no concatenation afterwards)."""
     require_triton()
     if seq_dim != 1 or x.dim() not in (3, 4):
         raise ValueError(f"the rope kernel takes x [B, S, d] or [B, S, H, d] with the positions on dim 1, got "
                          f"{tuple(x.shape)} with seq_dim {seq_dim}")
-    d = x.shape[-1]
+    width = x.shape[-1]
+    d = width if rope_dims is None else rope_dims
     S = x.shape[1]
-    if d % 2 or tuple(cos.shape) != (S, d // 2) or sin.shape != cos.shape:
+    if d % 2 or d > width or tuple(cos.shape) != (S, d // 2) or sin.shape != cos.shape:
         raise ValueError(f"rope tables {tuple(cos.shape)} do not fit x {tuple(x.shape)} (want [{S}, {d // 2}])")
+    rest = width - d
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -71,7 +79,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         LAST_COMPILED["rope"] = _rope_kernel[(B * S, triton.cdiv(H, bh))](
             x4, cos, sin, y4, S, H, x4.stride(0), x4.stride(1), x4.stride(2), cos.stride(0), y4.stride(1),
             y4.stride(2), HALF=half, HP=triton.next_power_of_2(half), BH=bh, INTERLEAVED=interleaved,
-            num_warps=4)
+            REST=rest, RP=triton.next_power_of_2(max(rest, 1)), num_warps=4)
     return out
 
 

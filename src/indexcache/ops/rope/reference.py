@@ -6,11 +6,15 @@ import torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-               seq_dim: int = 1) -> torch.Tensor:
+               seq_dim: int = 1, rope_dims: int | None = None) -> torch.Tensor:
     """Rotate the last dimension of x [..., S (at ``seq_dim``), ..., d] by the tables cos, sin [S, d/2]:
     pairs (x0, x1), (x2, x3), ... when ``interleaved`` (GPT-J / complex layout), else (x_i, x_{i+d/2})
-    (NeoX). Each product, difference and sum is rounded to the result dtype, as PyTorch's elementwise ops
-    round them. Returns a new contiguous tensor."""
+    (NeoX). ``rope_dims``: rotate only the first that many (the tables [S, rope_dims/2]) and keep the rest,
+    as the indexer's rows hold them. Each product, difference and sum is rounded to the result dtype, as
+    PyTorch's elementwise ops round them. Returns a new contiguous tensor."""
+    if rope_dims is not None and rope_dims < x.shape[-1]:
+        pe = apply_rope(x[..., :rope_dims], cos, sin, interleaved, seq_dim)
+        return torch.cat((pe, x[..., rope_dims:].to(pe.dtype)), dim=-1)
     shape = [1] * x.dim()
     shape[seq_dim] = cos.shape[0]
     shape[-1] = cos.shape[1]
