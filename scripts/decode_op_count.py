@@ -1,8 +1,7 @@
-"""How many operators one decode step runs, and how many of them the fused norm and RoPE kernels remove:
-the engine's decode step on the GLM-4.7-Flash-DSA layer layout (47 layers, the first dense, the same
-attention, indexer and MoE structure as `bench e2e`'s model, at toy widths: the count of operators does not
-depend on the widths), on the plain PyTorch ops and (with ``TRITON_INTERPRET=1``) on the Triton kernels,
-counted by a dispatch mode.
+"""How many operators one decode step runs, by part of the model: the engine's decode step on the
+GLM-4.7-Flash-DSA layer layout (47 layers, the first dense, the same attention, indexer and MoE structure as
+`bench e2e`'s model, in bf16, at toy widths: the count of operators does not depend on the widths), on the
+plain PyTorch ops and (with ``TRITON_INTERPRET=1``) on the Triton kernels, counted by a dispatch mode.
 
     TRITON_INTERPRET=1 python scripts/decode_op_count.py results/e2e/decode_op_count.json
 
@@ -111,6 +110,7 @@ def main() -> None:
     cfg = DSAConfig.from_dict(dict(GLM47_FLASH_DSA, **TOY_WIDTHS))
     torch.manual_seed(0)
     model = dsa.DSAForCausalLM(cfg).init_random(0, std=0.05).eval()
+    model.to_dtype(torch.bfloat16)  # the engine's dtype: the casts to and from fp32 are operators too
     L = cfg.num_hidden_layers
     rows = []
     # (label, backend, pairs up to which the MoE kernel gives each pair its own tile); 0: the table sorted
