@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The bundled model's long-context curriculum (retrieval at 16K-32K tokens with index_topk 256), one step
-# per GPU call, each under 30 minutes, each continuing from the model the previous step brought back:
+# The bundled model's long-context curriculum (retrieval at 16K-32K tokens with index_topk 256), each step
+# continuing from the model the previous step brought back:
 #   OUT=dir bash scripts/long_context_curriculum.sh STEP INIT_MODEL [MINUTES]
 # Steps, in order:
 #   dense8k    dense continuation at 8192 tokens: 8 sequences per batch, half of them synthetic retrieval
@@ -9,14 +9,16 @@
 #   warm16k    the indexer warm-up at 16384 (KL to the dense attention; the backbone frozen)
 #   sparse16k  the sparse stage at 16384 (top-256 of 16K: the selection covers 1.6% of the context)
 #   eval       niah_single and passkey at 4K, 16K and 32K, all Full, 50 samples each, book haystack
-# Every training step stops itself after MINUTES (default 24) with its model saved, whatever its step
-# count; the step counts below are what the measured throughput of the earlier stages predicts. Each step
-# brings back its run (model, losses, summary) in <=15 MB parts (scripts/train_stage.sh); unpack with
+# A training step runs for at most MINUTES per call (default 8, inside a 10-minute call) and then stops with
+# its weights so far in runs/NAME/partial_model. Calling the same step again on the same machine continues
+# it with --resume (optimiser and schedule included); on a fresh machine, pass that partial_model as
+# INIT_MODEL and the step starts over from those weights. Each call brings back its run (model or
+# partial_model, losses, summary) in <=15 MB parts (scripts/train_stage.sh); unpack with
 #   cat OUT/NAME.tgz.part-* | tar xzf - -C runs
 set -euo pipefail
 step=${1:?usage: OUT=dir bash scripts/long_context_curriculum.sh dense8k|dense16k|warm16k|sparse16k|eval INIT_MODEL [MINUTES]}
 init=${2:?usage: give the model directory to continue from}
-minutes=${3:-24}
+minutes=${3:-8}
 OUT=${OUT:?set OUT}
 mkdir -p "$OUT" runs
 common="--init $init --save-every 100000 --eval-every 100 --time-limit-min $minutes"
@@ -24,7 +26,7 @@ synth="--synthetic-mix 0.5"
 case $step in
 dense8k)
   bash scripts/train_stage.sh "$OUT" long-dense8k \
-    "--stage dense $common $synth --steps 600 --batch-size 8 --micro-batch 4 --seq-len 8192 --lr 5e-4 --warmup-steps 10" ;;
+    "--stage dense $common $synth --steps 400 --batch-size 8 --micro-batch 4 --seq-len 8192 --lr 5e-4 --warmup-steps 10" ;;
 dense16k)
   bash scripts/train_stage.sh "$OUT" long-dense16k \
     "--stage dense $common $synth --steps 400 --batch-size 8 --micro-batch 2 --seq-len 16384 --lr 4e-4 --warmup-steps 10" ;;

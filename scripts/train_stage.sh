@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run training stages on a GPU machine and pack each run directory (model, losses, summary; not the
-# optimiser state or token cache) into <=15 MB pieces under OUT, so they can travel back.
+# optimiser state or token cache) into <=15 MB pieces under OUT, so they can travel back. A run that an
+# earlier call on the same machine stopped (its state.pt is still there) is continued with --resume.
 # Usage: bash scripts/train_stage.sh OUT NAME[:TOKENS_FROM] "TRAIN ARGS" [NAME "ARGS" ...]
 #   e.g. bash scripts/train_stage.sh $OUT mini-dense "--stage dense --steps 640 ..."
 # Unpack here with: cat OUT/NAME.tgz.part-* | tar xzf - -C runs
@@ -16,9 +17,11 @@ while [ $# -ge 2 ]; do
   if [ -n "$from" ] && [ -f "runs/$from/tokens.npz" ]; then
     cache=(--token-cache "runs/$from/tokens.npz")  # same books and tokenizer: reuse the token cache
   fi
-  echo "== indexcache train runs/$name $args"
+  resume=()
+  [ -f "runs/$name/state.pt" ] && resume=(--resume)  # a run an earlier call on this machine stopped: continue it
+  echo "== indexcache train runs/$name $args ${resume[*]}"
   # shellcheck disable=SC2086
-  python3 -m indexcache.cli train "runs/$name" $args "${cache[@]}" --data .data/gutenberg --device cuda --shard-mb 15 2>&1 \
+  python3 -m indexcache.cli train "runs/$name" $args "${cache[@]}" "${resume[@]}" --data .data/gutenberg --device cuda --shard-mb 15 2>&1 \
     | tr '\r' '\n' | grep -v -E "it/s\]|s/it\]" | tail -6
   tar czf - -C runs --exclude state.pt --exclude tokens.npz "$name" | split -b 15M - "$out/$name.tgz.part-"
 done

@@ -141,7 +141,11 @@ def test_three_stages_train_and_resume(tmp_path):
     full = train(_cfg(tmp_path, "sparse_a", "sparse", **kw))
     stopped = train(_cfg(tmp_path, "sparse_b", "sparse", **dict(kw, stop_after=5)))
     assert stopped["stopped_at"] == 5 and not (tmp_path / "sparse_b" / "model" / "model.safetensors").exists()
+    # a stopped run leaves its weights so far, loadable, beside the state (they travel without it)
+    partial = load_model(stopped["partial_model"], verbose=False)
+    assert str(partial.pattern) == "FSFSFS" and (tmp_path / "sparse_b" / "partial_model" / "tokenizer.json").exists()
     resumed = train(_cfg(tmp_path, "sparse_b", "sparse", **dict(kw, resume=True)))
+    assert not (tmp_path / "sparse_b" / "partial_model").exists()  # the finished model replaces it
     a = load_model(tmp_path / "sparse_a" / "model", verbose=False)
     b = load_model(tmp_path / "sparse_b" / "model", verbose=False)
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):

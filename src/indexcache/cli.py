@@ -720,6 +720,17 @@ def check_bench(args: argparse.Namespace) -> None:
     _out_file(args)
 
 
+E2E_PATTERNS = {"full": "all-Full", "1/2": "uniform 1/2", "1/4": "uniform 1/4"}
+
+
+def e2e_patterns(text: str) -> str:
+    bad = [n for n in text.split(",") if n not in E2E_PATTERNS]
+    if bad or not text:
+        raise argparse.ArgumentTypeError(f"unknown pattern name {', '.join(bad) or repr(text)}: choose from "
+                                         f"{', '.join(E2E_PATTERNS)}, comma-separated")
+    return text
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "kernels":
         from .bench.kernels import run as run_kernels
@@ -730,6 +741,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_e2e(args.out, args.contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
             decode_steps=args.decode_steps, large_batch=args.large_batch, model_dir=args.model,
+            patterns=[E2E_PATTERNS[n] for n in args.patterns.split(",")] if args.patterns else None,
             pattern_specs=args.pattern, fused_from=args.fused_from)
     return 0
 
@@ -1066,6 +1078,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="e2e on this checkpoint instead of the random GLM-4.7-Flash shape")
     p.add_argument("--pattern", action="append", help="with --model: a pattern to time beside all Full "
                    "(repeatable; any pattern form)")
+    p.add_argument("--patterns", type=e2e_patterns, default=None, help="e2e on the random shape: which of "
+                   f"{','.join(E2E_PATTERNS)} to time, comma-separated (default: all)")
     p.add_argument("--fused-from", type=positive_int, default=None, help="e2e: prefill chunks whose windows "
                    "reach this many keys select through the fused indexer + top-k (default: never)")
     p.set_defaults(func=cmd_bench)

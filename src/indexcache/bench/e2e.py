@@ -298,11 +298,13 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
             del engb
             result["runs"].append(row)
+            write_report(Path(out), {**result, "complete": False})  # a run cut short keeps its finished rows
             log(f"{name:12s} ctx={ctx:>6d}: TTFT {ttft:7.2f} s (indexer {100 * row['prefill_indexer_share']:.0f}%), "
                 f"decode b1 {row['decode_b1_tok_s']:6.1f} tok/s (indexer {100 * row['decode_b1']['indexer_share']:.0f}%"
                 f"), b{B} {row['decode_large_tok_s']:7.1f} tok/s, cache {per_req} B/token, "
                 f"peak {row['peak_memory_gib']:.1f} GiB")
     _speedups(result)
+    result["complete"] = True
     write_report(Path(out), result)
     try:
         plot(result, Path(out).with_suffix(".png"))

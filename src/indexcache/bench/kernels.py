@@ -574,6 +574,7 @@ def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
             result[part] = fn(dev, result["ceilings"], log)
             log(f"{part} done in {time.time() - t0:.0f} s")
             torch.cuda.empty_cache()
+            write_report(Path(out), result)  # a run cut short keeps the parts it finished
     write_report(Path(out), result)
     if all(p in result for p in ("indexer", "topk", "sparse_mla")):
         print(summary_table(result))

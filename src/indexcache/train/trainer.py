@@ -44,6 +44,7 @@ from .retrieval import FIRST_KINDS, KINDS, retrieval_batch
 
 STAGES = ("dense", "warmup", "sparse")
 STATE_FILE = "state.pt"
+PARTIAL_MODEL = "partial_model"  # the weights of a run stopped before its last step
 TOKENIZER_PARTS = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -375,10 +376,18 @@ def train(cfg: TrainConfig) -> dict:
             save_state(step + 1)
         if stop and step + 1 < cfg.steps:
             bar.close()
-            return {"stage": cfg.stage, "stopped_at": step + 1, "steps": cfg.steps, "resumable": str(state_file)}
+            # the weights so far travel without the optimiser state: a run cut short on one machine can be
+            # continued elsewhere from PARTIAL_MODEL (--init), or here with --resume
+            save_model(model, out.path / PARTIAL_MODEL, dtype=torch.bfloat16, copy_tokenizer_from=out.path,
+                       max_shard_bytes=cfg.shard_mb << 20, overwrite=True, command=cfg.command)
+            out.record(PARTIAL_MODEL)
+            out.write_text("losses.json", json.dumps({"train": log, "eval": evals}, indent=1) + "\n")
+            return {"stage": cfg.stage, "stopped_at": step + 1, "steps": cfg.steps, "resumable": str(state_file),
+                    "partial_model": str(out.path / PARTIAL_MODEL), "seconds": log[-1]["seconds"] if log else None}
     bar.close()
     if not evals:
         evaluate(cfg.steps)
+    shutil.rmtree(out.path / PARTIAL_MODEL, ignore_errors=True)
     return finish(cfg, out, model, log, evals, held_names, held_batches)
 
 
