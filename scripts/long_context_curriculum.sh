@@ -2,12 +2,19 @@
 # The bundled model's long-context curriculum (retrieval at 16K-32K tokens with index_topk 256), each step
 # continuing from the model the previous step brought back:
 #   OUT=dir bash scripts/long_context_curriculum.sh STEP INIT_MODEL [MINUTES]
-# Steps, in order:
+# INIT_MODEL is a model directory, or run:NAME for the model an earlier step left in runs/NAME (its model/,
+# or its partial_model/ if it was stopped), so that steps chain inside one call:
+#   OUT=$OUT bash scripts/long_context_curriculum.sh dense16k models/dsa-mini 6
+#   OUT=$OUT bash scripts/long_context_curriculum.sh warm8k run:long-dense16k 3
+# Steps, in order (measured on one H200: results/train/long-context/README.md):
 #   dense8k    dense continuation at 8192 tokens: 8 sequences per batch, half of them synthetic retrieval
-#              windows (the fused dense attention keeps the memory linear in the sequence)
-#   dense16k   the same at 16384 tokens
-#   warm16k    the indexer warm-up at 16384 (KL to the dense attention; the backbone frozen)
-#   sparse16k  the sparse stage at 16384 (top-256 of 16K: the selection covers 1.6% of the context)
+#              windows (the fused dense attention keeps the memory linear in the sequence); 0.45 s a step
+#   dense16k   the same at 16384 tokens; 0.87 s a step
+#   warm8k     the indexer warm-up at 8192 (KL to the dense attention; the backbone frozen), the cheaper
+#              warm-up: its dense [S, T] targets cost S*T, a quarter of 16K's per sequence
+#   warm16k    the same at 16384; 14.7 s a step
+#   sparse16k  the sparse stage at 16384 (top-256 of 16K: the selection covers 1.6% of the context); 8.5 s
+#              a step with the selection on the plain ops (the trainer now selects on the Triton kernels)
 #   eval       niah_single and passkey at 4K, 16K and 32K, all Full, 50 samples each, book haystack
 # A training step runs for at most MINUTES per call (default 8, inside a 10-minute call) and then stops with
 # its weights so far in runs/NAME/partial_model. Calling the same step again on the same machine continues
@@ -16,8 +23,13 @@
 # partial_model, losses, summary) in <=15 MB parts (scripts/train_stage.sh); unpack with
 #   cat OUT/NAME.tgz.part-* | tar xzf - -C runs
 set -euo pipefail
-step=${1:?usage: OUT=dir bash scripts/long_context_curriculum.sh dense8k|dense16k|warm16k|sparse16k|eval INIT_MODEL [MINUTES]}
+step=${1:?usage: OUT=dir bash scripts/long_context_curriculum.sh dense8k|dense16k|warm8k|warm16k|sparse16k|eval INIT_MODEL [MINUTES]}
 init=${2:?usage: give the model directory to continue from}
+if [[ $init == run:* ]]; then  # the model an earlier step left: finished, else stopped
+  init=runs/${init#run:}/model
+  [ -d "$init" ] || init=${init%/model}/partial_model
+  [ -d "$init" ] || { echo "no model in runs/${2#run:} (model/ or partial_model/)" >&2; exit 2; }
+fi
 minutes=${3:-8}
 OUT=${OUT:?set OUT}
 mkdir -p "$OUT" runs
@@ -30,12 +42,15 @@ dense8k)
 dense16k)
   bash scripts/train_stage.sh "$OUT" long-dense16k \
     "--stage dense $common $synth --steps 400 --batch-size 8 --micro-batch 2 --seq-len 16384 --lr 4e-4 --warmup-steps 10" ;;
+warm8k)
+  bash scripts/train_stage.sh "$OUT" long-warm8k \
+    "--stage warmup $common $synth --steps 60 --batch-size 8 --micro-batch 2 --seq-len 8192 --lr 1e-3 --warmup-steps 6" ;;
 warm16k)
   bash scripts/train_stage.sh "$OUT" long-warm16k \
     "--stage warmup $common $synth --steps 60 --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 1e-3 --warmup-steps 6" ;;
 sparse16k)
   bash scripts/train_stage.sh "$OUT" long-sparse16k \
-    "--stage sparse $common $synth --steps 200 --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5" ;;
+    "--stage sparse $common $synth --steps 120 --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5" ;;
 eval)
   PYTHONPATH=src python3 -m indexcache.cli eval "$init" --haystack .data/gutenberg --tasks niah_single,passkey \
     --lengths 4096,16384,32768 --samples 50 --device cuda --quiet --out "$OUT/eval-long.json" | tail -20 ;;

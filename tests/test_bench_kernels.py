@@ -72,3 +72,24 @@ def test_topk_bench_runs_its_sweeps_and_tables(monkeypatch):
                                  "indexer": {"prefill": [], "decode": []}, "topk": res,
                                  "sparse_mla": {"prefill": [], "decode": []}})
     assert table.count("| top-k 2048") == 4
+
+
+@interpreter
+def test_topk_on_engine_logits_times_every_call_of_the_last_chunk(monkeypatch):
+    from indexcache.bench import e2e
+    from indexcache.bench import kernels as bench
+
+    monkeypatch.setattr(bench, "_bench", lambda fn, warmup=0, rep=0: (fn(), 1.0)[1])
+    tiny = dict(e2e.GLM47_FLASH_DSA, vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=16, v_head_dim=16, num_experts_per_tok=2, index_n_heads=2, index_head_dim=32,
+                index_topk=8)
+    monkeypatch.setattr(e2e, "GLM47_FLASH_DSA", tiny)
+    monkeypatch.setattr(bench, "TOPK_ENGINE", {"context": 40, "layers": 3, "experts": 4, "chunk": 16})
+    logged = []
+    res = bench.bench_topk_engine("cpu", {}, logged.append)
+    # the last chunk holds positions 32-39: one call per (Full) layer, each timed under every schedule
+    assert [c["call"] for c in res["calls"]] == [0, 1, 2] and len(logged) == 3
+    assert all(c["rows"] == 8 and c["max_keys"] == 40 for c in res["calls"])
+    assert all(c["sample_fallback_rows"] == 0 for c in res["calls"])  # windows of 33-40 keys fit the candidates
+    assert res["total_auto_ms"] == 3.0 and set(bench.TOPK_ENGINE_SCHEDULES) <= {k[:-3] for k in res["calls"][0]}

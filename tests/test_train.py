@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from markers import interpreter
 
 from indexcache import load_model
 from indexcache.data.synthetic import corpus
@@ -201,3 +202,30 @@ def test_synthetic_mix_replaces_part_of_each_batch(tmp_path, monkeypatch):
     for suffix in ("", "_new"):
         acc = out["final_eval"]["heldout_answer_acc" + suffix]
         assert 0.0 <= acc <= 1.0 and out["final_eval"]["heldout_answer_loss" + suffix] > 0
+
+
+@interpreter
+def test_training_on_the_kernel_backend_keeps_every_gradient():
+    """A model on the triton backend (as training on a GPU runs) trains through the plain ops: the gradients of
+    a sparse forward without a distillation collector, where the sparse kernel would otherwise run, equal the
+    torch backend's; and the no-grad selection takes the kernels."""
+    from indexcache.model.dsa import DSAForCausalLM
+    from indexcache.ops.triton_support import LAST_COMPILED
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny", kv_lora_rank=32, qk_rope_head_dim=16, index_topk=8, num_hidden_layers=4,
+                        first_k_dense_replace=1, index_n_heads=16)  # shapes the kernels take
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for backend in ("torch", "triton"):
+        model = DSAForCausalLM(cfg).init_random(0, std=0.1)
+        model.set_backend(backend)
+        LAST_COMPILED.clear()
+        model(ids).float().square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if backend == "triton":
+            assert any(name.startswith("topk") for name in LAST_COMPILED)  # the selection ran on a kernel
+            assert "sparse_mla" not in LAST_COMPILED and not any(n.startswith("moe") for n in LAST_COMPILED)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n

@@ -1067,7 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file to write")
     _add_overwrite(p)
     p.add_argument("--parts", default="indexer,topk,sparse_mla", help="comma list of kernel groups (kernels): "
-                   "indexer, topk, sparse_mla, fp8_gemm, moe, fused")
+                   "indexer, topk, sparse_mla, fp8_gemm, moe, fused, topk_engine (top-k on the engine's own logits)")
     p.add_argument("--contexts", type=token_counts, default=[10_000, 60_000, 120_000, 200_000],
                    help="context lengths, comma-separated (e2e; default 10K,60K,120K,200K)")
     p.add_argument("--experts", type=positive_int, default=16, help="routed experts (e2e; the real model has 64)")

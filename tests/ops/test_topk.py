@@ -80,7 +80,7 @@ def test_kernel_cpu(schedule):
 
 
 @interpreter
-def test_torch_schedule_masks_only_given_windows_and_auto_picks_sample_then_bucket():
+def test_torch_schedule_masks_only_given_windows_and_auto_picks_sample_then_bucket(monkeypatch):
     from indexcache.ops.topk.kernel import _mask_windows_kernel, topk
     from indexcache.ops.triton_support import LAST_COMPILED
 
@@ -103,6 +103,13 @@ def test_torch_schedule_masks_only_given_windows_and_auto_picks_sample_then_buck
     LAST_COMPILED.clear()
     same_sets_modulo_ties(topk(x, 40, ks, ke, block=64, cap=64), topk_ref(x, 40, ks, ke), x)
     assert "topk_bucket" in LAST_COMPILED and "topk_sample" not in LAST_COMPILED
+    # rows longer than sample was measured to win on go to bucket
+    import indexcache.ops.topk.kernel as kernel
+
+    LAST_COMPILED.clear()
+    monkeypatch.setattr(kernel, "SAMPLE_MAX_KEYS", 259)
+    same_sets_modulo_ties(topk(x, 24, ks, ke, block=64, cap=64), topk_ref(x, 24, ks, ke), x)
+    assert "topk_bucket" in LAST_COMPILED and "topk_sample" not in LAST_COMPILED
 
 
 @interpreter
@@ -113,7 +120,7 @@ def test_sample_schedules_fall_back_where_their_sample_misleads(schedule):
     g = torch.Generator().manual_seed(12)
     N, k, cap = 400, 24, 64
     x = torch.randn(6, N, generator=g)
-    # the sample reads 16 chunks of 2 keys, 26 apart (cap 64: 32 keys); which keys those are:
+    # the sample (cap 64: 32 keys) reads 16 runs of 2 keys, 26 apart; which keys those are:
     sampled = torch.zeros(N, dtype=torch.bool)
     for c in range(16):
         sampled[26 * c : 26 * c + 2] = True
@@ -127,10 +134,21 @@ def test_sample_schedules_fall_back_where_their_sample_misleads(schedule):
     ke = torch.full((6,), N, dtype=torch.int32)
     ke[5] = 60  # a window that fits the candidate registers whole
     # staged: 100 keys per collecting program, so each row's candidates arrive from four programs
-    out = topk(x, k, ks, ke, schedule=schedule, block=64, cap=cap, seg_keys=100)
-    assert torch.equal(out.sort(-1).values, topk_ref(x, k, ks, ke, ties="lowest").sort(-1).values)
+    out = topk(x, k, ks, ke, schedule=schedule, block=64, cap=cap, seg_keys=100, sample_chunk=2)
+    want = topk_ref(x, k, ks, ke, ties="lowest").sort(-1).values
+    assert torch.equal(out.sort(-1).values, want)
     with pytest.raises(ValueError, match="cap a power of two"):
         topk(x, k, schedule=schedule, cap=32)
+    with pytest.raises(ValueError, match="sample_keys must be"):
+        topk(x, k, schedule=schedule, cap=cap, sample_keys=128)
+    if schedule == "sample":
+        # row 1 is recovered by one more read at the rank its count predicts; row 0 cannot be (its sample
+        # holds no large key at any rank) and falls back to plain radix after one retry
+        for retries, expect in ((2, [2, 1]), (0, [0, 2])):
+            stats = torch.zeros(2, dtype=torch.int32)
+            out = topk(x[:2], k, ks[:2], ke[:2], schedule="sample", block=64, cap=cap, sample_chunk=2,
+                       retries=retries, stats=stats)
+            assert torch.equal(out.sort(-1).values, want[:2]) and stats.tolist() == expect, (retries, stats)
 
 
 @interpreter

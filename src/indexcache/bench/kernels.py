@@ -167,6 +167,60 @@ def bench_indexer(dev, ceil: dict, log) -> dict:
     return res
 
 
+# the engine-logits top-k: the random GLM-4.7-Flash-DSA model (e2e's) prefills this many tokens
+TOPK_ENGINE = {"context": 131072, "layers": 47, "experts": 16, "chunk": 8192}
+TOPK_ENGINE_SCHEDULES = ("sample", "staged", "bucket", "torch")
+
+
+def bench_topk_engine(dev, ceil: dict, log) -> dict:
+    """Top-k on the logits the engine itself scores, not on random normals: the e2e benchmark's random
+    GLM-4.7-Flash-DSA model prefills ``TOPK_ENGINE["context"]`` tokens all Full, and every top-k call of the
+    last chunk (the longest windows, at every layer) is timed under each schedule, with the sample
+    schedule's count of rows it read again and rows that fell back to plain radix. Rope and the mixing of
+    the layers give these rows a structure random normals lack, which is what a sampled threshold meets."""
+    import dataclasses
+
+    from ..engine import Engine
+    from ..ops.topk.kernel import topk
+    from ..pattern import Pattern
+    from .e2e import random_model
+
+    cfg = TOPK_ENGINE
+    ctx, layers = cfg["context"], cfg["layers"]
+    model = random_model(cfg["experts"], layers, device=str(dev))
+    eng = Engine(model, Pattern.parse("F" * layers), max_batch=1, max_len=ctx + 8, chunk=cfg["chunk"], backend="triton")
+    base = eng.ops.topk
+    res: dict = {**cfg, "k": model.config.index_topk, "calls": []}
+    last_chunk = ctx - (ctx - 1) % cfg["chunk"] - 1  # the first position of the last prefill chunk
+
+    def timed(logits, k, ks, ke, row_len=None, ties="lowest"):
+        out = base(logits, k, ks, ke, row_len=row_len, ties=ties)
+        if int(ke.min()) > last_chunk:  # a call of the last chunk: time every schedule on these logits
+            row = {"call": len(res["calls"]), "rows": logits.shape[0], "max_keys": int(ke.max()),
+                   "mean_keys": float((ke - ks).float().mean())}
+            stats = torch.zeros(2, dtype=torch.int32, device=logits.device)
+            topk(logits, k, ks, ke, schedule="sample", stats=stats)
+            row["sample_reread_rows"], row["sample_fallback_rows"] = stats.tolist()
+            for sched in TOPK_ENGINE_SCHEDULES:
+                row[f"{sched}_ms"] = _bench(lambda sched=sched: topk(logits, k, ks, ke, schedule=sched), warmup=2,
+                                            rep=10)
+            row["auto_ms"] = _bench(lambda: topk(logits, k, ks, ke), warmup=2, rep=10)
+            row["torch_topk_ms"] = _bench(lambda: torch.topk(logits, k, dim=-1), warmup=2, rep=10)
+            res["calls"].append(row)
+            log(f"  topk on engine logits, call {row['call']} ({row['rows']} rows, up to {row['max_keys']} keys): "
+                + ", ".join(f"{s} {row[f'{s}_ms']:.3f}" for s in (*TOPK_ENGINE_SCHEDULES, "auto"))
+                + f" ms (torch.topk {row['torch_topk_ms']:.3f}); sample re-read {row['sample_reread_rows']}, "
+                f"fell back {row['sample_fallback_rows']} rows")
+        return out
+
+    eng.ops = dataclasses.replace(eng.ops, topk=timed)
+    ids = torch.randint(0, model.config.vocab_size, (ctx,), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    eng.prefill(0, ids)
+    for sched in (*TOPK_ENGINE_SCHEDULES, "auto", "torch_topk"):
+        res[f"total_{sched}_ms"] = sum(r[f"{sched}_ms"] for r in res["calls"])
+    return res
+
+
 def bench_fused(dev, ceil: dict, log) -> dict:
     """The indexer's selection of a prefill chunk (S = 4096 queries at the end of N keys, 64 heads x 128,
     top-2048, fp8), fused (``indexer_topk_fused``: a 1/32 sample, then only the logits above each row's
@@ -567,7 +621,8 @@ def run(out: str | Path, parts: tuple[str, ...] = PARTS) -> dict:
     result["ceilings"] = ceilings(dev)
     log(str(result["ceilings"]))
     for part, fn in (("indexer", bench_indexer), ("topk", bench_topk), ("sparse_mla", bench_sparse_mla),
-                     ("fp8_gemm", bench_fp8_gemm), ("moe", bench_moe), ("fused", bench_fused)):
+                     ("fp8_gemm", bench_fp8_gemm), ("moe", bench_moe), ("fused", bench_fused),
+                     ("topk_engine", bench_topk_engine)):
         if part in parts:
             log(f"{part} ...")
             t0 = time.time()

@@ -210,13 +210,16 @@ class MLA(nn.Module):
 
         use_idx = None if ctx.dense or indices is None else indices
         want_probs = (trace is not None and trace.attn) or ctx.collect is not None
-        if use_idx is not None and not want_probs:  # sparse: the backend's op, the batch flattened once
+        trains = torch.is_grad_enabled() and q.requires_grad
+        # sparse: the backend's op, the batch flattened once (the kernel has no backward: a forward that
+        # trains takes the plain ops below)
+        if use_idx is not None and not want_probs and not (trains and ctx.backend != "torch"):
             Dk = q.shape[-1]
             out, _ = get_backend(ctx.backend).sparse_mla(
                 q.reshape(B * S, self.n_heads, Dk), kv, use_idx.reshape(B * S, -1), self.softmax_scale, self.kv_lora,
                 ctx.budget_bytes)
             out, probs = out.to(q.dtype).view(B, S, self.n_heads, self.kv_lora), None
-        elif use_idx is None and not want_probs and torch.is_grad_enabled() and q.requires_grad:
+        elif use_idx is None and not want_probs and trains:
             # dense training: fused attention keeps no [S, T] matrix for the backward (long sequences fit)
             out, probs = dense_mla_fused(q, kv, self.softmax_scale, self.kv_lora, ctx.slots), None
         else:  # dense attention and traced probabilities: the plain ops
@@ -276,24 +279,18 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         self.last_load: torch.Tensor | None = None  # tokens per expert of the last training forward
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """(routing weights [N, k], experts [N, k]) of x [N, D] (``ops/router``: the bias steers the selection
+        only, never the weights). On ``backend``; a forward that trains stays on the reference."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
-        choice = scores + self.e_score_correction_bias.float()
-        if cfg.n_group > 1:
-            groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            group_score = groups.topk(2, dim=-1).values.sum(-1)  # [N, G]
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
-            choice = choice.masked_fill(~keep.repeat_interleave(groups.shape[-1], dim=1), float("-inf"))
-        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        trains = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+        route = get_backend("torch" if trains else backend).moe_router
+        weights, idx = route(x, self.weight, self.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group,
+                             cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
         if self.training:  # summed over the forwards (micro-batches) since the trainer last read it
             load = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).detach()
             self.last_load = load if self.last_load is None else self.last_load + load
-        weights = scores.gather(1, idx)  # the bias steers selection only, never the weights
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, idx
+        return weights, idx
 
 
 class Experts(nn.Module):
@@ -381,11 +378,12 @@ class MoE(nn.Module):
         grouped GEMM that reads the chosen experts' weights in place, graph-safe in both modes."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(flat)
-        ex = self.experts
-        # the kernel has no backward: a forward that trains the experts stays on the reference
-        trains = torch.is_grad_enabled() and ex.gate_proj.requires_grad
         backend = backend or self.backend
+        weights, idx = self.gate(flat, backend)
+        ex = self.experts
+        # the kernel has no backward: a forward that trains the experts, or anything before them, stays on
+        # the reference
+        trains = torch.is_grad_enabled() and (ex.gate_proj.requires_grad or x.requires_grad)
         if isinstance(ex, FP8Experts) and (backend != "torch" or not graph_safe):
             routed = get_backend(backend).moe_experts_fp8(flat, ex.fp8_tensors(), idx, weights, ex.scale_fmt)
         elif backend != "torch" and not trains:

@@ -10,6 +10,8 @@ same signature in both backends:
 * ``fp8_gemm(a [M,K] e4m3, a_scale [M,K/128], b [N,K] e4m3, b_scale [N/128,K/128], out_dtype)`` (FP8 layers)
 * ``indexer_candidates(q, k, w, ks, ke, tau [R], cap, scale=1.0, k_scale=None)``: the logits at or above a
   per-row threshold as (values, keys, count), for the fused indexer + top-k (the logits never written whole)
+* ``moe_router(x [N,D], weight [E,D], bias [E], k, n_group, topk_group, norm_topk_prob, scale)``: the MoE
+  router's (weights [N,k] fp32, experts [N,k])
 * ``moe_experts(x [N,D], w_gate [E,I,D], w_up [E,I,D], w_down [E,D,I], idx [N,k], weights [N,k])`` (MoE),
   and ``moe_experts_fp8(x, experts {part: e4m3 [E,...], part_scale_inv: [E,.../128]}, idx, weights, scale_fmt)``
 
@@ -48,6 +50,8 @@ class Backend:
     indexer_candidates: Callable | None = None
     rms_norm: Callable | None = None  # RMSNorm over the last dimension (weight, eps)
     rope: Callable | None = None  # RoPE on the last dimension from cos/sin tables (interleaved or half split)
+    # the MoE router: (weights [N,k], experts [N,k]) from x [N,D], weight [E,D], bias [E], k, groups, scale
+    moe_router: Callable | None = None
 
     def supports(self, index_heads: int, index_dim: int, latent_dim: int, d_v: int) -> bool:
         """Whether the kernels take these shapes (the references take any)."""
@@ -76,12 +80,13 @@ def _torch() -> Backend:
     from .moe.reference import moe_experts, moe_experts_fp8
     from .norm.reference import rms_norm
     from .rope.reference import apply_rope
+    from .router.reference import route
     from .sparse_mla.reference import sparse_mla
     from .topk.reference import topk
 
     return Backend("torch", indexer_logits, topk, sparse_mla, fp8_gemm=fp8_gemm, moe_experts=moe_experts,
                    moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm,
-                   rope=apply_rope)
+                   rope=apply_rope, moe_router=route)
 
 
 def _triton() -> Backend:
@@ -91,6 +96,7 @@ def _triton() -> Backend:
     from .moe.kernel import moe_experts, moe_experts_fp8
     from .norm.kernel import rms_norm
     from .rope.kernel import apply_rope
+    from .router.kernel import route
     from .sparse_mla.kernel import sparse_mla
     from .topk.kernel import topk
     from .triton_support import require_triton
@@ -99,7 +105,7 @@ def _triton() -> Backend:
     return Backend("triton", indexer_logits, topk, sparse_mla, fp8_operands=_triton_fp8_operands, ties="lowest",
                    fp8_gemm=fp8_gemm, act_quant=act_quant_kernel, moe_experts=moe_experts,
                    moe_experts_fp8=moe_experts_fp8, indexer_candidates=indexer_candidates, rms_norm=rms_norm,
-                   rope=apply_rope)
+                   rope=apply_rope, moe_router=route)
 
 
 _MADE: dict[str, Backend] = {}

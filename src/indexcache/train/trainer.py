@@ -234,6 +234,22 @@ def _prepare_data(cfg: TrainConfig, out: OutputDir) -> tuple[np.ndarray, np.ndar
     return train_ids, test_ids, held_names
 
 
+def use_selection_kernels(model: DSAForCausalLM) -> bool:
+    """On a CUDA GPU, the model's ops backend becomes ``triton`` where the kernels take its shapes. The sparse
+    stage then selects its top-k (indexer logits and top-k, under no_grad) and runs its no-grad evaluations
+    on the kernels; everything that trains stays on the plain ops (norms, RoPE, the router, MoE and attention
+    check for it). Returns whether it switched."""
+    from ..ops.backends import get_backend
+    from ..ops.triton_support import HAVE_TRITON
+
+    cfg = model.config
+    if model.device.type != "cuda" or not HAVE_TRITON or not get_backend("triton").supports(
+            cfg.index_n_heads, cfg.index_head_dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank):
+        return False
+    model.set_backend("triton")
+    return True
+
+
 def train(cfg: TrainConfig) -> dict:
     if cfg.stage not in STAGES:
         raise OptionError(f"unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
@@ -266,6 +282,8 @@ def train(cfg: TrainConfig) -> dict:
         model = DSAForCausalLM(preset_config(cfg.preset, vocab_size=max(vocab, cfg.vocab_size)))
         init_weights(model, cfg.seed)
         model.to(cfg.device)
+    if cfg.stage == "sparse":  # the one stage that selects (dense and warm-up attend densely)
+        use_selection_kernels(model)
     if int(train_ids.max()) >= model.config.vocab_size:
         raise DataError("the tokenizer has more tokens than the model's vocabulary")
     if cfg.seq_len <= model.config.index_topk and cfg.stage != "dense":

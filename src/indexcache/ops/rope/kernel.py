@@ -79,7 +79,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         LAST_COMPILED["rope"] = _rope_kernel[(B * S, triton.cdiv(H, bh))](
             x4, cos, sin, y4, S, H, x4.stride(0), x4.stride(1), x4.stride(2), cos.stride(0), y4.stride(1),
             y4.stride(2), HALF=half, HP=triton.next_power_of_2(half), BH=bh, INTERLEAVED=interleaved,
-            REST=rest, RP=triton.next_power_of_2(max(rest, 1)), num_warps=4)
+            REST=rest, RP=triton.next_power_of_2(max(rest, 1)), num_warps=4,
+            # no fused multiply-adds: the compiler would otherwise fold a rounded product into the sum
+            # (one rounding where the reference has two), a last-bit difference on the GPU only
+            enable_fp_fusion=False)
     return out
 
 

@@ -12,12 +12,15 @@ a window of at most k keys returns its indices directly, ``-1`` filling the rest
 Five schedules, and ``torch`` (torch.topk on the windows, which ``auto`` picks for tens of long decode
 rows, where it was measured faster):
 
-* ``sample`` (prefill, the default for many rows: measured faster than ``bucket`` and torch.topk): one
-  program per row and one streaming read. A sample of the row (``cap / 2`` keys in 16 evenly spread chunks) gives a
-  threshold, its j-th largest key with j chosen so that about 1.5 k of the row's keys reach it; one pass
-  writes those keys' indices to a candidate list (at most ``cap``, at least 2 k), and four digit passes in
-  registers pick the exact top k among them. At least j keys always reach the threshold; where fewer
-  than k or more than ``cap`` do (the sample misled), the row falls back to ``rows``. Exact either way.
+* ``sample`` (prefill, the default for many rows of up to 64K keys: measured faster than ``bucket`` and
+  torch.topk there on random logits, and slower than ``bucket`` in the engine's 200K prefill): one
+  program per row and one streaming read. A sample of the row (``cap / 2`` keys in evenly spread runs of
+  ``sample_chunk``, 8 by default) gives a threshold, its j-th largest key with j chosen so that about
+  1.5 k of the row's keys reach it; one pass writes those keys' indices to a candidate list (at most
+  ``cap``, at least 2 k), and four digit passes in registers pick the exact top k among them. At least j
+  keys always reach the threshold; where fewer than k or more than ``cap`` do (the sample misled), the
+  row is read again at the rank its count predicts (up to ``retries`` times), then falls back to
+  ``rows``. Exact either way.
 
 * ``staged`` (prefill; to be measured against ``sample``): the sample schedule in three kernels. One
   program per row finds the threshold from the sample; programs of ``seg_keys`` keys each read the row and
@@ -44,6 +47,7 @@ import torch
 from ..triton_support import HAVE_TRITON, LAST_COMPILED, require_triton
 
 NB = 256  # four passes of 8-bit digits
+SAMPLE_MAX_KEYS = 65536  # auto's longest rows for the sample schedule (see topk)
 
 if HAVE_TRITON:
     import triton
@@ -247,20 +251,44 @@ if HAVE_TRITON:
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
     @triton.jit
-    def _sample_tau(Xr, ks, n, K, NS: tl.constexpr, CH: tl.constexpr):
-        """The candidates' threshold key of a window of ``n`` > NS keys: a sample of NS keys, in chunks of CH
-        contiguous ones spread evenly over the window, and its j-th largest key, with j chosen so that about
-        1.5 K of the row's keys reach it (always at least j of them do: the sample is part of the row)."""
+    def _sample_rank(n, K, NS: tl.constexpr):
+        """The sample rank j whose key about 1.5 K of a window's ``n`` keys reach (rounded up, in [1, NS])."""
+        return tl.minimum(tl.maximum((3 * K * NS + 2 * n - 1) // (2 * n), 1), NS)
+
+    @triton.jit
+    def _sample_key(Xr, ks, n, j, NS: tl.constexpr, CH: tl.constexpr):
+        """The j-th largest of a sample of NS keys of a window of ``n`` > NS keys, in chunks of CH contiguous
+        ones spread evenly over the window (at least j of the window's keys reach it: the sample is part of
+        the window)."""
         i = tl.arange(0, NS)
         stride = (n - CH) // (NS // CH - 1)
         skey = _keys(tl.load(Xr + ks + (i // CH) * stride + (i % CH)))
-        j = tl.minimum(tl.maximum((3 * K * NS + 2 * n - 1) // (2 * n), 1), NS)  # rounded up
         tau, _ = _kth_key(skey, i < NS, j)
         return tau
 
     @triton.jit
-    def _topk_sample_kernel(X, KS, KE, OUT, CAND, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
-                            CAP: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr):
+    def _sample_tau(Xr, ks, n, K, NS: tl.constexpr, CH: tl.constexpr):
+        """The candidates' threshold key of a window of ``n`` > NS keys (:func:`_sample_rank`)."""
+        return _sample_key(Xr, ks, n, _sample_rank(n, K, NS), NS, CH)
+
+    @triton.jit
+    def _collect(Xr, Cr, ks, ke, tau, BLOCK: tl.constexpr, CAP: tl.constexpr):
+        """One read of the window: the keys at or above ``tau`` into the candidate list, in index order (the
+        first CAP of them); returns how many reached it."""
+        n_c = 0
+        for t0 in range(ks, ke, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            m = t < ke
+            cand = (m & (_keys(tl.load(Xr + t, mask=m, other=0.0)) >= tau)).to(tl.int32)
+            slot = n_c + tl.cumsum(cand, axis=0) - 1
+            tl.store(Cr + slot, t, mask=(cand != 0) & (slot < CAP))
+            n_c += tl.sum(cand, axis=0)
+        return n_c
+
+    @triton.jit
+    def _topk_sample_kernel(X, KS, KE, OUT, CAND, STATS, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
+                            CAP: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr, RETRIES: tl.constexpr,
+                            HAS_STATS: tl.constexpr):
         r = tl.program_id(0)
         Xr, Or, ks, ke = _row(X, OUT, KS, KE, r, N, sx_r, so_r)
         Cr = CAND + r.to(tl.int64) * CAP
@@ -271,22 +299,30 @@ if HAVE_TRITON:
             c = tl.arange(0, CAP)
             _select_candidates(Xr, Or, ks + c, c < n, K)
         else:
-            tau = _sample_tau(Xr, ks, n, K, NS, CH)
-            # one read of the row: the keys at or above the threshold become the candidates, in index order
-            n_c = 0
-            for t0 in range(ks, ke, BLOCK):
-                t = t0 + tl.arange(0, BLOCK)
-                m = t < ke
-                cand = (m & (_keys(tl.load(Xr + t, mask=m, other=0.0)) >= tau)).to(tl.int32)
-                slot = n_c + tl.cumsum(cand, axis=0) - 1
-                tl.store(Cr + slot, t, mask=(cand != 0) & (slot < CAP))
-                n_c += tl.sum(cand, axis=0)
+            j = _sample_rank(n, K, NS)
+            n_c = _collect(Xr, Cr, ks, ke, _sample_key(Xr, ks, n, j, NS, CH), BLOCK, CAP)
+            # a sample that misled (fewer than K or more than CAP keys reached its threshold) is asked again at
+            # the rank that the count it gave predicts: one more read instead of the five of plain radix
+            for _ in tl.static_range(RETRIES):
+                low = n_c < K
+                high = n_c > CAP
+                want = (j * 3 * K + 2 * n_c - 1) // (2 * tl.maximum(n_c, 1))
+                j_new = tl.where(low, tl.minimum(NS, tl.maximum(j + 1, want)),
+                                 tl.where(high, tl.maximum(1, tl.minimum(j - 1, want)), j))
+                if (low | high) & (j_new != j):
+                    if HAS_STATS:
+                        tl.atomic_add(STATS, 1, sem="relaxed")
+                    j = j_new
+                    tl.debug_barrier()  # the previous pass's candidate stores, before this pass overwrites them
+                    n_c = _collect(Xr, Cr, ks, ke, _sample_key(Xr, ks, n, j, NS, CH), BLOCK, CAP)
             if (n_c >= K) & (n_c <= CAP):
                 tl.debug_barrier()  # candidates written by other threads of this program
                 c = tl.arange(0, CAP)
                 cm = c < n_c
                 _select_candidates(Xr, Or, tl.load(Cr + c, mask=cm, other=0), cm, K)
-            else:  # the sample missed (fewer than K or more than CAP keys reach it): plain radix, still exact
+            else:  # still missed (ties at the threshold, say): plain radix, still exact
+                if HAS_STATS:
+                    tl.atomic_add(STATS + 1, 1, sem="relaxed")
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
     # ------------------------------------------------------------------ staged schedule (prefill rows)
@@ -454,6 +490,10 @@ def topk(
     cap: int = 4096,
     seg_keys: int = 8192,
     collect_warps: int = 4,
+    sample_keys: int | None = None,
+    sample_chunk: int = 8,
+    retries: int = 2,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of the ``k`` largest logits of each row inside ``[ks, ke)`` (default: the whole row).
 
@@ -462,8 +502,13 @@ def topk(
     index first for ``rows``, ``bucket``, ``sample`` and ``staged``, arrival order for ``split``, torch.topk's for
     ``torch``). ``schedule``: ``sample``, ``staged``, ``bucket``, ``rows``, ``split``, ``torch``
     (torch.topk on the windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond;
-    else sample, or bucket when k > cap / 2). ``seg_keys`` and ``collect_warps``: the staged schedule's
-    keys and warps per collecting program.
+    else sample, or bucket when k > cap / 2 or the rows are longer than ``SAMPLE_MAX_KEYS``).
+    ``seg_keys`` and ``collect_warps``: the staged schedule's
+    keys and warps per collecting program. ``sample_keys`` (default ``cap / 2``), ``sample_chunk`` and
+    ``retries``: the sample schedule's sample (that many keys, in runs of ``sample_chunk`` contiguous ones
+    spread over the window) and how many more reads it may take where the sample misled before it falls
+    back to ``rows``. ``stats``, an int32 [2] on the device: the sample schedule adds to it the rows it read
+    again and the rows that fell back to ``rows``.
     ``cap``: candidate slots per row for ``bucket`` (a power of two). ``row_len`` and ``ties`` are the
     reference's (:func:`.reference.topk`): the kernel reads windows only and breaks ties its own way."""
     require_triton()
@@ -483,10 +528,16 @@ def topk(
         # rows `sample` beats torch.topk at every length swept (0.86-3.38 ms against 1.35-6.49 ms at 8192 rows
         # of 8K-64K keys) and `bucket` does not (3.83 against 3.58 ms at 32K); bucket stays for k > cap / 2
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
+        # Rows longer than SAMPLE_MAX_KEYS: in the engine's 200K prefill (windows up to 200K keys) the indexer
+        # took 82.7 s with `sample` against 29.7 s with `bucket` (results/e2e/h200/), so sample's threshold
+        # misled there; until the engine-logits benchmark (bench kernels --parts topk_engine) says otherwise,
+        # sample runs only as far as it was measured to win
         if R < sms and N > 8 * block:
             schedule = "split" if R <= 8 else "torch"
+        elif 2 * k <= cap and cap & (cap - 1) == 0 and N <= SAMPLE_MAX_KEYS:
+            schedule = "sample"
         else:
-            schedule = "sample" if 2 * k <= cap and cap & (cap - 1) == 0 else "bucket"
+            schedule = "bucket"
         if schedule == "split":
             block = 1024
     if schedule == "torch":
@@ -495,25 +546,27 @@ def topk(
         LAST_COMPILED["topk_rows"] = _topk_rows_kernel[(R,)](
             logits, ks, ke, out, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, num_warps=num_warps)
         return out
-    if schedule == "sample":
+    if schedule in ("sample", "staged"):
         if cap < 2 * k or cap & (cap - 1):
-            raise ValueError(f"the sample schedule needs cap a power of two >= 2k, got cap={cap} for k={k}")
+            raise ValueError(f"the {schedule} schedule needs cap a power of two >= 2k, got cap={cap} for k={k}")
+        ns = sample_keys or cap // 2
+        if ns & (ns - 1) or not 16 <= ns <= cap or sample_chunk < 1 or ns % sample_chunk or ns // sample_chunk < 2:
+            raise ValueError(f"sample_keys must be a power of two in [16, cap], at least two runs of sample_chunk "
+                             f"keys, got {ns} and {sample_chunk} (cap {cap})")
+    if schedule == "sample":
         cand = torch.empty(R, cap, dtype=torch.int32, device=logits.device)
-        ns = cap // 2
         LAST_COMPILED["topk_sample"] = _topk_sample_kernel[(R,)](
-            logits, ks, ke, out, cand, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, CAP=cap, NS=ns,
-            CH=max(1, ns // 16), num_warps=num_warps)
+            logits, ks, ke, out, cand, out if stats is None else stats, N, logits.stride(0), out.stride(0), k,
+            KP=kp, BLOCK=block, CAP=cap, NS=ns, CH=sample_chunk, RETRIES=retries, HAS_STATS=stats is not None,
+            num_warps=num_warps)
         return out
     if schedule == "staged":
-        if cap < 2 * k or cap & (cap - 1):
-            raise ValueError(f"the staged schedule needs cap a power of two >= 2k, got cap={cap} for k={k}")
-        ns = cap // 2
         dev = logits.device
         tau = torch.empty(R, dtype=torch.int32, device=dev)
         cnt = torch.zeros(R, dtype=torch.int32, device=dev)
         cand = torch.empty(R, cap, dtype=torch.int32, device=dev)
         seg = max(block, seg_keys)  # keys per collecting program
-        _staged_tau_kernel[(R,)](logits, ks, ke, tau, N, logits.stride(0), k, CAP=cap, NS=ns, CH=max(1, ns // 16),
+        _staged_tau_kernel[(R,)](logits, ks, ke, tau, N, logits.stride(0), k, CAP=cap, NS=ns, CH=sample_chunk,
                                  num_warps=4)
         LAST_COMPILED["topk_staged_collect"] = _staged_collect_kernel[(R, triton.cdiv(N, seg))](
             logits, ks, ke, tau, cnt, cand, N, logits.stride(0), seg, CAP=cap, BLOCK=block, num_warps=collect_warps)
