@@ -14,8 +14,8 @@ rows, where it was measured faster):
 
 * ``sample`` (prefill, the default for many rows of up to 64K keys: measured faster than ``bucket`` and
   torch.topk there on random logits, and slower than ``bucket`` in the engine's 200K prefill): one
-  program per row and one streaming read. A sample of the row (``cap / 2`` keys in evenly spread runs of
-  ``sample_chunk``, 8 by default) gives a threshold, its j-th largest key with j chosen so that about
+  program per row and one streaming read. A sample of the row (``cap / 2`` keys, ``cap`` beyond 64K, in 16
+  evenly spread runs by default) gives a threshold, its j-th largest key with j chosen so that about
   1.5 k of the row's keys reach it; one pass writes those keys' indices to a candidate list (at most
   ``cap``, at least 2 k), and four digit passes in registers pick the exact top k among them. At least j
   keys always reach the threshold; where fewer than k or more than ``cap`` do (the sample misled), the
@@ -491,7 +491,7 @@ def topk(
     seg_keys: int = 8192,
     collect_warps: int = 4,
     sample_keys: int | None = None,
-    sample_chunk: int = 8,
+    sample_chunk: int | None = None,
     retries: int = 2,
     stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -503,12 +503,12 @@ def topk(
     ``torch``). ``schedule``: ``sample``, ``staged``, ``bucket``, ``rows``, ``split``, ``torch``
     (torch.topk on the windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond;
     else sample, or bucket when k > cap / 2 or the rows are longer than ``SAMPLE_MAX_KEYS``).
-    ``seg_keys`` and ``collect_warps``: the staged schedule's
-    keys and warps per collecting program. ``sample_keys`` (default ``cap / 2``), ``sample_chunk`` and
-    ``retries``: the sample schedule's sample (that many keys, in runs of ``sample_chunk`` contiguous ones
-    spread over the window) and how many more reads it may take where the sample misled before it falls
-    back to ``rows``. ``stats``, an int32 [2] on the device: the sample schedule adds to it the rows it read
-    again and the rows that fell back to ``rows``.
+    ``seg_keys`` and ``collect_warps``: the staged schedule's keys and warps per collecting program.
+    ``sample_keys`` (default ``cap / 2``, and ``cap`` for rows longer than ``SAMPLE_MAX_KEYS``),
+    ``sample_chunk`` (default 16 runs) and ``retries``: the sample schedule's sample (that many keys, in
+    runs of ``sample_chunk`` contiguous ones spread over the window) and how many more reads it may take
+    where the sample misled before it falls back to ``rows``. ``stats``, an int32 [2] on the device: the
+    sample schedule adds to it the rows it read again and the rows that fell back to ``rows``.
     ``cap``: candidate slots per row for ``bucket`` (a power of two). ``row_len`` and ``ties`` are the
     reference's (:func:`.reference.topk`): the kernel reads windows only and breaks ties its own way."""
     require_triton()
@@ -549,7 +549,10 @@ def topk(
     if schedule in ("sample", "staged"):
         if cap < 2 * k or cap & (cap - 1):
             raise ValueError(f"the {schedule} schedule needs cap a power of two >= 2k, got cap={cap} for k={k}")
-        ns = sample_keys or cap // 2
+        # a longer row needs a larger sample for the same spread of its candidate count: at 200K keys, 2048
+        # sampled keys (rank j = 32) missed 3-14% of rows, 4096 missed 0-2% (results/kernels/topk_sample_emulation.json)
+        ns = sample_keys or (cap if N > SAMPLE_MAX_KEYS else cap // 2)
+        sample_chunk = sample_chunk or max(1, ns // 16)
         if ns & (ns - 1) or not 16 <= ns <= cap or sample_chunk < 1 or ns % sample_chunk or ns // sample_chunk < 2:
             raise ValueError(f"sample_keys must be a power of two in [16, cap], at least two runs of sample_chunk "
                              f"keys, got {ns} and {sample_chunk} (cap {cap})")
