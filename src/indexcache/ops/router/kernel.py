@@ -68,8 +68,8 @@ if HAVE_TRITON:
             w_i = tl.sum(tl.where(e == i, score, 0.0), axis=0)
             picked_e = tl.where(kk == s, i, picked_e)
             picked_w = tl.where(kk == s, w_i, picked_w)
-        if NORM:
-            picked_w = picked_w / (tl.sum(picked_w, axis=0) + 1e-20)
+        if NORM:  # IEEE-rounded division, as the reference's (Triton's fp32 `/` is approximate on the GPU)
+            picked_w = tl.math.div_rn(picked_w, tl.sum(picked_w, axis=0) + 1e-20)
         tl.store(OUT_W + n * K + kk, picked_w * scale, mask=kk < K)
         tl.store(OUT_I + n * K + kk, picked_e.to(tl.int64), mask=kk < K)
 
