@@ -153,6 +153,7 @@ def test_every_command_takes_every_pattern_form(capsys, tiny_dir, tmp_path):
     (["bench", "kernels", "--out", "o.json", "--model", "{m}"], "--model is for bench e2e"),
     (["bench", "kernels", "--out", "o.json", "--fused-from", "65536"], "--fused-from is for bench e2e"),
     (["bench", "e2e", "--out", "o.json", "--fused-from", "0"], "--fused-from"),
+    (["bench", "kernels", "--out", "o.json", "--parts", "topk,topk_engines"], "unknown kernel group 'topk_engines'"),
 ])
 def test_bad_values_are_one_sentence_naming_the_option(capsys, tiny_dir, tmp_path, monkeypatch, no_loading, argv,
                                                         message):
@@ -291,3 +292,14 @@ def test_every_npy_path_still_works(capsys, tiny_dir, tmp_path):
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 300, size=(2, 30)))
     rc, out, _ = run(capsys, "loss", tiny_dir, "--data", tmp_path / "ids.npy", "--seq-len", 30, "--json")
     assert rc == 0 and json.loads(out)["num_seqs"] == 2
+
+
+def test_bench_kernels_accepts_every_group_it_can_time(tmp_path, monkeypatch):
+    """The CLI's check reads the benchmark's own table, so no group the benchmark times is refused by name."""
+    from indexcache.bench.kernels import BENCHES
+    from indexcache.cli import build_parser, check_bench
+
+    monkeypatch.chdir(tmp_path)
+    assert "topk_engine" in BENCHES
+    args = build_parser().parse_args(["bench", "kernels", "--out", "o.json", "--parts", ",".join(BENCHES)])
+    check_bench(args)  # raises OptionError on a name it does not know
