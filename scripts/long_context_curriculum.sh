@@ -14,14 +14,19 @@
 #              warm-up: its dense [S, T] targets cost S*T, a quarter of 16K's per sequence
 #   warm16k    the same at 16384; 14.7 s a step
 #   sparse16k  the sparse stage at 16384 (top-256 of 16K: the selection covers 1.6% of the context); 8.5 s
-#              a step with the selection on the plain ops (the trainer now selects on the Triton kernels)
+#              a step with the selection on the plain ops (10.9 s with --selection-kernels, the Triton kernels)
 #   eval       niah_single and passkey at 4K, 16K and 32K, all Full, 50 samples each, book haystack
+#              (LENGTHS="4096 16384 32768" and SAMPLES=50 change them; YARN=2 evaluates the model read with YaRN
+#              RoPE scaling by 2 over its 16K training length, scripts/rope_extend.py, for 32K without training)
 # A training step runs for at most MINUTES per call (default 8, inside a 10-minute call) and then stops with
 # its weights so far in runs/NAME/partial_model. Calling the same step again on the same machine continues
 # it with --resume (optimiser and schedule included); on a fresh machine, pass that partial_model as
 # INIT_MODEL and the step starts over from those weights. Each call brings back its run (model or
 # partial_model, losses, summary) in <=15 MB parts (scripts/train_stage.sh); unpack with
 #   cat OUT/NAME.tgz.part-* | tar xzf - -C runs
+# STEPS=N replaces a training step's step count (e.g. what is left of a stopped run, started afresh from its
+# partial_model on a new machine). DRY_RUN=1 prints the step's indexcache command instead of running it (the
+# tests parse it).
 set -euo pipefail
 step=${1:?usage: OUT=dir bash scripts/long_context_curriculum.sh dense8k|dense16k|warm8k|warm16k|sparse16k|eval INIT_MODEL [MINUTES]}
 init=${2:?usage: give the model directory to continue from}
@@ -32,27 +37,36 @@ if [[ $init == run:* ]]; then  # the model an earlier step left: finished, else 
 fi
 minutes=${3:-8}
 OUT=${OUT:?set OUT}
-mkdir -p "$OUT" runs
+[ -n "${DRY_RUN:-}" ] || mkdir -p "$OUT" runs
 common="--init $init --save-every 100000 --eval-every 100 --time-limit-min $minutes"
 synth="--synthetic-mix 0.5"
 case $step in
 dense8k)
   bash scripts/train_stage.sh "$OUT" long-dense8k \
-    "--stage dense $common $synth --steps 400 --batch-size 8 --micro-batch 4 --seq-len 8192 --lr 5e-4 --warmup-steps 10" ;;
+    "--stage dense $common $synth --steps ${STEPS:-400} --batch-size 8 --micro-batch 4 --seq-len 8192 --lr 5e-4 --warmup-steps 10" ;;
 dense16k)
   bash scripts/train_stage.sh "$OUT" long-dense16k \
-    "--stage dense $common $synth --steps 400 --batch-size 8 --micro-batch 2 --seq-len 16384 --lr 4e-4 --warmup-steps 10" ;;
+    "--stage dense $common $synth --steps ${STEPS:-400} --batch-size 8 --micro-batch 2 --seq-len 16384 --lr 4e-4 --warmup-steps 10" ;;
 warm8k)
   bash scripts/train_stage.sh "$OUT" long-warm8k \
-    "--stage warmup $common $synth --steps 60 --batch-size 8 --micro-batch 2 --seq-len 8192 --lr 1e-3 --warmup-steps 6" ;;
+    "--stage warmup $common $synth --steps ${STEPS:-60} --batch-size 8 --micro-batch 2 --seq-len 8192 --lr 1e-3 --warmup-steps 6" ;;
 warm16k)
   bash scripts/train_stage.sh "$OUT" long-warm16k \
-    "--stage warmup $common $synth --steps 60 --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 1e-3 --warmup-steps 6" ;;
+    "--stage warmup $common $synth --steps ${STEPS:-60} --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 1e-3 --warmup-steps 6" ;;
 sparse16k)
   bash scripts/train_stage.sh "$OUT" long-sparse16k \
-    "--stage sparse $common $synth --steps 120 --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5" ;;
+    "--stage sparse $common $synth --steps ${STEPS:-120} --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5" ;;
 eval)
-  PYTHONPATH=src python3 -m indexcache.cli eval "$init" --haystack .data/gutenberg --tasks niah_single,passkey \
-    --lengths 4096,16384,32768 --samples 50 --device cuda --quiet --out "$OUT/eval-long.json" | tail -20 ;;
+  name=eval-long
+  if [ -n "${YARN:-}" ]; then  # the same weights, read with YaRN over the 16K training length
+    ext=runs/yarn${YARN}-$(basename "$(dirname "$init")")-$(basename "$init")
+    [ -n "${DRY_RUN:-}" ] || [ -d "$ext" ] || python3 scripts/rope_extend.py "$init" "$ext" --factor "$YARN" --original 16384
+    init=$ext name=eval-long-yarn$YARN
+  fi
+  # shellcheck disable=SC2086
+  cmd=(eval "$init" --haystack .data/gutenberg --tasks niah_single,passkey --lengths ${LENGTHS:-4096 16384 32768}
+       --samples "${SAMPLES:-50}" --device cuda --quiet --out "$OUT/$name.json")
+  if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; exit 0; fi
+  PYTHONPATH=src python3 -m indexcache.cli "${cmd[@]}" | tail -20 ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
