@@ -1005,6 +1005,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-draft", action="store_true",
                    help="with --decode recompute: one token per forward instead of verifying context drafts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--diagnose", action="store_true", help="also, per sample: each layer's share of the answer's "
+                   "tokens in its selection at the answer row, and the teacher-forced answer (one more forward)")
     _add_backend(p)
     p.add_argument("--out", required=True, help="JSON report to write")
     _add_overwrite(p)
@@ -1056,6 +1058,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=positive_int, help="save and stop at this step (continue with --resume)")
     p.add_argument("--time-limit-min", type=positive_float, help="save and stop after this many minutes")
+    p.add_argument("--selection-kernels", action="store_true", help="sparse stage on a GPU: select the top-k on the "
+                   "Triton kernels (off by default: slower than the plain ops at 16K tokens on an H200)")
     p.add_argument("--shard-mb", type=positive_int, default=4096, help="safetensors shard size of the saved model")
     p.add_argument("--token-cache", help="an earlier run's tokens.npz to reuse when it matches this run's tokenizer "
                    "and books (saves tokenizing them again)")

@@ -249,11 +249,14 @@ class EvalOptions:
     command: str = ""
     backend: str = "auto"  # native | hf | auto (the transformers class where the native model does not cover it)
     ops: str = "auto"  # the native model's ops backend
+    diagnose: bool = False  # per sample: each layer's recall of the answer's tokens, the teacher-forced answer
 
 
 def run_eval(opt: EvalOptions) -> dict:
     """Generate the samples once per length, then score every pattern on the same samples, and measure
     perplexity on the same windows. Returns the report (what ``indexcache eval`` writes as JSON)."""
+    from ..analysis.needles import diagnose_sample, summarise
+
     t_start = time.time()
     families = parse_families(opt.tasks)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -322,6 +325,7 @@ def run_eval(opt: EvalOptions) -> dict:
                 row["ppl"][name] = math.exp(sum(losses) / len(losses))
                 row["ppl_ci95"][name] = [math.exp(v) for v in mean_ci(losses)]  # over the windows
             scores: dict[str, list[float]] = {f: [] for f in families}
+            diagnoses: dict[str, list[dict]] = {}
             bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
             for s in bar:
                 bar.set_postfix_str(s.family, refresh=False)
@@ -332,7 +336,13 @@ def run_eval(opt: EvalOptions) -> dict:
                                 "num_tokens": s.num_tokens, "new_tokens": r["new_tokens"], "forwards": r["forwards"],
                                 "needles": [[n.char_start, n.char_end, n.token_start, n.token_end] for n in s.needles],
                                 "depths": s.meta.get("depths")})
+                if opt.diagnose:
+                    d = diagnose_sample(runner, tok, s, pat)
+                    diagnoses.setdefault(s.family, []).append(d)
+                    records[-1]["diagnosis"] = d
             bar.close()
+            if opt.diagnose:
+                row["diagnosis"] = {f: summarise(v) for f, v in diagnoses.items()}
             row["tasks"] = {f: 100 * sum(v) / len(v) for f, v in scores.items() if v}
             row["average"] = sum(row["tasks"].values()) / len(row["tasks"]) if row["tasks"] else None
             row.update(score_intervals(scores))
@@ -427,11 +437,29 @@ def format_table(report: dict) -> str:
         for c in [heads, *table]:
             cells = [x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths, strict=True))]
             lines.append("  ".join(cells))
+        for r in rows:
+            for fam, d in (r.get("diagnosis") or {}).items():
+                lines.append(diagnosis_line(r["pattern"], fam, d))
         for sk in report.get("skipped", []):
             if sk["length"] == L:
                 lines.append(f"  - {sk['family']} skipped: {sk['reason']}")
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
+
+
+def diagnosis_line(pattern: str, family: str, d: dict) -> str:
+    """One line of ``--diagnose``: the teacher-forced answer (its first token and all of them, under the pattern
+    and, where measured, with dense attention) and, per layer, the share of the answer's tokens in the
+    selection at the answer row (x100)."""
+    recall = d.get("answer_recall") or {}
+    per_layer = " ".join(f"{100 * v:.0f}" for _, v in sorted(recall.items(), key=lambda kv: int(kv[0])))
+    kept = (f"; the whole answer kept in every layer in {d['answer_kept_everywhere']} of "
+            f"{d['samples_with_answer_in_prompt']}" if d.get("samples_with_answer_in_prompt") else "")
+    dense = (f" (dense attention: first {100 * d['dense_first_token_correct']:.0f}%, all "
+             f"{100 * d['dense_token_accuracy']:.1f}%)" if "dense_token_accuracy" in d else "")
+    return (f"  - {_short(Pattern.parse(pattern))} {family}: answer tokens ranked first: the first "
+            f"{100 * d['first_token_correct']:.0f}%, all {100 * d['token_accuracy']:.1f}%{dense}, NLL {d['nll']:.2f}; "
+            f"answer recall by layer: {per_layer or '-'}{kept}")
 
 
 def command_line(argv: list[str]) -> str:
