@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from ..evals.tasks import Sample
+from ..evals.tasks import Sample, token_span
 from ..pattern import Pattern
 from ..runner import LayerRunner, LayerState, NativeRunner
 
 
-def _span_tokens(offsets: list[tuple[int, int]], a: int, b: int) -> list[int]:
-    """The prompt tokens that overlap characters ``[a, b)``."""
-    return [i for i, (s, e) in enumerate(offsets) if s < b and e > a]
-
-
-def answer_sources(sample: Sample, tokenizer) -> tuple[list[int], list[int]]:
-    """(the prompt tokens of the first answer wherever a needle writes it out, every needle's tokens). The
-    answer is searched for inside the needles only; a family whose answer no needle spells out (counted or
-    aggregated answers) gets an empty first list."""
-    enc = tokenizer.encode(sample.prompt)
+def answer_sources(sample: Sample, tokenizer, offsets: list[tuple[int, int]] | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """(the prompt tokens of the first answer wherever a needle writes it out, every needle's tokens), from
+    the prompt's token ``offsets`` (encoded here when not given). The answer is searched for inside the
+    needles only; a family whose answer no needle spells out (counted or aggregated answers) gets an empty
+    first list."""
+    offsets = offsets if offsets is not None else tokenizer.encode(sample.prompt).offsets
     needle_tok: list[int] = []
     answer_tok: list[int] = []
     answer = sample.answers[0] if sample.answers else ""
@@ -39,7 +36,7 @@ def answer_sources(sample: Sample, tokenizer) -> tuple[list[int], list[int]]:
         needle_tok += range(n.token_start, n.token_end)
         at = sample.prompt.find(answer, n.char_start, n.char_end) if answer else -1
         while at >= 0:  # every place the needle writes it (passkey's states the key twice)
-            answer_tok += _span_tokens(enc.offsets, at, at + len(answer))
+            answer_tok += range(*token_span(offsets, at, at + len(answer)))
             at = sample.prompt.find(answer, at + len(answer), n.char_end)
     return sorted(set(answer_tok)), sorted(set(needle_tok))
 
@@ -48,7 +45,8 @@ def answer_sources(sample: Sample, tokenizer) -> tuple[list[int], list[int]]:
 def diagnose_sample(runner: LayerRunner, tokenizer, sample: Sample, pattern: Pattern) -> dict:
     """One forward of the prompt plus the first turn's target under ``pattern``: per layer that selects, the
     answer and needle recall at the answer row; the target's token accuracy and mean NLL."""
-    prompt = tokenizer.encode(sample.prompt).ids
+    enc = tokenizer.encode(sample.prompt)
+    prompt = enc.ids
     target = tokenizer.encode(sample.targets[0]).ids
     ids = torch.tensor([prompt + target], dtype=torch.long)
     state, chosen = runner.run(runner.start(ids), pattern, 0, runner.num_layers, selections=True)
@@ -61,10 +59,13 @@ def diagnose_sample(runner: LayerRunner, tokenizer, sample: Sample, pattern: Pat
     out = {"first_token_correct": bool(logits[0].argmax() == gold[0]),
            "token_accuracy": float((logits.argmax(-1) == gold).float().mean()), "nll": float(nll)}
     if isinstance(runner, NativeRunner):  # the same rows with every layer attending to all it sees
-        dense = runner.model(ids.to(runner.device), dense=True)[0, rows].float()
+        model = runner.model
+        ctx = model.make_context(ids.shape[1], dense=True)
+        h, _ = model.forward_layers(model.model.embed_tokens(ids.to(runner.device)), ctx, pattern)
+        dense = model.head(h[:, rows])[0].float()  # the head on the target's rows only
         out.update(dense_first_token_correct=bool(dense[0].argmax() == gold[0]),
                    dense_token_accuracy=float((dense.argmax(-1) == gold).float().mean()))
-    answer_tok, needle_tok = answer_sources(sample, tokenizer)
+    answer_tok, needle_tok = answer_sources(sample, tokenizer, enc.offsets)
     answer_recall, needle_recall = {}, {}
     for layer, sel in sorted(chosen.items()):
         if sel is None:

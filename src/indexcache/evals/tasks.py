@@ -565,7 +565,9 @@ def _count(tok, d: _Draft) -> int:
     return len(tok.encode(d.prompt).ids) + sum(len(tok.encode(f).ids) for f in d.followups)
 
 
-def _token_span(offsets: list[tuple[int, int]], a: int, b: int) -> tuple[int, int]:
+def token_span(offsets: list[tuple[int, int]], a: int, b: int) -> tuple[int, int]:
+    """The smallest run of tokens ``[t0, t1)`` (by their character ``offsets``) that covers characters
+    ``[a, b)``."""
     t0 = next(i for i, (_, e) in enumerate(offsets) if e > a)
     t1 = max(i for i, (s, _) in enumerate(offsets) if s < b) + 1
     return t0, t1
@@ -627,7 +629,7 @@ def make_sample(family: str, tokenizer, length: int, index: int = 0, seed: int =
     enc = tokenizer.encode(d.prompt)
     needles = []
     for text, a, b in d.spans:
-        t0, t1 = _token_span(enc.offsets, a, b)
+        t0, t1 = token_span(enc.offsets, a, b)
         needles.append(Needle(text, a, b, t0, t1))
     return Sample(family=family, length=length, index=index, seed=seed, prompt=d.prompt, answers=d.answers,
                   targets=d.targets, followups=d.followups, needles=needles, metric=d.metric, stop=d.stop,
