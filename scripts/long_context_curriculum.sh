@@ -24,9 +24,10 @@
 # INIT_MODEL and the step starts over from those weights. Each call brings back its run (model or
 # partial_model, losses, summary) in <=15 MB parts (scripts/train_stage.sh); unpack with
 #   cat OUT/NAME.tgz.part-* | tar xzf - -C runs
-# STEPS=N replaces a training step's step count (e.g. what is left of a stopped run, started afresh from its
-# partial_model on a new machine). DRY_RUN=1 prints the step's indexcache command instead of running it (the
-# tests parse it).
+# MIX=F and KINDS=k1,k2 set the synthetic share of each batch (default 0.5) and its episode kinds (default
+# all; e.g. KINDS=secret,fact,roster,repeat for the look-ups passkey needs). STEPS=N replaces a training
+# step's step count (e.g. what is left of a stopped run, started afresh from its partial_model on a new
+# machine). DRY_RUN=1 prints the step's indexcache command instead of running it (the tests parse it).
 set -euo pipefail
 step=${1:?usage: OUT=dir bash scripts/long_context_curriculum.sh dense8k|dense16k|warm8k|warm16k|sparse16k|eval INIT_MODEL [MINUTES]}
 init=${2:?usage: give the model directory to continue from}
@@ -39,7 +40,7 @@ minutes=${3:-8}
 OUT=${OUT:?set OUT}
 [ -n "${DRY_RUN:-}" ] || mkdir -p "$OUT" runs
 common="--init $init --save-every 100000 --eval-every 100 --time-limit-min $minutes"
-synth="--synthetic-mix 0.5"
+synth="--synthetic-mix ${MIX:-0.5}${KINDS:+ --synthetic-kinds $KINDS}"
 case $step in
 dense8k)
   bash scripts/train_stage.sh "$OUT" long-dense8k \

@@ -41,7 +41,7 @@ def test_curriculum_eval_with_yarn_reads_an_extended_model():
     assert args.out == "o/eval-long-yarn2.json"
 
 
-def test_curriculum_steps_override():
+def test_curriculum_overrides():
     out = subprocess.run(["bash", "scripts/long_context_curriculum.sh", "sparse16k", "run:none"], cwd=ROOT,
                          env={**os.environ, "DRY_RUN": "1", "OUT": "o", "STEPS": "37"}, capture_output=True, text=True)
     assert out.returncode == 2 and "no model in runs/none" in out.stderr  # run:NAME must name a run that exists
@@ -50,6 +50,12 @@ def test_curriculum_steps_override():
         env={**os.environ, "DRY_RUN": "1", "OUT": "o", "STEPS": "37"}, capture_output=True, text=True,
         check=True).stdout.splitlines()]
     assert build_parser().parse_args(cmd).steps == 37
+    env = {**os.environ, "DRY_RUN": "1", "OUT": "o", "MIX": "0.7", "KINDS": "secret,fact"}
+    (cmd,) = [shlex.split(line) for line in subprocess.run(
+        ["bash", "scripts/long_context_curriculum.sh", "sparse16k", "models/dsa-mini"], cwd=ROOT, env=env,
+        capture_output=True, text=True, check=True).stdout.splitlines()]
+    args = build_parser().parse_args(cmd)
+    assert (args.synthetic_mix, args.synthetic_kinds) == (0.7, "secret,fact")
 
 
 def test_curriculum_refuses_an_unknown_step():
