@@ -10,9 +10,10 @@
 #   dense8k    dense continuation at 8192 tokens: 8 sequences per batch, half of them synthetic retrieval
 #              windows (the fused dense attention keeps the memory linear in the sequence); 0.45 s a step
 #   dense16k   the same at 16384 tokens; 0.87 s a step
-#   warm8k     the indexer warm-up at 8192 (KL to the dense attention; the backbone frozen), the cheaper
-#              warm-up: its dense [S, T] targets cost S*T, a quarter of 16K's per sequence
-#   warm16k    the same at 16384; 14.7 s a step
+#   warm8k     the indexer warm-up at 8192 (KL to the dense attention; the backbone frozen)
+#   warm16k    the same at 16384; 14.7 s a step with every query row's dense target. Both warm-ups score
+#              KL_ROWS random query rows per sequence (default 2048, --kl-rows; 0 = all rows): an unbiased
+#              sample of the loss whose dense targets cost KL_ROWS * T instead of S * T
 #   sparse16k  the sparse stage at 16384 (top-256 of 16K: the selection covers 1.6% of the context); 8.5 s
 #              a step with the selection on the plain ops (10.9 s with --selection-kernels, the Triton kernels)
 #   eval       niah_single and passkey at 4K, 16K and 32K, all Full, 50 samples each, book haystack
@@ -25,7 +26,8 @@
 # partial_model, losses, summary) in <=15 MB parts (scripts/train_stage.sh); unpack with
 #   cat OUT/NAME.tgz.part-* | tar xzf - -C runs
 # MIX=F and KINDS=k1,k2 set the synthetic share of each batch (default 0.5) and its episode kinds (default
-# all; e.g. KINDS=secret,fact,roster,repeat for the look-ups passkey needs). STEPS=N replaces a training
+# all; e.g. KINDS=secret,fact,roster,repeat for the look-ups passkey needs; KINDS=secret:0.6,fact,... also sets a
+# kind's relative weight, default weights in train/retrieval.py). STEPS=N replaces a training
 # step's step count (e.g. what is left of a stopped run, started afresh from its partial_model on a new
 # machine). DRY_RUN=1 prints the step's indexcache command instead of running it (the tests parse it).
 set -euo pipefail
@@ -41,21 +43,25 @@ OUT=${OUT:?set OUT}
 [ -n "${DRY_RUN:-}" ] || mkdir -p "$OUT" runs
 common="--init $init --save-every 100000 --eval-every 100 --time-limit-min $minutes"
 synth="--synthetic-mix ${MIX:-0.5}${KINDS:+ --synthetic-kinds $KINDS}"
+rows="--kl-rows ${KL_ROWS:-2048}"
+# the books tokenized once: a later step reuses an earlier step's token cache (same books, same tokenizer)
+tokens=""
+for r in runs/long-*/tokens.npz; do [ -f "$r" ] && { tokens=${r#runs/}; tokens=:${tokens%/tokens.npz}; break; }; done
 case $step in
 dense8k)
-  bash scripts/train_stage.sh "$OUT" long-dense8k \
+  bash scripts/train_stage.sh "$OUT" long-dense8k$tokens \
     "--stage dense $common $synth --steps ${STEPS:-400} --batch-size 8 --micro-batch 4 --seq-len 8192 --lr 5e-4 --warmup-steps 10" ;;
 dense16k)
-  bash scripts/train_stage.sh "$OUT" long-dense16k \
+  bash scripts/train_stage.sh "$OUT" long-dense16k$tokens \
     "--stage dense $common $synth --steps ${STEPS:-400} --batch-size 8 --micro-batch 2 --seq-len 16384 --lr 4e-4 --warmup-steps 10" ;;
 warm8k)
-  bash scripts/train_stage.sh "$OUT" long-warm8k \
-    "--stage warmup $common $synth --steps ${STEPS:-60} --batch-size 8 --micro-batch 2 --seq-len 8192 --lr 1e-3 --warmup-steps 6" ;;
+  bash scripts/train_stage.sh "$OUT" long-warm8k$tokens \
+    "--stage warmup $common $synth $rows --steps ${STEPS:-60} --batch-size 8 --micro-batch 2 --seq-len 8192 --lr 1e-3 --warmup-steps 6" ;;
 warm16k)
-  bash scripts/train_stage.sh "$OUT" long-warm16k \
-    "--stage warmup $common $synth --steps ${STEPS:-60} --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 1e-3 --warmup-steps 6" ;;
+  bash scripts/train_stage.sh "$OUT" long-warm16k$tokens \
+    "--stage warmup $common $synth $rows --steps ${STEPS:-60} --batch-size 8 --micro-batch 2 --seq-len 16384 --lr 1e-3 --warmup-steps 6" ;;
 sparse16k)
-  bash scripts/train_stage.sh "$OUT" long-sparse16k \
+  bash scripts/train_stage.sh "$OUT" long-sparse16k$tokens \
     "--stage sparse $common $synth --steps ${STEPS:-120} --batch-size 8 --micro-batch 1 --seq-len 16384 --lr 3e-4 --indexer-lr 1e-3 --warmup-steps 5" ;;
 eval)
   name=eval-long

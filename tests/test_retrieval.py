@@ -121,6 +121,25 @@ def test_the_first_six_kinds_draw_what_they_drew_before_the_others_existed(tok_s
     assert not np.array_equal(ids, everything[0])  # the default draws from all kinds
 
 
+def test_kind_weights_default_and_override(tok_stream):
+    """A bare kind keeps its weight (so the old draws stay), ``name:w`` sets it, and bad entries are refused."""
+    from indexcache.errors import DataError
+
+    names, w = retrieval.kind_weights(["secret", "fact"])
+    assert names == ["fact", "secret"] and w.tolist() == [0.4, 0.12]  # KINDS order, default weights
+    names, w = retrieval.kind_weights(["secret:2", "fact"])
+    assert names == ["fact", "secret"] and w.tolist() == [0.4, 2.0]
+    for bad, msg in (("nope", "unknown retrieval episode kind 'nope'"), ("secret:x", "must be a number"),
+                     ("secret:0", "must be positive")):
+        with pytest.raises(DataError, match=msg):
+            retrieval.kind_weights([bad])
+    tok, stream = tok_stream
+    plain = retrieval_batch(stream, tok, 2, 512, seed=3, step=1, kinds=("fact", "secret"))[0]
+    same = retrieval_batch(stream, tok, 2, 512, seed=3, step=1, kinds=("fact:0.4", "secret:0.12"))[0]
+    heavy = retrieval_batch(stream, tok, 2, 512, seed=3, step=1, kinds=("fact", "secret:5"))[0]
+    assert np.array_equal(plain, same) and not np.array_equal(plain, heavy)
+
+
 def test_retrieval_calibration_windows(tmp_path):
     from indexcache.data import load_calibration
     from indexcache.data.text import DataError

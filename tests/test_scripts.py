@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from indexcache.cli import build_parser
+from indexcache.cli import build_parser, check_train
+from indexcache.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 CURRICULUM_STEPS = ("dense8k", "dense16k", "warm8k", "warm16k", "sparse16k", "eval")
@@ -41,7 +42,7 @@ def test_curriculum_eval_with_yarn_reads_an_extended_model():
     assert args.out == "o/eval-long-yarn2.json"
 
 
-def test_curriculum_overrides():
+def test_curriculum_overrides(tmp_path):
     out = subprocess.run(["bash", "scripts/long_context_curriculum.sh", "sparse16k", "run:none"], cwd=ROOT,
                          env={**os.environ, "DRY_RUN": "1", "OUT": "o", "STEPS": "37"}, capture_output=True, text=True)
     assert out.returncode == 2 and "no model in runs/none" in out.stderr  # run:NAME must name a run that exists
@@ -56,6 +57,19 @@ def test_curriculum_overrides():
         capture_output=True, text=True, check=True).stdout.splitlines()]
     args = build_parser().parse_args(cmd)
     assert (args.synthetic_mix, args.synthetic_kinds) == (0.7, "secret,fact")
+    for step, kl_rows in (("warm16k", {}), ("warm8k", {"KL_ROWS": "512"})):
+        env = {**os.environ, "DRY_RUN": "1", "OUT": "o", "KINDS": "secret:0.6,fact", **kl_rows}
+        (cmd,) = [shlex.split(line) for line in subprocess.run(
+            ["bash", "scripts/long_context_curriculum.sh", step, "models/dsa-mini"], cwd=ROOT, env=env,
+            capture_output=True, text=True, check=True).stdout.splitlines()]
+        args = build_parser().parse_args(cmd)
+        assert args.kl_rows == int(kl_rows.get("KL_ROWS", 2048)) and args.synthetic_kinds == "secret:0.6,fact"
+        (tmp_path / "book.txt").write_text("A book.")
+        args.data = str(tmp_path)  # the books are not on this machine; the rest of the check runs as on the GPU
+        check_train(args)  # the weighted kinds pass the CLI's own check
+    args.synthetic_kinds = "secret:often,fact"
+    with pytest.raises(OptionError, match="--synthetic-kinds: retrieval episode kind 'secret:often': the weight"):
+        check_train(args)
 
 
 def test_curriculum_refuses_an_unknown_step():

@@ -95,6 +95,77 @@ def test_multi_layer_weights_and_ablation(tiny):
     assert own.loss.item() == pytest.approx(own.terms[(0, 0)] + own.terms[(3, 3)], rel=1e-5)
 
 
+def _per_row_kl(model, ids, pattern: str) -> dict[int, torch.Tensor]:
+    """Each Full layer's KL(p || softmax(I)) per query row, [B, S], from the dense traces of a dense forward."""
+    from indexcache.model.dsa import Trace
+
+    trace = Trace(indices=False, index_scores=True, attn=True)
+    with torch.no_grad():
+        model(ids, pattern=pattern, dense=True, trace=trace)
+    out = {}
+    for layer, rec in trace.records.items():
+        if rec.index_scores is None:
+            continue
+        p = rec.attn / rec.attn.sum(-1, keepdim=True)
+        log_q = torch.log_softmax(rec.index_scores, -1)
+        out[layer] = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - log_q), torch.zeros_like(p)).sum(-1)
+    return out
+
+
+def test_warmup_loss_on_sampled_rows_is_the_mean_of_those_rows(tiny):
+    """The warm-up's dense target on sampled query rows: the loss is the mean of exactly those rows' KL (so
+    a uniform sample is an unbiased estimate of the all-rows loss), and all rows give the all-rows loss."""
+    from indexcache.train.trainer import sample_rows
+
+    model = load_model(tiny, pattern="FFFFFF", verbose=False)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
+    per_row = _per_row_kl(model, ids, "FFFFFF")
+    assert len(per_row) == 6
+    rows = sample_rows(9, 40, seed=0, step=5, part=1)
+    assert rows.tolist() == sorted(set(rows.tolist())) and len(rows) == 9 and 0 <= rows.min() <= rows.max() < 40
+    assert torch.equal(rows, sample_rows(9, 40, seed=0, step=5, part=1))  # the same draw on resume
+    assert not torch.equal(rows, sample_rows(9, 40, seed=0, step=6, part=1))
+    assert sample_rows(0, 40, 0, 0, 0) is None and sample_rows(40, 40, 0, 0, 0) is None
+    with torch.no_grad():
+        _, sampled, terms = step_losses(model, ids, "warmup", model.pattern, True, kl_rows=rows)
+        _, whole, _ = step_losses(model, ids, "warmup", model.pattern, True)
+        _, every, _ = step_losses(model, ids, "warmup", model.pattern, True, kl_rows=torch.arange(40))
+    want = sum(float(v[:, rows].mean()) for v in per_row.values())
+    assert sampled.item() == pytest.approx(want, rel=1e-4)
+    assert terms[(2, 2)] == pytest.approx(float(per_row[2][:, rows].mean()), rel=1e-4)
+    assert whole.item() == pytest.approx(sum(float(v.mean()) for v in per_row.values()), rel=1e-4)
+    # all rows through the sampled path (the fused attention gives the outputs): the same loss, to float error
+    assert every.item() == pytest.approx(whole.item(), rel=1e-4)
+    assert abs(sampled.item() - whole.item()) > 0.01 * whole.item()  # other rows: another value
+
+
+def test_sparse_loss_on_sampled_rows_keeps_the_shared_terms_aligned(tiny):
+    """In the sparse stage the sampled rows cut both the Full layer's index scores and its served layers'
+    targets: every term equals the all-rows term restricted to those rows (checked one row at a time)."""
+    model = load_model(tiny, pattern="FSSFSS", verbose=False)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(4))
+    rows = torch.tensor([3, 17, 30, 39])
+    with torch.no_grad():
+        _, il, terms = step_losses(model, ids, "sparse", model.pattern, True, kl_rows=rows)
+        singles = [step_losses(model, ids, "sparse", model.pattern, True, kl_rows=rows[i:i + 1])[2] for i in range(4)]
+        _, il_all, _ = step_losses(model, ids, "sparse", model.pattern, True, kl_rows=torch.arange(40))
+        _, il_none, _ = step_losses(model, ids, "sparse", model.pattern, True)
+    assert set(terms) == {(0, 0), (0, 1), (0, 2), (3, 3), (3, 4), (3, 5)}
+    for key, value in terms.items():
+        assert value == pytest.approx(sum(t[key] for t in singles) / 4, rel=1e-4, abs=1e-6)
+    assert il_all.item() == pytest.approx(il_none.item(), rel=1e-5)
+    assert il.item() == pytest.approx(sum(v / 3 for v in terms.values()), rel=1e-5)
+
+
+def test_training_with_sampled_rows_trains_and_records_the_setting(tmp_path):
+    _data(tmp_path)
+    train(_cfg(tmp_path, "dense", "dense", steps=4))
+    out = train(_cfg(tmp_path, "warm", "warmup", steps=4, init=str(tmp_path / "dense" / "model"), kl_rows=16))
+    log = json.loads((tmp_path / "warm" / "losses.json").read_text())["train"]
+    assert all(r["indexer_kl"] > 0 for r in log) and out["final_eval"]["heldout_indexer_kl"] > 0
+    assert _cfg(tmp_path, "x", "warmup", kl_rows=16).fingerprint()["kl_rows"] == 16  # a resume must match it
+
+
 def _data(tmp_path):
     d = tmp_path / "books"
     d.mkdir()

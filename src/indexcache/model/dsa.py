@@ -85,8 +85,11 @@ class Context:
     trace: Trace | None = None
     pattern: Pattern | None = None  # the pattern of the running forward
     # Called once per layer with what the indexer distillation needs (see indexcache.train.losses):
-    # collect(layer=, full=, attn=, x=, qr=, indices=, probs=, ctx=)
+    # collect(layer=, full=, attn=, x=, qr=, indices=, probs=, rows=, ctx=)
     collect: Callable | None = None
+    # the query slots (sorted) whose rows ``collect`` receives (None: all). A dense target then costs
+    # len(rows) * T, not S * T: an unbiased sample of the distillation loss for long sequences.
+    kl_rows: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------- modules
@@ -209,7 +212,11 @@ class MLA(nn.Module):
             scores = None
 
         use_idx = None if ctx.dense or indices is None else indices
-        want_probs = (trace is not None and trace.attn) or ctx.collect is not None
+        rows = ctx.kl_rows if ctx.collect is not None else None
+        traced_attn = trace is not None and trace.attn
+        # dense target on sampled rows: the output through the fused attention, the rows' probabilities apart
+        dense_rows = rows is not None and use_idx is None and not traced_attn
+        want_probs = traced_attn or (ctx.collect is not None and not dense_rows)
         trains = torch.is_grad_enabled() and q.requires_grad
         # sparse: the backend's op, the batch flattened once (the kernel has no backward: a forward that
         # trains takes the plain ops below)
@@ -219,7 +226,7 @@ class MLA(nn.Module):
                 q.reshape(B * S, self.n_heads, Dk), kv, use_idx.reshape(B * S, -1), self.softmax_scale, self.kv_lora,
                 ctx.budget_bytes)
             out, probs = out.to(q.dtype).view(B, S, self.n_heads, self.kv_lora), None
-        elif use_idx is None and not want_probs and trains:
+        elif use_idx is None and not want_probs and (trains or dense_rows):
             # dense training: fused attention keeps no [S, T] matrix for the backward (long sequences fit)
             out, probs = dense_mla_fused(q, kv, self.softmax_scale, self.kv_lora, ctx.slots), None
         else:  # dense attention and traced probabilities: the plain ops
@@ -228,7 +235,13 @@ class MLA(nn.Module):
                 return_probs=want_probs, budget_bytes=ctx.budget_bytes,
             )
         if ctx.collect is not None:
-            ctx.collect(layer=layer, full=full, attn=self, x=x, qr=qr, indices=use_idx, probs=probs, ctx=ctx)
+            sel, target = use_idx, probs
+            if dense_rows:
+                target = mla_attention(q[:, rows], kv, self.softmax_scale, self.kv_lora, q_pos=ctx.slots[rows],
+                                       return_probs=True, budget_bytes=ctx.budget_bytes)[2]
+            elif rows is not None:
+                sel, target = (None if use_idx is None else use_idx[:, rows]), probs[:, rows]
+            ctx.collect(layer=layer, full=full, attn=self, x=x, qr=qr, indices=sel, probs=target, rows=rows, ctx=ctx)
         if trace is not None:
             rec = LayerRecord(source=layer if full else ctx.pattern.source_layer(layer))
             if trace.indices:
@@ -568,6 +581,7 @@ class DSAForCausalLM(nn.Module):
         dense: bool = False,
         trace: Trace | None = None,
         collect: Callable | None = None,
+        kl_rows: torch.Tensor | None = None,
     ) -> Context:
         slots = torch.arange(seq_len, device=self.device)
         if positions is None:
@@ -578,7 +592,7 @@ class DSAForCausalLM(nn.Module):
             rope=Rope(self.config, positions, self.dtype), positions=positions.to(self.device), slots=slots,
             dense=dense,
             scoring=self.scoring, backend=self.backend, ties=self.ties, budget_bytes=self.budget_bytes, trace=trace,
-            collect=collect,
+            collect=collect, kl_rows=None if kl_rows is None else kl_rows.to(self.device),
         )
 
     def forward_layers(
@@ -610,16 +624,18 @@ class DSAForCausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         dense: bool = False,
         collect: Callable | None = None,
+        kl_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, V]. ``dense=True`` attends to every visible token (DSA's dense warm-up mode);
-        ``collect`` receives each layer's attention inputs and probabilities (indexer training)."""
+        ``collect`` receives each layer's attention inputs and probabilities (indexer training), on the
+        query rows ``kl_rows`` only if given (sorted positions)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         p = self.runnable_pattern(pattern)
-        ctx = self.make_context(input_ids.shape[1], positions, dense, trace, collect)
+        ctx = self.make_context(input_ids.shape[1], positions, dense, trace, collect, kl_rows)
         h = self.model.embed_tokens(input_ids)
         h, _ = self.forward_layers(h, ctx, p)
         return self.head(h)

@@ -35,13 +35,18 @@ def kl_rows(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (plogp - plogq).sum(-1).mean()
 
 
-def index_log_probs(attn, x: torch.Tensor, qr: torch.Tensor, ctx, indices: torch.Tensor | None) -> torch.Tensor:
+def index_log_probs(attn, x: torch.Tensor, qr: torch.Tensor, ctx, indices: torch.Tensor | None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """log softmax of the layer's index scores, from detached inputs: over every visible token
-    (``indices`` None, [B,S,T]) or over the selected slots ([B,S,K], -inf at -1 slots)."""
+    (``indices`` None, [B,S,T]) or over the selected slots ([B,S,K], -inf at -1 slots). With ``rows``
+    (query slots), only those query rows: [B,len(rows),T] or, with ``indices`` given for those rows, [B,len(rows),K]."""
     ind = attn.indexer
     q, w, k = ind.project(x.detach(), qr.detach(), ctx)
+    q_pos = ctx.slots
+    if rows is not None:  # projected whole (RoPE by position), then cut to the rows
+        q, w, q_pos = q[:, rows], w[:, rows], ctx.slots[rows]
     if indices is None:
-        scores = dense_scores(q, w, k, ind.softmax_scale, ctx.slots, ctx.budget_bytes)
+        scores = dense_scores(q, w, k, ind.softmax_scale, q_pos, ctx.budget_bytes)
     else:
         scores = indexer_scores_at(q, w, k, ind.softmax_scale, indices)
     return torch.log_softmax(scores, dim=-1)
@@ -51,7 +56,8 @@ class IndexerDistillation:
     """Per-layer collector (``Context.collect``) that accumulates the indexer loss of one forward.
 
     Pass it to ``model(ids, collect=...)`` and call :meth:`finish` after the forward: it returns the
-    summed multi-layer KL over Full layers (each term averaged over query rows); ``terms`` holds the
+    summed multi-layer KL over Full layers (each term averaged over query rows: all of them, or the
+    sample that ``model(..., kl_rows=)`` names); ``terms`` holds the
     value of each (Full layer, served layer) term.
 
     With ``backward_scale`` set, each sharing block's loss is back-propagated (times the scale) as soon
@@ -87,12 +93,12 @@ class IndexerDistillation:
         self._close_block()
         return self.loss
 
-    def __call__(self, *, layer, full, attn, x, qr, indices, probs, ctx) -> None:
+    def __call__(self, *, layer, full, attn, x, qr, indices, probs, ctx, rows=None) -> None:
         if full:
             if attn.indexer is None:
                 raise ValueError(f"layer {layer} is Full but has no indexer to train")
             self._close_block()
-            self._log_q = index_log_probs(attn, x, qr, ctx, indices)
+            self._log_q = index_log_probs(attn, x, qr, ctx, indices, rows)
             self._src = layer
         elif not self.cross_layer or self._log_q is None:
             return

@@ -319,17 +319,35 @@ BUILDERS = {"fact": _fact, "listing": _listing, "chain": _chain, "tally": _tally
             "group": _group, "roster": _roster, "track": _track, "rank": _rank}
 
 
+def kind_weights(kinds: tuple[str, ...] | list[str]) -> tuple[list[str], np.ndarray]:
+    """The episode kinds to draw, in ``KINDS`` order, and their weights: a bare name keeps its default weight
+    (``KIND_WEIGHTS``) and ``name:w`` sets it (``secret:1`` makes the lone-value look-up the most drawn kind).
+    Weights are relative; they are normalised where the kinds are drawn."""
+    given: dict[str, float] = {}
+    for item in kinds:
+        name, _, w = str(item).partition(":")
+        if name not in KINDS:
+            raise DataError(f"unknown retrieval episode kind {name!r} (choose from {', '.join(KINDS)})")
+        try:
+            weight = float(w) if w else KIND_WEIGHTS[KINDS.index(name)]
+        except ValueError:
+            raise DataError(f"retrieval episode kind {item!r}: the weight after ':' must be a number") from None
+        if not weight > 0:
+            raise DataError(f"retrieval episode kind {item!r}: the weight must be positive")
+        given[name] = weight
+    if not given:
+        raise DataError(f"no retrieval episode kinds given (choose from {', '.join(KINDS)})")
+    chosen = [k for k in KINDS if k in given]
+    return chosen, np.array([given[k] for k in chosen])
+
+
 def retrieval_window(stream: np.ndarray, tokenizer, seq_len: int, rng: np.random.Generator,
                      density: float | None = None, kinds: tuple[str, ...] = KINDS) -> tuple[np.ndarray, np.ndarray]:
     """One window of ``seq_len`` tokens: book text from ``stream`` with episodes of ``kinds`` spliced in
     until about ``density`` of the tokens (default: random in [0.15, 0.5]) are structured. Returns (ids,
     answer_mask); the mask marks the tokens that can only be predicted by retrieving an earlier part of the
     window."""
-    unknown = set(kinds) - set(KINDS)
-    if unknown or not kinds:
-        raise DataError(f"unknown retrieval episode kinds {sorted(unknown)} (choose from {', '.join(KINDS)})")
-    weights = np.array([w for k, w in zip(KINDS, KIND_WEIGHTS, strict=True) if k in kinds])
-    chosen = [k for k in KINDS if k in kinds]
+    chosen, weights = kind_weights(kinds)
     if stream.shape[0] <= 2 * seq_len:
         raise DataError(f"the token stream ({stream.shape[0]} tokens) is too short for windows of {seq_len}")
     density = float(rng.uniform(0.15, 0.5)) if density is None else density
@@ -421,4 +439,4 @@ def retrieval_batch(stream: np.ndarray, tokenizer, n: int, seq_len: int, seed: i
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-__all__ = ["retrieval_window", "retrieval_batch", "KINDS", "FIRST_KINDS"]
+__all__ = ["retrieval_window", "retrieval_batch", "kind_weights", "KINDS", "FIRST_KINDS"]

@@ -74,6 +74,7 @@ class TrainConfig:
     synthetic_mix: float = 0.0  # share of each batch replaced by synthetic retrieval windows (train/retrieval.py)
     synthetic_kinds: str | None = None  # comma-separated episode kinds (default: all)
     synthetic_density: float | None = None  # structured share of a synthetic window (default: random 0.15-0.5)
+    kl_rows: int = 0  # warm-up and sparse stages: the indexer loss on this many random query rows (0: all)
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
@@ -158,16 +159,28 @@ def update_router_biases(model: DSAForCausalLM, rate: float) -> None:
 
 # ------------------------------------------------------------------------------------------ losses
 def step_losses(model: DSAForCausalLM, ids: torch.Tensor, stage: str, pattern: Pattern, cross_layer: bool,
-                indexer_backward_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+                indexer_backward_scale: float | None = None, kl_rows: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(LM loss, indexer loss, per-term KL values) of one batch in ``stage``. With
-    ``indexer_backward_scale`` the indexer loss is back-propagated block by block during the forward."""
+    ``indexer_backward_scale`` the indexer loss is back-propagated block by block during the forward;
+    with ``kl_rows`` (sorted query positions) the indexer loss is the mean over those rows only."""
     distill = IndexerDistillation(pattern, cross_layer, indexer_backward_scale) if stage != "dense" else None
-    logits = model(ids, dense=stage != "sparse", collect=distill)
+    logits = model(ids, dense=stage != "sparse", collect=distill, kl_rows=kl_rows if distill else None)
     lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
     return lm, (distill.finish() if distill else None), (distill.terms if distill else {})
 
 
 @torch.no_grad()
+def sample_rows(n: int, seq_len: int, seed: int, step: int, part: int) -> torch.Tensor | None:
+    """``n`` distinct query positions of ``[0, seq_len)``, sorted, drawn from ``(seed, step, part)`` alone (a
+    resumed run draws the same ones); None (every row) when ``n`` is 0 or covers the sequence. Uniform rows
+    make the sampled indexer loss an unbiased estimate of the mean over all rows."""
+    if n <= 0 or n >= seq_len:
+        return None
+    rng = np.random.default_rng((seed, step, part, 0x6B6C))
+    return torch.from_numpy(np.sort(rng.choice(seq_len, size=n, replace=False)))
+
+
 def answer_accuracy(model: DSAForCausalLM, ids: np.ndarray, mask: np.ndarray, dense: bool, device: str,
                     autocast) -> dict:
     """Next-token accuracy and loss on the answer tokens of synthetic retrieval windows: the tokens that
@@ -368,12 +381,13 @@ def train(cfg: TrainConfig) -> dict:
         micro = ids.split(cfg.micro_batch or cfg.batch_size)
         opt.zero_grad(set_to_none=True)
         lm_sum, il_sum = 0.0, None
-        for part in micro:
+        for i, part in enumerate(micro):
             share = part.shape[0] / ids.shape[0]
             idx_scale = None if cfg.stage == "dense" else share * (1.0 if cfg.stage == "warmup"
                                                                    else cfg.indexer_loss_weight)
+            rows = sample_rows(cfg.kl_rows, cfg.seq_len, cfg.seed, step, i) if cfg.stage != "dense" else None
             with autocast:
-                lm, il, _ = step_losses(model, part, cfg.stage, pattern, cfg.cross_layer, idx_scale)
+                lm, il, _ = step_losses(model, part, cfg.stage, pattern, cfg.cross_layer, idx_scale, rows)
             if cfg.stage != "warmup":
                 (share * lm).backward()  # the indexer loss was back-propagated block by block already
             lm_sum += share * float(lm.detach())
