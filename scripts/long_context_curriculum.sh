@@ -11,7 +11,8 @@
 #              windows (the fused dense attention keeps the memory linear in the sequence); 0.45 s a step
 #   dense16k   the same at 16384 tokens; 0.87 s a step
 #   warm8k     the indexer warm-up at 8192 (KL to the dense attention; the backbone frozen)
-#   warm16k    the same at 16384; 14.7 s a step with every query row's dense target. Both warm-ups score
+#   warm16k    the same at 16384; 14.7 s a step with every query row's dense target, 4.1 s with 2048 rows
+#              (results/train/long-context/recipe-b). Both warm-ups score
 #              KL_ROWS random query rows per sequence (default 2048, --kl-rows; 0 = all rows): an unbiased
 #              sample of the loss whose dense targets cost KL_ROWS * T instead of S * T
 #   sparse16k  the sparse stage at 16384 (top-256 of 16K: the selection covers 1.6% of the context); 8.5 s

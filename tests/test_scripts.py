@@ -65,7 +65,8 @@ def test_curriculum_overrides(tmp_path):
         args = build_parser().parse_args(cmd)
         assert args.kl_rows == int(kl_rows.get("KL_ROWS", 2048)) and args.synthetic_kinds == "secret:0.6,fact"
         (tmp_path / "book.txt").write_text("A book.")
-        args.data = str(tmp_path)  # the books are not on this machine; the rest of the check runs as on the GPU
+        # the books are not on this machine, and runs/ may hold an earlier run: the rest of the check runs as on the GPU
+        args.data, args.out, args.resume = str(tmp_path), str(tmp_path / f"run-{step}"), False
         check_train(args)  # the weighted kinds pass the CLI's own check
     args.synthetic_kinds = "secret:often,fact"
     with pytest.raises(OptionError, match="--synthetic-kinds: retrieval episode kind 'secret:often': the weight"):

@@ -1053,7 +1053,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "track,rank (default all), each optionally with a relative weight (secret:1,fact,repeat)")
     p.add_argument("--kl-rows", type=nonneg_int, default=0,
                    help="warm-up and sparse stages: the indexer loss on this many random query rows of each sequence "
-                        "(an unbiased sample; 0 = all). At 16K tokens, 2048 rows cut the dense targets' cost 8x")
+                        "(an unbiased sample; 0 = all). At 16K tokens, 2048 rows score an eighth of the dense targets")
     p.add_argument("--synthetic-density", type=fraction,
                    help="structured share of a synthetic window, in (0, 1] (default 0.15-0.5)")
     p.add_argument("--seed", type=int, default=0)

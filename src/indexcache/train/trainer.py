@@ -170,7 +170,6 @@ def step_losses(model: DSAForCausalLM, ids: torch.Tensor, stage: str, pattern: P
     return lm, (distill.finish() if distill else None), (distill.terms if distill else {})
 
 
-@torch.no_grad()
 def sample_rows(n: int, seq_len: int, seed: int, step: int, part: int) -> torch.Tensor | None:
     """``n`` distinct query positions of ``[0, seq_len)``, sorted, drawn from ``(seed, step, part)`` alone (a
     resumed run draws the same ones); None (every row) when ``n`` is 0 or covers the sequence. Uniform rows
@@ -181,6 +180,7 @@ def sample_rows(n: int, seq_len: int, seed: int, step: int, part: int) -> torch.
     return torch.from_numpy(np.sort(rng.choice(seq_len, size=n, replace=False)))
 
 
+@torch.no_grad()
 def answer_accuracy(model: DSAForCausalLM, ids: np.ndarray, mask: np.ndarray, dense: bool, device: str,
                     autocast) -> dict:
     """Next-token accuracy and loss on the answer tokens of synthetic retrieval windows: the tokens that
