@@ -10,6 +10,8 @@ over the held-out windows), and how many of the runs' steps were within noise.
     python scripts/pick_stability.py models/dsa-mini ../shared/data/gutenberg results/search/stability \\
         --seeds 0 1 2 --num-samples 4 --seq-len 1024 --keep 0.25
 
+Long calibration on a GPU: ``--seq-len 16384 --device cuda``.
+
 Writes OUT/stability.json and OUT/README.md; each search's own output stays in OUT/<recipe>/seed<k>/.
 Resumable: a finished search (its report.json) is not run again.
 """
@@ -64,7 +66,7 @@ def heldout_windows(model: str, data: str, out: Path, num: int, seq_len: int) ->
     return out
 
 
-def score(model_dir: str, windows_npy: Path, patterns: list[str], resamples: int = 2000) -> dict:
+def score(model_dir: str, windows_npy: Path, patterns: list[str], resamples: int = 2000, device: str = "cpu") -> dict:
     """Each pattern's mean loss on the held-out windows with a 95% bootstrap interval over the windows, and
     its paired difference from all Full (the same resampled windows for both) with its interval."""
     import torch
@@ -74,7 +76,7 @@ def score(model_dir: str, windows_npy: Path, patterns: list[str], resamples: int
     from indexcache.pattern import Pattern
     from indexcache.search import LossEvaluator
 
-    model = load_model(model_dir, verbose=False)
+    model = load_model(model_dir, device=device, verbose=False)
     ids = torch.from_numpy(np.load(windows_npy).astype(np.int64))
     ev = LossEvaluator(model, [ids[i : i + 1] for i in range(ids.shape[0])])
     full = Pattern.all_full(model.config.num_hidden_layers)
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.25)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--recipes", nargs="+", default=["books", "retrieval"], choices=["books", "retrieval"])
+    ap.add_argument("--device", default="cpu", help="where the searches and the scoring run (cuda for long windows)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     ic = [sys.executable, "-m", "indexcache.cli"]
@@ -120,7 +123,7 @@ def main() -> None:
                     draw = 0  # the rows are already this seed's
                 run([*ic, "search", a.model, "--data", data, "--num-samples", str(a.num_samples), "--seq-len",
                      str(a.seq_len), "--seed", str(draw), "--keep", str(a.keep), "--baselines", "none",
-                     "--overwrite", "--out", str(out)])
+                     "--device", a.device, "--overwrite", "--out", str(out)])
             r = json.loads((out / "report.json").read_text())
             n = r["num_layers"]
             half = next((e for e in r["trajectory"] if e["num_full"] == n // 2), None)
@@ -131,7 +134,7 @@ def main() -> None:
                          "last_step": r["trajectory"][-1].get("confidence")})
     patterns = sorted({p for x in runs for p in (x["half"], x["target"]) if p})
     heldout = heldout_windows(a.model, a.data, tmp / "heldout.npy", a.eval_windows, a.seq_len)
-    losses = score(a.model, heldout, patterns)
+    losses = score(a.model, heldout, patterns, device=a.device)
     table = {"about": __doc__.splitlines()[0], "command": " ".join(sys.argv), "runs": runs,
              "heldout": {"windows": a.eval_windows, "seq_len": a.seq_len, "seed": EVAL_SEED, "losses": losses}}
     (a.out / "stability.json").write_text(json.dumps(table, indent=1) + "\n")

@@ -100,3 +100,75 @@ def test_rope_extend_links_the_weights_and_sets_yarn(tmp_path):
     assert torch.equal(inv[0], inv0[0]) and inv[-1] < inv0[-1] and scale > 1  # fast dims kept, slow ones stretched
     again = subprocess.run(run, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_topk_log_summary_reads_the_per_call_lines(tmp_path):
+    log = tmp_path / "topk.log"
+    line = ("  topk on engine logits, call {c} (256 rows, up to {n} keys): sample {s}, staged 0.2, bucket 0.5, "
+            "torch 0.6, auto 0.5 ms (torch.topk 0.45); sample re-read {r}, fell back 0 rows\n")
+    log.write_text("ceilings ...\n" + line.format(c=0, n=1000, s=0.3, r=1) + line.format(c=1, n=3000, s=0.7, r=3))
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts/topk_log_summary.py"), str(log), str(out)], check=True,
+                   capture_output=True)
+    import json
+
+    d = json.loads(out.read_text())
+    assert d["calls"] == 2 and d["keys"] == [1000, 3000] and d["sample_faster_than_bucket"] == 1
+    assert d["ms_per_call"]["sample"]["mean"] == pytest.approx(0.5)
+    assert d["ms_per_call"]["sample"]["slower_than_torch_topk"] == 1
+    assert d["ms_per_call"]["bucket"]["slower_than_torch_topk"] == 2 and d["sample_re_read_rows"]["max"] == 3
+    (tmp_path / "empty.log").write_text("nothing timed\n")
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/topk_log_summary.py"), str(tmp_path / "empty.log"),
+                          str(tmp_path / "e.json")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no 'topk on engine logits" in bad.stderr and not (tmp_path / "e.json").exists()
+
+
+def test_long_study_runs_one_eval_per_pattern_and_reads_32k_with_yarn():
+    pats = "FFFFFFFFFFFFFFFF FSFSFSFSFSFSFSFS"
+    cmds = dry_run("scripts/long_study.sh", "16384", pats)
+    assert len(cmds) == 2
+    for cmd, p in zip(cmds, pats.split(), strict=True):
+        args = build_parser().parse_args(cmd)
+        assert args.model == "models/dsa-mini" and args.pattern == [p] and args.lengths == [16384]
+        assert args.samples == 50 and args.seed == 0 and args.out == f"/nonexistent/out/eval-long-16384-{p}.json"
+        assert args.ppl_data == ["wikitext=.data/wikitext-2-raw/test.txt"]
+    (cmd,) = dry_run("scripts/long_study.sh", "32768", "FSSSFSSSFSSSFSSS")
+    args = build_parser().parse_args(cmd)
+    assert args.model == "runs/yarn2-dsa-mini" and args.lengths == [32768]
+    bad = subprocess.run(["bash", "scripts/long_study.sh", "20000", "FFFFFFFFFFFFFFFF"], cwd=ROOT,
+                         env={**os.environ, "DRY_RUN": "1", "OUT": "o"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "multiple of 16384" in bad.stderr
+
+
+def test_heldout_numbers_scores_the_trainers_heldout_books(tmp_path):
+    import json
+
+    import torch
+
+    from indexcache.checkpoint import load_model
+    from indexcache.data.text import load_tokenizer
+    from indexcache.presets import make_random_checkpoint
+    from indexcache.search.evaluator import lm_loss
+    from indexcache.train.data import fixed_windows, split_documents, tokenize
+
+    model_dir = make_random_checkpoint(tmp_path / "m", "glm_moe_dsa", "tiny", seed=1)
+    books = tmp_path / "books"
+    books.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = ["the", "house", "river", "light", "said", "of", "and", "winter", "road", "she"]
+    for i in range(5):
+        (books / f"{i}.txt").write_text(" ".join(words[j] for j in torch.randint(0, 10, (3000,), generator=g)))
+    out = tmp_path / "h.json"
+    run = [sys.executable, str(ROOT / "scripts/heldout_numbers.py"), str(model_dir), str(books), str(out),
+           "--seq-len", "64", "--windows", "3", "--recall-windows", "1"]
+    subprocess.run(run, check=True, capture_output=True)
+    d = json.loads(out.read_text())
+    _, test, names = split_documents(books, 3, 0)
+    wins = fixed_windows(tokenize(test, load_tokenizer(model_dir)), 3, 64)
+    assert d["heldout_files"] == names and len(d["window_losses"]) == 3
+    assert d["heldout_lm_loss"] == pytest.approx(lm_loss(load_model(model_dir), wins, progress=False), rel=1e-5)
+    rec = d["indexer_recall"]
+    assert rec["index_topk"] == 8 and all(0 < r <= 1 for r in rec["recall"])  # a random model: near chance
+    assert rec["random_baseline"] == pytest.approx(sum(8 / (t + 1) for t in range(8, 64)) / 56, rel=1e-9)
+    again = subprocess.run(run, capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr

@@ -132,7 +132,10 @@ def test_warmup_loss_on_sampled_rows_is_the_mean_of_those_rows(tiny):
         _, every, _ = step_losses(model, ids, "warmup", model.pattern, True, kl_rows=torch.arange(40))
     want = sum(float(v[:, rows].mean()) for v in per_row.values())
     assert sampled.item() == pytest.approx(want, rel=1e-4)
-    assert terms[(2, 2)] == pytest.approx(float(per_row[2][:, rows].mean()), rel=1e-4)
+    # one layer's term can be a KL near zero: it is a difference of a cross-entropy and an entropy of about
+    # log(40) nats, whose fp32 rounding (~1e-7 relative, summed over 40 keys) bounds it absolutely, not relatively
+    for layer in per_row:
+        assert terms[(layer, layer)] == pytest.approx(float(per_row[layer][:, rows].mean()), rel=1e-4, abs=1e-6)
     assert whole.item() == pytest.approx(sum(float(v.mean()) for v in per_row.values()), rel=1e-4)
     # all rows through the sampled path (the fused attention gives the outputs): the same loss, to float error
     assert every.item() == pytest.approx(whole.item(), rel=1e-4)

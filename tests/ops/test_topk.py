@@ -107,9 +107,15 @@ def test_torch_schedule_masks_only_given_windows_and_auto_picks_sample_then_buck
     import indexcache.ops.topk.kernel as kernel
 
     LAST_COMPILED.clear()
-    monkeypatch.setattr(kernel, "SAMPLE_MAX_KEYS", 259)
+    monkeypatch.setattr(kernel, "AUTO_SAMPLE_MAX_KEYS", 259)
     same_sets_modulo_ties(topk(x, 24, ks, ke, block=64, cap=64), topk_ref(x, 24, ks, ke), x)
     assert "topk_bucket" in LAST_COMPILED and "topk_sample" not in LAST_COMPILED
+    # past the sample-size switch but inside auto's sample range: sample, with its larger (cap-key) sample
+    LAST_COMPILED.clear()
+    monkeypatch.setattr(kernel, "AUTO_SAMPLE_MAX_KEYS", 1 << 17)
+    monkeypatch.setattr(kernel, "SAMPLE_MAX_KEYS", 259)
+    same_sets_modulo_ties(topk(x, 24, ks, ke, block=64, cap=64), topk_ref(x, 24, ks, ke), x)
+    assert "topk_sample" in LAST_COMPILED and "topk_bucket" not in LAST_COMPILED
 
 
 @interpreter

@@ -47,7 +47,8 @@ import torch
 from ..triton_support import HAVE_TRITON, LAST_COMPILED, require_triton
 
 NB = 256  # four passes of 8-bit digits
-SAMPLE_MAX_KEYS = 65536  # auto's longest rows for the sample schedule (see topk)
+SAMPLE_MAX_KEYS = 65536  # beyond this many keys the sample schedule samples cap keys instead of cap / 2
+AUTO_SAMPLE_MAX_KEYS = 131072  # auto's longest rows for the sample schedule (measured on engine logits; see topk)
 
 if HAVE_TRITON:
     import triton
@@ -502,7 +503,7 @@ def topk(
     index first for ``rows``, ``bucket``, ``sample`` and ``staged``, arrival order for ``split``, torch.topk's for
     ``torch``). ``schedule``: ``sample``, ``staged``, ``bucket``, ``rows``, ``split``, ``torch``
     (torch.topk on the windows) or ``auto`` (too few rows to fill the GPU: split up to 8 rows, torch beyond;
-    else sample, or bucket when k > cap / 2 or the rows are longer than ``SAMPLE_MAX_KEYS``).
+    else sample, or bucket when k > cap / 2 or the rows are longer than ``AUTO_SAMPLE_MAX_KEYS``).
     ``seg_keys`` and ``collect_warps``: the staged schedule's keys and warps per collecting program.
     ``sample_keys`` (default ``cap / 2``, and ``cap`` for rows longer than ``SAMPLE_MAX_KEYS``),
     ``sample_chunk`` (default 16 runs) and ``retries``: the sample schedule's sample (that many keys, in
@@ -528,13 +529,15 @@ def topk(
         # rows `sample` beats torch.topk at every length swept (0.86-3.38 ms against 1.35-6.49 ms at 8192 rows
         # of 8K-64K keys) and `bucket` does not (3.83 against 3.58 ms at 32K); bucket stays for k > cap / 2
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
-        # Rows longer than SAMPLE_MAX_KEYS: in the engine's 200K prefill (windows up to 200K keys) the indexer
-        # took 82.7 s with `sample` against 29.7 s with `bucket` (results/e2e/h200/), so sample's threshold
-        # misled there; until the engine-logits benchmark (bench kernels --parts topk_engine) says otherwise,
-        # sample runs only as far as it was measured to win
+        # Long rows: in the engine's 200K prefill the indexer once took 82.7 s with `sample` (then sampling
+        # 2048 keys at every length) against 29.7 s with `bucket` (results/e2e/h200/). On the engine's own
+        # logits at 123K-131K keys, 256 rows a call, `sample` with its 4096-key sample took 0.44 ms a call
+        # on average against bucket's 0.54 and torch.topk's 0.51 (bucket was slower than torch.topk in every
+        # call, sample in 10 of 196), never falling back (results/kernels/h200/topk_engine_partial.json);
+        # longer rows were not reached by that run, so bucket keeps them until they are measured
         if R < sms and N > 8 * block:
             schedule = "split" if R <= 8 else "torch"
-        elif 2 * k <= cap and cap & (cap - 1) == 0 and N <= SAMPLE_MAX_KEYS:
+        elif 2 * k <= cap and cap & (cap - 1) == 0 and N <= AUTO_SAMPLE_MAX_KEYS:
             schedule = "sample"
         else:
             schedule = "bucket"
