@@ -112,10 +112,15 @@ def _paired(r: dict) -> str:
     return f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]{noise}"
 
 
-def table(rows: list[dict], chance: dict) -> str:
-    head = ("| model | method | kept | pattern | held-out PPL | WikiText PPL | " + " | ".join(SHORT)
+def table(rows: list[dict], chance: dict, families: list[str] = FAMILIES, short: list[str] = SHORT,
+          ppl: dict[str, str] | None = None, ppl_ci: bool = False) -> str:
+    """The rows per length as markdown; ``ppl`` maps each perplexity set's key to its column title, and
+    ``ppl_ci`` adds each perplexity's 95% interval over its windows (a row's ``ppl_ci95``)."""
+    ppl = {"heldout": "held-out PPL", "wikitext": "WikiText PPL"} if ppl is None else ppl
+    head = ("| model | method | kept | pattern | " + "".join(f"{t} | " for t in ppl.values()) + " | ".join(short)
             + " | avg | avg 95% CI | vs all Full (paired 95% CI) |\n"
-            "|---|---|---|---|---:|---:|" + "---:|" * (len(SHORT) + 1) + "---:|---:|\n")
+            "|---|---|---|---|" + "---:|" * (len(ppl) + len(short) + 1) + "---:|---:|\n")
+    blank = "| " * len(ppl)
     out = []
     for length in sorted({r["length"] for r in rows}):
         at = [r for r in rows if r["length"] == length]
@@ -124,21 +129,26 @@ def table(rows: list[dict], chance: dict) -> str:
                    "95% bootstrap over the samples, each family resampled within itself; a paired difference "
                    "resamples the same prompts for both rows, \"noise\" where its interval contains 0)\n\n" + head)
         for r in at:
-            cells = " | ".join(f"{r['tasks'][f]:.1f}" for f in FAMILIES)
+            cells = " | ".join(f"{r['tasks'][f]:.1f}" for f in families)
+            ppls = "".join(f"{r['ppl'][k]:.1f}" + (" [{:.0f}, {:.0f}]".format(*r["ppl_ci95"][k]) if ppl_ci else "")
+                           + " | " for k in ppl)
             lo, hi = r["average_ci95"]
-            out.append(f"| {r['model']} | {r['method']} | {r['retention']} | `{r['pattern']}` | "
-                       f"{r['ppl']['heldout']:.1f} | {r['ppl']['wikitext']:.1f} | {cells} | {r['average']:.1f} | "
-                       f"[{lo:.1f}, {hi:.1f}] | {_paired(r)} |\n")
+            out.append(f"| {r['model']} | {r['method']} | {r['retention']} | `{r['pattern']}` | {ppls}{cells} | "
+                       f"{r['average']:.1f} | [{lo:.1f}, {hi:.1f}] | {_paired(r)} |\n")
         c = chance.get(str(length))
         if c:
-            out.append("| | random guess | | | | | " + " | ".join(f"{c[f]['chance']:.2g}" for f in FAMILIES)
+            out.append(f"| | random guess | | | {blank}" + " | ".join(f"{c[f]['chance']:.2g}" for f in families)
                        + " | | | |\n")
-            out.append("| | guess among the prompt's candidates | | | | | "
-                       + " | ".join(f"{c[f]['copy_chance']:.1f}" for f in FAMILIES) + " | | | |\n")
+            out.append(f"| | guess among the prompt's candidates | | | {blank}"
+                       + " | ".join(f"{c[f]['copy_chance']:.1f}" for f in families) + " | | | |\n")
     return "".join(out)
 
 
-def plot_tasks(rows: list[dict], path: Path) -> None:
+def plot_tasks(rows: list[dict], path: Path, ppl_key: str = "heldout", styles: dict | None = None,
+               title: str = "dsa-mini: which layers keep their indexer") -> None:
+    """Per length: the task average (95% intervals as error bars) and the ``ppl_key`` perplexity against the
+    number of Full layers, one series per method in ``styles`` (method -> (colour, marker); a marker ending
+    in "-" draws a curve ending at the all-Full row)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,13 +157,14 @@ def plot_tasks(rows: list[dict], path: Path) -> None:
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(len(lengths), 2, figsize=(11, 4.2 * len(lengths)), dpi=110, squeeze=False)
     axes = axes.ravel()
-    styles = {"uniform": ("tab:blue", "o-"), "greedy (books)": ("tab:orange", "s-"),
-              "greedy (retrieval)": ("tab:green", "^-"), "similarity DP": ("tab:purple", "D"),
-              "training-aware": ("tab:red", "*"), "training-aware w/o cross-layer loss": ("tab:gray", "X")}
+    styles = styles or {"uniform": ("tab:blue", "o-"), "greedy (books)": ("tab:orange", "s-"),
+                        "greedy (retrieval)": ("tab:green", "^-"), "similarity DP": ("tab:purple", "D"),
+                        "training-aware": ("tab:red", "*"), "training-aware w/o cross-layer loss": ("tab:gray", "X")}
     for li, length in enumerate(lengths):
         rs = [r for r in rows if r["length"] == length]
         full = next((r for r in rs if r["method"] == "all Full"), None)
-        for k, (key, ylabel) in enumerate((("average", "task average (x100)"), ("ppl", "held-out perplexity"))):
+        ppl_label = {"heldout": "held-out perplexity", "wikitext": "WikiText-2 perplexity"}.get(ppl_key, ppl_key)
+        for k, (key, ylabel) in enumerate((("average", "task average (x100)"), ("ppl", ppl_label))):
             ax = axes[2 * li + k]
             for method, (color, marker) in styles.items():
                 pts = sorted((r for r in rs if r["method"] == method), key=lambda r: r["num_full"])
@@ -168,9 +179,9 @@ def plot_tasks(rows: list[dict], path: Path) -> None:
                            [p["average_ci95"][1] - y for y, p in zip(ys, pts, strict=True)]]
                     ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=method, ms=8, capsize=3, lw=1)
                 else:
-                    ax.plot(xs, [p["ppl"]["heldout"] for p in pts], marker, color=color, label=method, ms=8)
+                    ax.plot(xs, [p["ppl"][ppl_key] for p in pts], marker, color=color, label=method, ms=8)
             if full is not None:
-                y = full["average"] if key == "average" else full["ppl"]["heldout"]
+                y = full["average"] if key == "average" else full["ppl"][ppl_key]
                 ax.axhline(y, color="black", lw=0.8, ls="--", label="all Full")
                 if key == "average":
                     ax.axhspan(*full["average_ci95"], color="black", alpha=0.08, label="all Full 95% CI")
@@ -181,7 +192,7 @@ def plot_tasks(rows: list[dict], path: Path) -> None:
             ax.set_title(f"{length} tokens")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("dsa-mini: which layers keep their indexer")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -172,3 +172,38 @@ def test_heldout_numbers_scores_the_trainers_heldout_books(tmp_path):
     assert rec["random_baseline"] == pytest.approx(sum(8 / (t + 1) for t in range(8, 64)) / 56, rel=1e-9)
     again = subprocess.run(run, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_long_study_report_names_the_rows_and_pairs_them_with_all_full(tmp_path):
+    import json
+
+    import torch
+
+    from indexcache.presets import make_random_checkpoint
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from long_study_report import gather, table
+
+    model_dir = make_random_checkpoint(tmp_path / "m", "glm_moe_dsa", "tiny", seed=1)
+    n = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    g = torch.Generator().manual_seed(0)
+    words = ["the", "house", "river", "light", "said", "of", "and", "winter", "road", "she"]
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(words[j] for j in torch.randint(0, 10, (6000,), generator=g)))
+    study = tmp_path / "study"
+    study.mkdir()
+    uniform = "".join("F" if i % 2 == 0 else "S" for i in range(n))
+    subprocess.run([sys.executable, "-m", "indexcache.cli", "eval", str(model_dir), "--pattern", "F" * n,
+                    "--pattern", uniform, "--lengths", "512", "--tasks", "niah_single,passkey", "--samples", "3",
+                    "--ppl-data", f"wikitext={text}", "--quiet", "--out", str(study / "eval-long-512-x.json")],
+                   check=True, capture_output=True)
+    rows, chance = gather(study, tmp_path)
+    assert [(r["method"], r["retention"]) for r in rows] == [("all Full", "1"), ("uniform", "1/2")]
+    full, shared = rows
+    assert full["average_ci95"][0] <= full["average"] <= full["average_ci95"][1]
+    d = shared["minus_all_full"]  # the same prompts: a paired difference, whose mean is the difference of means
+    assert d["average"] == pytest.approx(shared["average"] - full["average"], abs=1e-9)
+    assert d["ci95"][0] <= d["average"] <= d["ci95"][1]
+    md = table(rows, chance, ["niah_single", "passkey"], ["niah_single", "passkey"], {"wikitext": "PPL"}, ppl_ci=True)
+    lo, hi = full["ppl_ci95"]["wikitext"]
+    assert f"{full['ppl']['wikitext']:.1f} [{lo:.0f}, {hi:.0f}]" in md and "**512 tokens**" in md

@@ -1,0 +1,93 @@
+"""Gather the long-context study's evaluation JSONs into one table (markdown + JSON) and draw its figure.
+
+    python scripts/long_study_report.py
+
+Reads results/study-long/eval-long-LENGTH-PATTERN.json (from scripts/long_study.sh) and names each pattern's
+method from the searches that picked it: the 1K greedy searches of results/search/stability-16k-model (books
+and retrieval windows, sample seed 0), the 16K greedy search of results/study-long/search-books-16k and the
+similarity DP of results/study-long/similarity-16k. Writes results/study-long/study.json,
+results/study-long/table.md and docs/img/long_study.png.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from study_report import add_intervals, plot_tasks, sample_scores, table  # noqa: E402
+
+STUDY = ROOT / "results" / "study-long"
+FAMILIES = ["niah_single", "passkey"]
+METHODS = ["all Full", "uniform", "greedy (books, 1K)", "greedy (retrieval, 1K)", "greedy (books, 16K)",
+           "similarity DP (16K)"]
+STYLES = {"uniform": ("tab:blue", "o-"), "greedy (books, 1K)": ("tab:orange", "s-"),
+          "greedy (retrieval, 1K)": ("tab:green", "^-"), "greedy (books, 16K)": ("tab:brown", "v-"),
+          "similarity DP (16K)": ("tab:purple", "D")}
+
+
+def label_patterns(root: Path = ROOT, study: Path = STUDY, n: int = 16) -> dict[str, list[tuple[str, str]]]:
+    """pattern -> [(method, retention)] for an ``n``-layer model: by construction for all Full and uniform,
+    else the search reports' 1/2 and 1/4 picks (a pattern two methods picked is listed under each)."""
+    labels: dict[str, list[tuple[str, str]]] = {"F" * n: [("all Full", "1")]}
+    for freq in (2, 4, 8):
+        labels.setdefault("".join("F" if i % freq == 0 else "S" for i in range(n)), []).append(("uniform", f"1/{freq}"))
+    kept = {n // 2: "1/2", n // 4: "1/4"}
+    searches = [("greedy (books, 1K)", root / "results/search/stability-16k-model/books/seed0/report.json"),
+                ("greedy (retrieval, 1K)", root / "results/search/stability-16k-model/retrieval/seed0/report.json"),
+                ("greedy (books, 16K)", study / "search-books-16k" / "report.json")]
+    for method, f in searches:
+        if f.exists():
+            for t in json.loads(f.read_text())["trajectory"]:
+                if t["num_full"] in kept and len(t["pattern"]) == n:
+                    labels.setdefault(t["pattern"], []).append((method, kept[t["num_full"]]))
+    f = study / "similarity-16k" / "report.json"
+    if f.exists():
+        for s in json.loads(f.read_text())["baselines"]["similarity"]:
+            if s["num_full"] in kept and len(s["pattern"]) == n:
+                labels.setdefault(s["pattern"], []).append(("similarity DP (16K)", kept[s["num_full"]]))
+    return labels
+
+
+def gather(study: Path = STUDY, root: Path = ROOT) -> tuple[list[dict], dict]:
+    """The rows (one per method and pattern and length, with intervals and paired differences from all
+    Full) and the chance levels per length."""
+    rows, scores, chance, labels = [], {}, {}, None
+    for f in sorted(study.glob("eval-long-*.json")):
+        rep = json.loads(f.read_text())
+        if labels is None:  # the layer count from the first report's patterns
+            labels = label_patterns(root, study, len(rep["results"][0]["pattern"]))
+        chance.update(rep["chance"])
+        for r in rep["results"]:
+            for method, ret in labels.get(r["pattern"], [("other", "?")]):
+                rows.append({"model": "dsa-mini", "method": method, "retention": ret, "pattern": r["pattern"],
+                             "num_full": r["num_full"], "length": r["length"], "ppl": r["ppl"],
+                             "ppl_ci95": r["ppl_ci95"], "tasks": r["tasks"], "average": r["average"],
+                             "file": str(f.relative_to(root)) if f.is_relative_to(root) else str(f),
+                             "command": rep["command"]})
+                scores[id(rows[-1])] = sample_scores(rep, r["pattern"], r["length"])
+    add_intervals(rows, scores)
+    rows.sort(key=lambda r: (r["length"], METHODS.index(r["method"]) if r["method"] in METHODS else 99,
+                             -r["num_full"]))
+    return rows, chance
+
+
+def main() -> None:
+    rows, chance = gather()
+    if not rows:
+        raise SystemExit(f"no eval-long-*.json under {STUDY}")
+    md = table(rows, chance, FAMILIES, ["niah_single", "passkey"], {"wikitext": "WikiText-2 PPL [95% CI]"},
+               ppl_ci=True)
+    (STUDY / "study.json").write_text(json.dumps({"rows": rows, "chance": chance}, indent=1) + "\n")
+    (STUDY / "table.md").write_text(md)
+    img = ROOT / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    plot_tasks(rows, img / "long_study.png", ppl_key="wikitext", styles=STYLES,
+               title="dsa-mini at 4K, 16K and 32K tokens: which layers keep their indexer")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
