@@ -2,7 +2,9 @@
 
     python scripts/long_study_report.py
 
-Reads results/study-long/eval-long-LENGTH-PATTERN.json (from scripts/long_study.sh) and names each pattern's
+Reads results/study-long/eval-long-LENGTH-PATTERN.json (from scripts/long_study.sh) and, where it exists,
+results/study-long/speed.json (`indexcache bench e2e --model models/dsa-mini --pattern P ...`: each row's
+prefill and batch-1 decode speedup over all Full at the same length, beside its scores), and names each pattern's
 method from the searches that picked it: the 1K greedy searches of results/search/stability-16k-model (books
 and retrieval windows, sample seed 0), the 16K greedy search of results/study-long/search-books-16k and the
 similarity DP of results/study-long/similarity-16k. Writes results/study-long/study.json,
@@ -74,12 +76,32 @@ def gather(study: Path = STUDY, root: Path = ROOT) -> tuple[list[dict], dict]:
     return rows, chance
 
 
+def add_speed(rows: list[dict], bench: dict) -> None:
+    """Each row's engine speedups over all Full from an ``indexcache bench e2e --model`` report, matched by
+    pattern and context length (``speed`` stays absent where the bench did not time the row)."""
+    runs = {(r["pattern_str"], r["context"]): r for r in bench["runs"]}
+    for r in rows:
+        b = runs.get((r["pattern"], r["length"]))
+        if b is not None and "prefill_speedup" in b:
+            r["speed"] = {"prefill_speedup": b["prefill_speedup"], "decode_b1_speedup": b["decode_b1_speedup"],
+                          "ttft_s": b["ttft_s"], "decode_b1_tok_s": b["decode_b1_tok_s"], "gpu": bench.get("gpu")}
+
+
+def speed_columns() -> dict:
+    def cell(key: str):
+        return lambda r: f"{r['speed'][key]:.2f}x" if "speed" in r else ""
+    return {"prefill speedup": cell("prefill_speedup"), "decode b1 speedup": cell("decode_b1_speedup")}
+
+
 def main() -> None:
     rows, chance = gather()
     if not rows:
         raise SystemExit(f"no eval-long-*.json under {STUDY}")
+    speed = STUDY / "speed.json"
+    if speed.exists():
+        add_speed(rows, json.loads(speed.read_text()))
     md = table(rows, chance, FAMILIES, ["niah_single", "passkey"], {"wikitext": "WikiText-2 PPL [95% CI]"},
-               ppl_ci=True)
+               ppl_ci=True, extra=speed_columns() if speed.exists() else None)
     (STUDY / "study.json").write_text(json.dumps({"rows": rows, "chance": chance}, indent=1) + "\n")
     (STUDY / "table.md").write_text(md)
     img = ROOT / "docs" / "img"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +114,17 @@ def _paired(r: dict) -> str:
 
 
 def table(rows: list[dict], chance: dict, families: list[str] = FAMILIES, short: list[str] = SHORT,
-          ppl: dict[str, str] | None = None, ppl_ci: bool = False) -> str:
-    """The rows per length as markdown; ``ppl`` maps each perplexity set's key to its column title, and
-    ``ppl_ci`` adds each perplexity's 95% interval over its windows (a row's ``ppl_ci95``)."""
+          ppl: dict[str, str] | None = None, ppl_ci: bool = False,
+          extra: dict[str, Callable[[dict], str]] | None = None) -> str:
+    """The rows per length as markdown; ``ppl`` maps each perplexity set's key to its column title,
+    ``ppl_ci`` adds each perplexity's 95% interval over its windows (a row's ``ppl_ci95``), and ``extra``
+    appends columns (title -> the cell of a row)."""
+    extra = extra or {}
     ppl = {"heldout": "held-out PPL", "wikitext": "WikiText PPL"} if ppl is None else ppl
     head = ("| model | method | kept | pattern | " + "".join(f"{t} | " for t in ppl.values()) + " | ".join(short)
-            + " | avg | avg 95% CI | vs all Full (paired 95% CI) |\n"
-            "|---|---|---|---|" + "---:|" * (len(ppl) + len(short) + 1) + "---:|---:|\n")
-    blank = "| " * len(ppl)
+            + " | avg | avg 95% CI | vs all Full (paired 95% CI) |" + "".join(f" {t} |" for t in extra) + "\n"
+            "|---|---|---|---|" + "---:|" * (len(ppl) + len(short) + 1) + "---:|---:|" + "---:|" * len(extra) + "\n")
+    blank, tail = "| " * len(ppl), " |" * len(extra)
     out = []
     for length in sorted({r["length"] for r in rows}):
         at = [r for r in rows if r["length"] == length]
@@ -134,13 +138,14 @@ def table(rows: list[dict], chance: dict, families: list[str] = FAMILIES, short:
                            + " | " for k in ppl)
             lo, hi = r["average_ci95"]
             out.append(f"| {r['model']} | {r['method']} | {r['retention']} | `{r['pattern']}` | {ppls}{cells} | "
-                       f"{r['average']:.1f} | [{lo:.1f}, {hi:.1f}] | {_paired(r)} |\n")
+                       f"{r['average']:.1f} | [{lo:.1f}, {hi:.1f}] | {_paired(r)} |"
+                       + "".join(f" {cell(r)} |" for cell in extra.values()) + "\n")
         c = chance.get(str(length))
         if c:
             out.append(f"| | random guess | | | {blank}" + " | ".join(f"{c[f]['chance']:.2g}" for f in families)
-                       + " | | | |\n")
+                       + " | | | |" + tail + "\n")
             out.append(f"| | guess among the prompt's candidates | | | {blank}"
-                       + " | ".join(f"{c[f]['copy_chance']:.1f}" for f in families) + " | | | |\n")
+                       + " | ".join(f"{c[f]['copy_chance']:.1f}" for f in families) + " | | | |" + tail + "\n")
     return "".join(out)
 
 

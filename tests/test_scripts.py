@@ -207,3 +207,47 @@ def test_long_study_report_names_the_rows_and_pairs_them_with_all_full(tmp_path)
     md = table(rows, chance, ["niah_single", "passkey"], ["niah_single", "passkey"], {"wikitext": "PPL"}, ppl_ci=True)
     lo, hi = full["ppl_ci95"]["wikitext"]
     assert f"{full['ppl']['wikitext']:.1f} [{lo:.0f}, {hi:.0f}]" in md and "**512 tokens**" in md
+    from long_study_report import add_speed, speed_columns
+
+    # a bench e2e report's rows, matched by pattern and length: another length's row must not be taken
+    bench = {"gpu": "x", "runs": [
+        {"pattern_str": uniform, "context": 512, "prefill_speedup": 1.25, "decode_b1_speedup": 1.5, "ttft_s": 0.1,
+         "decode_b1_tok_s": 90.0},
+        {"pattern_str": "F" * n, "context": 4096, "prefill_speedup": 1.0, "decode_b1_speedup": 1.0, "ttft_s": 1.0,
+         "decode_b1_tok_s": 60.0}]}
+    add_speed(rows, bench)
+    assert "speed" not in full and shared["speed"]["prefill_speedup"] == 1.25
+    md = table(rows, chance, ["niah_single", "passkey"], ["niah_single", "passkey"], {"wikitext": "PPL"},
+               extra=speed_columns())
+    line = next(x for x in md.splitlines() if f"`{uniform}`" in x)
+    assert line.endswith("| 1.25x | 1.50x |") and md.count("prefill speedup") == 1
+
+
+@pytest.mark.parametrize("variant,pattern,cross_layer", [
+    ("full", "FFFFFFFFFFFFFFFF", True), ("aware-h2", "FSFSFSFSFSFSFSFS", True),
+    ("aware-q2", "FSSSFSSSFSSSFSSS", True), ("searched-h2", "FFFFSFSSSFSSSFFS", True),
+    ("ablate-h2", "FSFSFSFSFSFSFSFS", False)])
+def test_long_aware_trains_each_variant_for_its_pattern_and_scores_that_pattern(tmp_path, variant, pattern,
+                                                                                 cross_layer):
+    from indexcache.pattern import parse_spec
+
+    train, *evals = dry_run("scripts/long_aware.sh", variant, "3")
+    args = build_parser().parse_args(train)
+    assert args.out == f"runs/long-{variant}-s3" and args.seed == 3 and args.seq_len == 16384
+    assert args.stage == "sparse" and args.init == "models/dsa-mini" and args.no_cross_layer != cross_layer
+    assert (str(parse_spec(args.pattern, 16)) if args.pattern else "F" * 16) == pattern
+    (tmp_path / "book.txt").write_text("A book.")
+    args.data, args.out, args.resume = str(tmp_path), str(tmp_path / "run"), False
+    check_train(args)  # the pattern fits the bundled model, the kinds parse, 16K fits its context
+    assert [build_parser().parse_args(e).lengths for e in evals] == [[4096], [16384]]
+    for e in evals:
+        a = build_parser().parse_args(e)
+        assert a.model == f"runs/long-{variant}-s3/model" and a.pattern == [pattern] and a.samples == 50
+        assert a.out.startswith(f"/nonexistent/out/{variant}-s3/")
+
+
+def test_long_aware_refuses_an_unknown_variant_or_seed():
+    for argv, message in ((["bogus", "0"], "unknown variant bogus"), (["aware-h2", "x"], "SEED must be")):
+        r = subprocess.run(["bash", "scripts/long_aware.sh", *argv], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "DRY_RUN": "1", "OUT": "/nonexistent"})
+        assert r.returncode == 2 and message in r.stderr
