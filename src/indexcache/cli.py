@@ -710,6 +710,8 @@ def check_bench(args: argparse.Namespace) -> None:
         raise OptionError("--pattern times a checkpoint's patterns: give --model too")
     if args.fused_from is not None and args.what != "e2e":
         raise OptionError("--fused-from is for bench e2e")
+    if args.dtype is not None and args.model is None:
+        raise OptionError("--dtype sets a checkpoint's dtype in bench e2e: give --model too")
     if args.model is not None:
         if args.what != "e2e":
             raise OptionError("--model is for bench e2e")
@@ -744,7 +746,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_e2e(args.out, args.contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
             decode_steps=args.decode_steps, large_batch=args.large_batch, model_dir=args.model,
             patterns=[E2E_PATTERNS[n] for n in args.patterns.split(",")] if args.patterns else None,
-            pattern_specs=args.pattern, fused_from=args.fused_from)
+            pattern_specs=args.pattern, fused_from=args.fused_from, dtype=args.dtype or "bfloat16")
     return 0
 
 
@@ -1091,6 +1093,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{','.join(E2E_PATTERNS)} to time, comma-separated (default: all)")
     p.add_argument("--fused-from", type=positive_int, default=None, help="e2e: prefill chunks whose windows "
                    "reach this many keys select through the fused indexer + top-k (default: never)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="with --model: the dtype the checkpoint runs in (default bfloat16; float32 is what "
+                        "indexcache eval runs by default)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text with the engine (chunked prefill, cached decode)")

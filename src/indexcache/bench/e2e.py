@@ -200,13 +200,14 @@ def _decode_share(eng, B: int, step_ms: float) -> dict:
 def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 47, chunk: int = 8192,
         decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None,
         model_dir: str | None = None, pattern_specs: list[str] | None = None,
-        fused_from: int | None = None) -> dict:
+        fused_from: int | None = None, dtype: str = "bfloat16") -> dict:
     """The engine's prefill and decode speed per pattern and context. By default on a random
     GLM-4.7-Flash-DSA-shaped model (``experts``, ``layers``) under all Full and uniform 1/2 and 1/4
     (``patterns`` picks among those names); with ``model_dir``, on that checkpoint (bf16) under all Full and
     ``pattern_specs`` (any pattern form), so that a study's patterns get their speed beside their quality.
     ``fused_from``: prefill chunks whose windows reach this many keys select through the fused indexer +
-    top-k (default: the engine's own, ``FUSED_TOPK_FROM_KEYS``)."""
+    top-k (default: the engine's own, ``FUSED_TOPK_FROM_KEYS``). ``dtype`` (``bfloat16`` or ``float32``) is
+    the checkpoint's dtype with ``model_dir``."""
     from ..engine import Engine
 
     if not torch.cuda.is_available():
@@ -221,11 +222,14 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
         from ..checkpoint import load_model
         from ..pattern import parse_spec
 
-        model = load_model(model_dir, device="cuda", dtype=torch.bfloat16, verbose=False)
+        dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+        if dtype not in dtypes:
+            raise OptionError(f"dtype {dtype!r}: choose bfloat16 or float32")
+        model = load_model(model_dir, device="cuda", dtype=dtypes[dtype], verbose=False)
         layers = model.config.num_hidden_layers
         named = {"all-Full": Pattern.parse("F" * layers)}
         named.update({str(p): p for p in (parse_spec(spec, layers) for spec in pattern_specs or [])})
-        described = {"shape": f"the checkpoint {model_dir}", "num_hidden_layers": layers}
+        described = {"shape": f"the checkpoint {model_dir}", "num_hidden_layers": layers, "dtype": dtype}
     else:
         model = random_model(experts, layers)
         named = {"all-Full": Pattern.parse("F" * layers), "uniform 1/2": Pattern.uniform(layers, 2),
