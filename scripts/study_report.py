@@ -183,6 +183,11 @@ def plot_tasks(rows: list[dict], path: Path, ppl_key: str = "heldout", styles: d
                     err = [[y - p["average_ci95"][0] for y, p in zip(ys, pts, strict=True)],
                            [p["average_ci95"][1] - y for y, p in zip(ys, pts, strict=True)]]
                     ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=method, ms=8, capsize=3, lw=1)
+                elif all(ppl_key in p.get("ppl_ci95", {}) for p in pts):  # intervals over the windows
+                    ys = [p["ppl"][ppl_key] for p in pts]
+                    err = [[y - p["ppl_ci95"][ppl_key][0] for y, p in zip(ys, pts, strict=True)],
+                           [p["ppl_ci95"][ppl_key][1] - y for y, p in zip(ys, pts, strict=True)]]
+                    ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=method, ms=8, capsize=3, lw=1)
                 else:
                     ax.plot(xs, [p["ppl"][ppl_key] for p in pts], marker, color=color, label=method, ms=8)
             if full is not None:
@@ -193,7 +198,7 @@ def plot_tasks(rows: list[dict], path: Path, ppl_key: str = "heldout", styles: d
             ax.set_xscale("log", base=2)
             ax.set_xticks([2, 4, 8, 16], ["2 (1/8)", "4 (1/4)", "8 (1/2)", "16"])
             ax.set_xlabel("Full layers (of 16)")
-            ax.set_ylabel(ylabel + (" with 95% CI" if key == "average" else ""))
+            ax.set_ylabel(ylabel + (" with 95% CI" if key == "average" or any("ppl_ci95" in r for r in rs) else ""))
             ax.set_title(f"{length} tokens")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
