@@ -7,11 +7,12 @@
 # has read; the held-out books are the retrieval calibration's):
 #   indexcache eval MODEL --pattern P --lengths LENGTH --tasks niah_single,passkey --samples 50 --seed 0 \
 #     --haystack .data/gutenberg --ppl-data wikitext=.data/wikitext-2-raw/test.txt --device cuda --quiet \
-#     --out OUT/eval-long-LENGTH-P.json
+#     --resume --out OUT/eval-long-LENGTH-P.json
 # MODEL is models/dsa-mini (MODEL=dir for another); past its 16384-token training length it is read with
 # YaRN over 16384 by LENGTH / 16384 (scripts/rope_extend.py), as its card reports it. UNTIL=s stops what is
-# still running s seconds in (default 560, inside a 10-minute call); a stopped eval writes no JSON, and its
-# log says how far it got. TASKS=a,b replaces the task list. DRY_RUN=1 prints each eval's command and runs
+# still running s seconds in (default 560, inside a 10-minute call); a stopped eval leaves its progress in
+# OUT/eval-long-LENGTH-P.json.partial (every sample it scored), and running the same line again continues it
+# (--resume); a pattern whose JSON is already there is refused at once, not run again. TASKS=a,b replaces the task list. DRY_RUN=1 prints each eval's command and runs
 # nothing (the tests parse them).
 set -euo pipefail
 length=${1:?usage: OUT=dir bash scripts/long_study.sh LENGTH "PATTERN ..."}
@@ -33,7 +34,7 @@ fi
 for p in $patterns; do
   cmd=(eval "$model" --pattern "$p" --lengths "$length" --tasks "${TASKS:-niah_single,passkey}"
        --samples "${SAMPLES:-50}" --seed "${SEED:-0}" --haystack .data/gutenberg
-       --ppl-data wikitext=.data/wikitext-2-raw/test.txt --device cuda --quiet
+       --ppl-data wikitext=.data/wikitext-2-raw/test.txt --device cuda --quiet --resume
        --out "$OUT/eval-long-$length-$p.json")
   if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; continue; fi
   timeout $(( ${UNTIL:-560} - SECONDS )) python3 -m indexcache.cli "${cmd[@]}" > "$OUT/eval-long-$length-$p.log" 2>&1 &

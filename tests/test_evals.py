@@ -277,3 +277,51 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
         rc = main(["eval", str(d), "--samples", "1", "--quiet", "--out", str(out), *bad])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and err.count("\n") == 1
+
+
+def test_a_stopped_eval_resumes_where_it_stopped_and_gives_the_same_report(tmp_path, capsys, monkeypatch):
+    """The progress file is rewritten after every sample: a run stopped after three samples leaves them,
+    --resume scores only the rest, and the report equals an uninterrupted run's."""
+    from indexcache.cli import main
+    from indexcache.presets import make_random_checkpoint
+
+    d = make_random_checkpoint(tmp_path / "tiny", preset="tiny", seed=3)
+    text = tmp_path / "held.txt"
+    text.write_text("\n\n".join(corpus(6_000, seed=1)))
+    base = ["eval", str(d), "--pattern", "all-full", "--pattern", "uniform:2", "--tasks", "niah_single,passkey",
+            "--lengths", "400", "--samples", "2", "--ppl-data", f"held={text}", "--ppl-windows", "2", "--quiet"]
+    whole = tmp_path / "whole.json"
+    assert main([*base, "--out", str(whole)]) == 0
+    assert not Path(f"{whole}.partial").exists()  # gone once the report holds everything
+
+    out = tmp_path / "stopped.json"
+    real, calls = runner.run_sample, []
+
+    def stops_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a time limit or a lost machine would stop it
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_sample", stops_after_three)
+    assert main([*base, "--out", str(out)]) != 0  # the CLI reports the interruption in one line
+    partial = json.loads(Path(f"{out}.partial").read_text())
+    assert len(partial["samples"]) == 3 and len(partial["ppl"]) == 1 and not out.exists()
+    capsys.readouterr()
+
+    assert main([*base, "--out", str(out)]) == 2  # without --resume the progress is not thrown away
+    err = capsys.readouterr().err
+    assert "--resume continues it" in err and err.count("\n") == 1
+    assert main([*base[:-1], "--samples", "3", "--quiet", "--resume", "--out", str(out)]) == 2  # another evaluation
+    assert "differs in samples" in capsys.readouterr().err
+
+    calls.clear()
+    monkeypatch.setattr(runner, "run_sample", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main([*base, "--resume", "--out", str(out)]) == 0
+    assert len(calls) == 8 - 3  # 2 patterns x 2 families x 2 samples, three of them already scored
+    a, b = json.loads(whole.read_text()), json.loads(out.read_text())
+    assert b["resumed"]["samples"] == 3 and b["resumed"]["ppl_sets"] == 1 and "resumed" not in a
+    assert a["samples"] == b["samples"]
+    for x, y in zip(a["results"], b["results"], strict=True):
+        assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
+    assert not Path(f"{out}.partial").exists()

@@ -531,16 +531,24 @@ def check_eval(args: argparse.Namespace) -> None:
     if families and args.haystack is not None and args.haystack != "noise":
         data_path(args.haystack, "--haystack")
     _out_file(args)
+    partial = Path(f"{args.out}.partial")
+    if partial.exists() and not args.resume and not args.overwrite:
+        raise OptionError(f"--out {args.out}: {partial} holds the progress of a stopped evaluation; --resume "
+                          "continues it (the same command), --overwrite starts over")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evals.runner import EvalOptions, command_line, format_table, run_eval
     from .outputs import write_report
 
+    partial = Path(f"{args.out}.partial")
+    if not args.resume:
+        partial.unlink(missing_ok=True)  # --overwrite: start over
     opt = options_from_args(EvalOptions, args, patterns=args.parsed or [None], draft=not args.no_draft,
-                            progress=not args.quiet, command=command_line(args.argv))
+                            progress=not args.quiet, command=command_line(args.argv), progress_file=str(partial))
     report = run_eval(opt)
     write_report(Path(args.out), report)
+    partial.unlink(missing_ok=True)  # the report holds all of it now
     print(format_table(report))
     print(f"\n{report['seconds']:.0f} s; wrote {args.out}")
     return 0
@@ -1012,7 +1020,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diagnose", action="store_true", help="also, per sample: each layer's share of the answer's "
                    "tokens in its selection at the answer row, and the teacher-forced answer (one more forward)")
     _add_backend(p)
-    p.add_argument("--out", required=True, help="JSON report to write")
+    p.add_argument("--out", required=True, help="JSON report to write (its progress is kept in OUT.partial while "
+                   "it runs, rewritten after every sample)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run of the same evaluation from "
+                   "OUT.partial (its scored samples and perplexities are kept, the rest is run)")
     _add_overwrite(p)
     p.set_defaults(func=cmd_eval)
 

@@ -18,6 +18,7 @@ that they give the same tokens.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -34,6 +35,7 @@ from ..architectures import model_info
 from ..data.text import DataError, load_tokenizer, token_windows
 from ..intervals import average_ci, mean_ci, paired_difference
 from ..model.dsa import DSAForCausalLM
+from ..outputs import write_atomic
 from ..pattern import Pattern
 from ..runner import open_model
 from ..search.evaluator import lm_window_losses
@@ -250,6 +252,46 @@ class EvalOptions:
     backend: str = "auto"  # native | hf | auto (the transformers class where the native model does not cover it)
     ops: str = "auto"  # the native model's ops backend
     diagnose: bool = False  # per sample: each layer's recall of the answer's tokens, the teacher-forced answer
+    progress_file: str | None = None  # rewritten after every sample and perplexity set (``--out`` + .partial)
+    resume: bool = False  # continue from progress_file, written by a stopped run of the same evaluation
+
+
+# options that decide what an evaluation computes: a run resumes only the progress of one that agrees on all
+SIGNATURE = ("model", "tasks", "lengths", "samples", "haystack", "ppl_data", "ppl_windows", "seed", "device",
+             "dtype", "decode", "draft", "backend", "ops", "diagnose")
+
+
+class Progress:
+    """What an evaluation has finished (every scored sample's record, every perplexity set's window losses),
+    rewritten atomically beside the report after each of them, so that a run stopped part way (a time limit,
+    a lost machine) loses at most the sample in hand, and ``resume`` continues it where it stopped."""
+
+    def __init__(self, path: str | None, signature: dict, resume: bool):
+        self.path = Path(path) if path else None
+        self.signature = json.loads(json.dumps(signature))  # as it reads back from the file
+        self.samples: dict[tuple, dict] = {}
+        self.ppl: dict[str, list[float]] = {}
+        if self.path is not None and resume and self.path.exists():
+            state = json.loads(self.path.read_text())
+            theirs = state.get("signature", {})
+            differ = sorted(k for k in set(theirs) | set(self.signature) if theirs.get(k) != self.signature.get(k))
+            if differ:
+                raise TaskError(f"{self.path} is the progress of another evaluation (it differs in "
+                                f"{', '.join(differ)}): run that command again, or delete the file to start over")
+            self.samples = {self.key(r["pattern"], r["length"], r["family"], r["index"]): r for r in state["samples"]}
+            self.ppl = state["ppl"]
+        self.resumed = {"samples": len(self.samples), "ppl_sets": len(self.ppl)}
+
+    @staticmethod
+    def key(pattern: str, length: int, family: str, index: int) -> tuple:
+        return pattern, length, family, index
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        state = {"signature": self.signature, "samples": list(self.samples.values()), "ppl": self.ppl}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, lambda p: p.write_text(json.dumps(state) + "\n"))
 
 
 def run_eval(opt: EvalOptions) -> dict:
@@ -307,21 +349,28 @@ def run_eval(opt: EvalOptions) -> dict:
     results, records = [], []
     row_scores: dict[tuple[str, int], dict[str, list[float]]] = {}
     hf = opened.backend == "hf"
+    signature = {k: getattr(opt, k) for k in SIGNATURE} | {"patterns": [str(p) for p in patterns]}
+    progress = Progress(opt.progress_file, signature, opt.resume)
+    if opt.progress and any(progress.resumed.values()):
+        print(f"indexcache: resuming {progress.resumed['samples']} scored samples and {progress.resumed['ppl_sets']} "
+              f"perplexity sets from {opt.progress_file}", file=sys.stderr)
     for pat in patterns:
         engine = None
         if hf:
             from ..integrations.transformers import apply_pattern
 
             apply_pattern(model.hf, pat, drop_shared_indexers=False)  # fixed for every generation cache below
-        elif opt.decode == "cache" and everything:
-            engine = make_engine(model, pat, max_len)
         for L in opt.lengths:
             t0 = time.time()
             row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "ppl_ci95": {},
                          "tasks": {}}
             for name, _ in ppl_sets:
-                losses = lm_window_losses(runner, windows[name, L], pat, progress=opt.progress,
-                                          desc=f"ppl {name} {L}")
+                losses = progress.ppl.get(f"{pat} {L} {name}")
+                if losses is None:
+                    losses = lm_window_losses(runner, windows[name, L], pat, progress=opt.progress,
+                                              desc=f"ppl {name} {L}")
+                    progress.ppl[f"{pat} {L} {name}"] = losses
+                    progress.save()
                 row["ppl"][name] = math.exp(sum(losses) / len(losses))
                 row["ppl_ci95"][name] = [math.exp(v) for v in mean_ci(losses)]  # over the windows
             scores: dict[str, list[float]] = {f: [] for f in families}
@@ -329,17 +378,28 @@ def run_eval(opt: EvalOptions) -> dict:
             bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
             for s in bar:
                 bar.set_postfix_str(s.family, refresh=False)
-                r = run_sample(model.hf if hf else model, tok, s, pat, opt.draft, eos_id, engine)
-                scores[s.family].append(r["score"])
-                records.append({"pattern": str(pat), "length": L, "family": s.family, "index": s.index,
-                                "score": r["score"], "outputs": r["outputs"], "answers": s.answers,
-                                "num_tokens": s.num_tokens, "new_tokens": r["new_tokens"], "forwards": r["forwards"],
-                                "needles": [[n.char_start, n.char_end, n.token_start, n.token_end] for n in s.needles],
-                                "depths": s.meta.get("depths")})
+                key = Progress.key(str(pat), L, s.family, s.index)
+                rec = progress.samples.get(key)
+                if rec is not None and rec["answers"] != s.answers:
+                    raise TaskError(f"{opt.progress_file}: sample {s.family} {s.index} at {L} tokens does not match "
+                                    "the one drawn now (the data or the generators changed): delete it to start over")
+                if rec is None:
+                    if engine is None and not hf and opt.decode == "cache":  # built once there is work for it
+                        engine = make_engine(model, pat, max_len)
+                    r = run_sample(model.hf if hf else model, tok, s, pat, opt.draft, eos_id, engine)
+                    rec = {"pattern": str(pat), "length": L, "family": s.family, "index": s.index,
+                           "score": r["score"], "outputs": r["outputs"], "answers": s.answers,
+                           "num_tokens": s.num_tokens, "new_tokens": r["new_tokens"], "forwards": r["forwards"],
+                           "needles": [[n.char_start, n.char_end, n.token_start, n.token_end] for n in s.needles],
+                           "depths": s.meta.get("depths")}
+                    if opt.diagnose:
+                        rec["diagnosis"] = diagnose_sample(runner, tok, s, pat)
+                    progress.samples[key] = rec
+                    progress.save()
+                scores[s.family].append(rec["score"])
+                records.append(rec)
                 if opt.diagnose:
-                    d = diagnose_sample(runner, tok, s, pat)
-                    diagnoses.setdefault(s.family, []).append(d)
-                    records[-1]["diagnosis"] = d
+                    diagnoses.setdefault(s.family, []).append(rec["diagnosis"])
             bar.close()
             if opt.diagnose:
                 row["diagnosis"] = {f: summarise(v) for f, v in diagnoses.items()}
@@ -362,6 +422,7 @@ def run_eval(opt: EvalOptions) -> dict:
                    for L in opt.lengths if samples[L]},
         "skipped": skipped, "notes": notes(info, opt.lengths), "results": results, "samples": records,
         "seconds": round(time.time() - t_start, 2),
+        **({"resumed": {**progress.resumed, "from": opt.progress_file}} if any(progress.resumed.values()) else {}),
     }
 
 
