@@ -14,9 +14,9 @@
 #   ablate-h2    uniform 1/2 without the cross-layer loss (each indexer distilled on its own layer)
 # STEPS=N (default 20, 8.4 s a step on an H200) and MINUTES (default 6: the step stops there with its weights
 # in runs/NAME/partial_model, and the same call on the same machine continues it with --resume) bound the
-# training; UNTIL=s (default 570) stops the evaluations that many seconds after the script started. The run directory (model, losses, summary)
-# is packed into <=15 MB parts under PACK (default runs/packs: weights are not results). DRY_RUN=1 prints the
-# training and evaluation commands and runs nothing (the tests parse them).
+# training; UNTIL=s (default 570) stops the evaluations that many seconds after the script started. The run
+# directory (model, losses, summary) is packed into <=15 MB parts under PACK (default runs/packs: weights are
+# not results). DRY_RUN=1 prints the training and evaluation commands and runs nothing (the tests parse them).
 set -euo pipefail
 variant=${1:?usage: OUT=dir bash scripts/long_aware.sh full|aware-h2|aware-q2|searched-h2|ablate-h2 SEED [MINUTES]}
 seed=${2:?usage: give the training seed}

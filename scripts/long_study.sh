@@ -11,9 +11,9 @@
 # MODEL is models/dsa-mini (MODEL=dir for another); past its 16384-token training length it is read with
 # YaRN over 16384 by LENGTH / 16384 (scripts/rope_extend.py), as its card reports it. UNTIL=s stops what is
 # still running s seconds in (default 560, inside a 10-minute call); a stopped eval leaves its progress in
-# OUT/eval-long-LENGTH-P.json.partial (every sample it scored), and running the same line again continues it
-# (--resume); a pattern whose JSON is already there is refused at once, not run again. TASKS=a,b replaces the task list. DRY_RUN=1 prints each eval's command and runs
-# nothing (the tests parse them).
+# OUT/eval-long-LENGTH-P.json.partial (the samples it scored), and running the same line again continues it
+# (--resume); a pattern whose JSON is already there is refused at once, not run again. TASKS=a,b replaces
+# the task list. DRY_RUN=1 prints each eval's command and runs nothing (the tests parse them).
 set -euo pipefail
 length=${1:?usage: OUT=dir bash scripts/long_study.sh LENGTH "PATTERN ..."}
 patterns=${2:?usage: give the patterns, space-separated}

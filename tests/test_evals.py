@@ -2,8 +2,10 @@
 context drafts, and ``indexcache eval`` end to end on a tiny random model."""
 
 import json
+import os
 import random
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -280,8 +282,8 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
 
 
 def test_a_stopped_eval_resumes_where_it_stopped_and_gives_the_same_report(tmp_path, capsys, monkeypatch):
-    """The progress file is rewritten after every sample: a run stopped after three samples leaves them,
-    --resume scores only the rest, and the report equals an uninterrupted run's."""
+    """A run stopped by SIGTERM after three samples leaves them in its progress file, --resume scores only
+    the rest, and the report equals an uninterrupted run's."""
     from indexcache.cli import main
     from indexcache.presets import make_random_checkpoint
 
@@ -299,7 +301,7 @@ def test_a_stopped_eval_resumes_where_it_stopped_and_gives_the_same_report(tmp_p
 
     def stops_after_three(*args, **kwargs):
         if len(calls) == 3:
-            raise KeyboardInterrupt  # as a time limit or a lost machine would stop it
+            os.kill(os.getpid(), signal.SIGTERM)  # what a time limit (timeout, a scheduler) sends
         calls.append(1)
         return real(*args, **kwargs)
 

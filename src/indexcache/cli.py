@@ -537,6 +537,24 @@ def check_eval(args: argparse.Namespace) -> None:
                           "continues it (the same command), --overwrite starts over")
 
 
+def _interruptible_by_sigterm(fn, *args):
+    """``fn(*args)`` with SIGTERM (what ``timeout`` and job schedulers send) raised as KeyboardInterrupt, so
+    that the run's own clean-up (the evaluation's progress file) happens as on Ctrl-C."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        return fn(*args)
+    try:
+        return fn(*args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evals.runner import EvalOptions, command_line, format_table, run_eval
     from .outputs import write_report
@@ -546,7 +564,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         partial.unlink(missing_ok=True)  # --overwrite: start over
     opt = options_from_args(EvalOptions, args, patterns=args.parsed or [None], draft=not args.no_draft,
                             progress=not args.quiet, command=command_line(args.argv), progress_file=str(partial))
-    report = run_eval(opt)
+    report = _interruptible_by_sigterm(run_eval, opt)
     write_report(Path(args.out), report)
     partial.unlink(missing_ok=True)  # the report holds all of it now
     print(format_table(report))
@@ -1021,7 +1039,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens in its selection at the answer row, and the teacher-forced answer (one more forward)")
     _add_backend(p)
     p.add_argument("--out", required=True, help="JSON report to write (its progress is kept in OUT.partial while "
-                   "it runs, rewritten after every sample)")
+                   "it runs, rewritten every 15 s and when the run is stopped)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of the same evaluation from "
                    "OUT.partial (its scored samples and perplexities are kept, the rest is run)")
     _add_overwrite(p)

@@ -256,6 +256,7 @@ class EvalOptions:
     resume: bool = False  # continue from progress_file, written by a stopped run of the same evaluation
 
 
+SAVE_EVERY_S = 15.0  # the progress file is rewritten at most this often, and whenever a row or the run ends
 # options that decide what an evaluation computes: a run resumes only the progress of one that agrees on all
 SIGNATURE = ("model", "tasks", "lengths", "samples", "haystack", "ppl_data", "ppl_windows", "seed", "device",
              "dtype", "decode", "draft", "backend", "ops", "diagnose")
@@ -263,8 +264,9 @@ SIGNATURE = ("model", "tasks", "lengths", "samples", "haystack", "ppl_data", "pp
 
 class Progress:
     """What an evaluation has finished (every scored sample's record, every perplexity set's window losses),
-    rewritten atomically beside the report after each of them, so that a run stopped part way (a time limit,
-    a lost machine) loses at most the sample in hand, and ``resume`` continues it where it stopped."""
+    rewritten atomically beside the report at most every :data:`SAVE_EVERY_S` seconds, at the end of each
+    row and when the run is interrupted, so that a run stopped part way (a time limit, a lost machine) loses
+    at most those seconds, and ``resume`` continues it where it stopped."""
 
     def __init__(self, path: str | None, signature: dict, resume: bool):
         self.path = Path(path) if path else None
@@ -281,14 +283,17 @@ class Progress:
             self.samples = {self.key(r["pattern"], r["length"], r["family"], r["index"]): r for r in state["samples"]}
             self.ppl = state["ppl"]
         self.resumed = {"samples": len(self.samples), "ppl_sets": len(self.ppl)}
+        self._saved_at = -math.inf
 
     @staticmethod
     def key(pattern: str, length: int, family: str, index: int) -> tuple:
         return pattern, length, family, index
 
-    def save(self) -> None:
-        if self.path is None:
+    def save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.path is None or (not force and now - self._saved_at < SAVE_EVERY_S):
             return
+        self._saved_at = now
         state = {"signature": self.signature, "samples": list(self.samples.values()), "ppl": self.ppl}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, lambda p: p.write_text(json.dumps(state) + "\n"))
@@ -354,61 +359,67 @@ def run_eval(opt: EvalOptions) -> dict:
     if opt.progress and any(progress.resumed.values()):
         print(f"indexcache: resuming {progress.resumed['samples']} scored samples and {progress.resumed['ppl_sets']} "
               f"perplexity sets from {opt.progress_file}", file=sys.stderr)
-    for pat in patterns:
-        engine = None
-        if hf:
-            from ..integrations.transformers import apply_pattern
+    try:
+        for pat in patterns:
+            engine = None
+            if hf:
+                from ..integrations.transformers import apply_pattern
 
-            apply_pattern(model.hf, pat, drop_shared_indexers=False)  # fixed for every generation cache below
-        for L in opt.lengths:
-            t0 = time.time()
-            row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "ppl_ci95": {},
-                         "tasks": {}}
-            for name, _ in ppl_sets:
-                losses = progress.ppl.get(f"{pat} {L} {name}")
-                if losses is None:
-                    losses = lm_window_losses(runner, windows[name, L], pat, progress=opt.progress,
-                                              desc=f"ppl {name} {L}")
-                    progress.ppl[f"{pat} {L} {name}"] = losses
-                    progress.save()
-                row["ppl"][name] = math.exp(sum(losses) / len(losses))
-                row["ppl_ci95"][name] = [math.exp(v) for v in mean_ci(losses)]  # over the windows
-            scores: dict[str, list[float]] = {f: [] for f in families}
-            diagnoses: dict[str, list[dict]] = {}
-            bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
-            for s in bar:
-                bar.set_postfix_str(s.family, refresh=False)
-                key = Progress.key(str(pat), L, s.family, s.index)
-                rec = progress.samples.get(key)
-                if rec is not None and rec["answers"] != s.answers:
-                    raise TaskError(f"{opt.progress_file}: sample {s.family} {s.index} at {L} tokens does not match "
-                                    "the one drawn now (the data or the generators changed): delete it to start over")
-                if rec is None:
-                    if engine is None and not hf and opt.decode == "cache":  # built once there is work for it
-                        engine = make_engine(model, pat, max_len)
-                    r = run_sample(model.hf if hf else model, tok, s, pat, opt.draft, eos_id, engine)
-                    rec = {"pattern": str(pat), "length": L, "family": s.family, "index": s.index,
-                           "score": r["score"], "outputs": r["outputs"], "answers": s.answers,
-                           "num_tokens": s.num_tokens, "new_tokens": r["new_tokens"], "forwards": r["forwards"],
-                           "needles": [[n.char_start, n.char_end, n.token_start, n.token_end] for n in s.needles],
-                           "depths": s.meta.get("depths")}
+                apply_pattern(model.hf, pat, drop_shared_indexers=False)  # fixed for every generation cache below
+            for L in opt.lengths:
+                t0 = time.time()
+                row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "ppl_ci95": {},
+                             "tasks": {}}
+                for name, _ in ppl_sets:
+                    losses = progress.ppl.get(f"{pat} {L} {name}")
+                    if losses is None:
+                        losses = lm_window_losses(runner, windows[name, L], pat, progress=opt.progress,
+                                                  desc=f"ppl {name} {L}")
+                        progress.ppl[f"{pat} {L} {name}"] = losses
+                        progress.save()
+                    row["ppl"][name] = math.exp(sum(losses) / len(losses))
+                    row["ppl_ci95"][name] = [math.exp(v) for v in mean_ci(losses)]  # over the windows
+                scores: dict[str, list[float]] = {f: [] for f in families}
+                diagnoses: dict[str, list[dict]] = {}
+                bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
+                for s in bar:
+                    bar.set_postfix_str(s.family, refresh=False)
+                    key = Progress.key(str(pat), L, s.family, s.index)
+                    rec = progress.samples.get(key)
+                    if rec is not None and rec["answers"] != s.answers:
+                        raise TaskError(f"{opt.progress_file}: sample {s.family} {s.index} at {L} tokens does not "
+                                        "match the one drawn now (the data or the generators changed): delete it "
+                                        "to start over")
+                    if rec is None:
+                        if engine is None and not hf and opt.decode == "cache":  # built once there is work for it
+                            engine = make_engine(model, pat, max_len)
+                        r = run_sample(model.hf if hf else model, tok, s, pat, opt.draft, eos_id, engine)
+                        rec = {"pattern": str(pat), "length": L, "family": s.family, "index": s.index,
+                               "score": r["score"], "outputs": r["outputs"], "answers": s.answers,
+                               "num_tokens": s.num_tokens, "new_tokens": r["new_tokens"], "forwards": r["forwards"],
+                               "needles": [[n.char_start, n.char_end, n.token_start, n.token_end] for n in s.needles],
+                               "depths": s.meta.get("depths")}
+                        if opt.diagnose:
+                            rec["diagnosis"] = diagnose_sample(runner, tok, s, pat)
+                        progress.samples[key] = rec
+                        progress.save()
+                    scores[s.family].append(rec["score"])
+                    records.append(rec)
                     if opt.diagnose:
-                        rec["diagnosis"] = diagnose_sample(runner, tok, s, pat)
-                    progress.samples[key] = rec
-                    progress.save()
-                scores[s.family].append(rec["score"])
-                records.append(rec)
+                        diagnoses.setdefault(s.family, []).append(rec["diagnosis"])
+                bar.close()
                 if opt.diagnose:
-                    diagnoses.setdefault(s.family, []).append(rec["diagnosis"])
-            bar.close()
-            if opt.diagnose:
-                row["diagnosis"] = {f: summarise(v) for f, v in diagnoses.items()}
-            row["tasks"] = {f: 100 * sum(v) / len(v) for f, v in scores.items() if v}
-            row["average"] = sum(row["tasks"].values()) / len(row["tasks"]) if row["tasks"] else None
-            row.update(score_intervals(scores))
-            row["seconds"] = round(time.time() - t0, 2)
-            row_scores[str(pat), L] = scores
-            results.append(row)
+                    row["diagnosis"] = {f: summarise(v) for f, v in diagnoses.items()}
+                row["tasks"] = {f: 100 * sum(v) / len(v) for f, v in scores.items() if v}
+                row["average"] = sum(row["tasks"].values()) / len(row["tasks"]) if row["tasks"] else None
+                row.update(score_intervals(scores))
+                row["seconds"] = round(time.time() - t0, 2)
+                row_scores[str(pat), L] = scores
+                results.append(row)
+                progress.save(force=True)
+    except BaseException:  # an interruption (Ctrl-C, SIGTERM under a time limit) or a failure keeps what is done
+        progress.save(force=True)
+        raise
     compare_with_all_full(results, row_scores)
     return {
         "command": opt.command, "model": opt.model, "device": opt.device, "dtype": opt.dtype, "seed": opt.seed,
