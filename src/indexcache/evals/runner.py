@@ -252,7 +252,7 @@ class EvalOptions:
     backend: str = "auto"  # native | hf | auto (the transformers class where the native model does not cover it)
     ops: str = "auto"  # the native model's ops backend
     diagnose: bool = False  # per sample: each layer's recall of the answer's tokens, the teacher-forced answer
-    progress_file: str | None = None  # rewritten after every sample and perplexity set (``--out`` + .partial)
+    progress_file: str | None = None  # what is done so far (``--out`` + .partial), see :class:`Progress`
     resume: bool = False  # continue from progress_file, written by a stopped run of the same evaluation
 
 
@@ -280,14 +280,10 @@ class Progress:
             if differ:
                 raise TaskError(f"{self.path} is the progress of another evaluation (it differs in "
                                 f"{', '.join(differ)}): run that command again, or delete the file to start over")
-            self.samples = {self.key(r["pattern"], r["length"], r["family"], r["index"]): r for r in state["samples"]}
+            self.samples = {(r["pattern"], r["length"], r["family"], r["index"]): r for r in state["samples"]}
             self.ppl = state["ppl"]
         self.resumed = {"samples": len(self.samples), "ppl_sets": len(self.ppl)}
         self._saved_at = -math.inf
-
-    @staticmethod
-    def key(pattern: str, length: int, family: str, index: int) -> tuple:
-        return pattern, length, family, index
 
     def save(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -371,11 +367,12 @@ def run_eval(opt: EvalOptions) -> dict:
                 row: dict = {"pattern": str(pat), "num_full": pat.num_full, "length": L, "ppl": {}, "ppl_ci95": {},
                              "tasks": {}}
                 for name, _ in ppl_sets:
-                    losses = progress.ppl.get(f"{pat} {L} {name}")
+                    done = f"{pat} {L} {name}"
+                    losses = progress.ppl.get(done)
                     if losses is None:
                         losses = lm_window_losses(runner, windows[name, L], pat, progress=opt.progress,
                                                   desc=f"ppl {name} {L}")
-                        progress.ppl[f"{pat} {L} {name}"] = losses
+                        progress.ppl[done] = losses
                         progress.save()
                     row["ppl"][name] = math.exp(sum(losses) / len(losses))
                     row["ppl_ci95"][name] = [math.exp(v) for v in mean_ci(losses)]  # over the windows
@@ -384,7 +381,7 @@ def run_eval(opt: EvalOptions) -> dict:
                 bar = tqdm(samples[L], desc=f"{_short(pat)} {L}", unit="sample", disable=not opt.progress, leave=False)
                 for s in bar:
                     bar.set_postfix_str(s.family, refresh=False)
-                    key = Progress.key(str(pat), L, s.family, s.index)
+                    key = (str(pat), L, s.family, s.index)
                     rec = progress.samples.get(key)
                     if rec is not None and rec["answers"] != s.answers:
                         raise TaskError(f"{opt.progress_file}: sample {s.family} {s.index} at {L} tokens does not "
