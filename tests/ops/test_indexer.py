@@ -136,6 +136,17 @@ def test_kernel_logits_cpu(H, D, key_major):
                 assert ((out[m] - ref[m]).norm() / ref[m].norm()).item() <= tol
 
 
+def test_fp32_tiles_hold_at_most_64_query_heads():
+    """fp32 (IEEE dots, the accumulator in registers) takes 16 queries a tile at 4 heads x 64 dims, the
+    fastest measured on the H200; 16-bit operands keep 256 query-heads; a tile still divides the queries of
+    one cache, and a given block_q is kept."""
+    from indexcache.ops.indexer.kernel import _block_q
+
+    assert _block_q(2048, 4, 4, 64, None) == 16 and _block_q(2048, 4, 2, 64, None) == 64
+    assert _block_q(2048, 64, 4, 128, None) == 1 and _block_q(4096, 64, 2, 128, None) == 4
+    assert _block_q(24, 4, 4, 64, None) == 8 and _block_q(2048, 4, 4, 64, 64) == 64
+
+
 @interpreter
 def test_kernel_rejects_bad_input():
     from indexcache.ops.indexer.kernel import indexer_logits as kernel
