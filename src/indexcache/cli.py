@@ -772,7 +772,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_e2e(args.out, args.contexts, experts=args.experts, layers=args.layers, chunk=args.chunk,
             decode_steps=args.decode_steps, large_batch=args.large_batch, model_dir=args.model,
             patterns=[E2E_PATTERNS[n] for n in args.patterns.split(",")] if args.patterns else None,
-            pattern_specs=args.pattern, fused_from=args.fused_from, dtype=args.dtype or "bfloat16")
+            pattern_specs=args.pattern, fused_from=args.fused_from, dtype=args.dtype or "bfloat16",
+            repeats=args.repeats)
     return 0
 
 
@@ -1116,6 +1117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=positive_int, default=32, help="timed decode steps (e2e)")
     p.add_argument("--large-batch", type=positive_int, default=8, help="the larger decode batch (e2e)")
     p.add_argument("--model", help="e2e on this checkpoint instead of the random GLM-4.7-Flash shape")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="prefills timed per row, median reported (e2e; default 3 with --model, else 1)")
     p.add_argument("--pattern", action="append", help="with --model: a pattern to time beside all Full "
                    "(repeatable; any pattern form)")
     p.add_argument("--patterns", type=e2e_patterns, default=None, help="e2e on the random shape: which of "

@@ -200,14 +200,15 @@ def _decode_share(eng, B: int, step_ms: float) -> dict:
 def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 47, chunk: int = 8192,
         decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None,
         model_dir: str | None = None, pattern_specs: list[str] | None = None,
-        fused_from: int | None = None, dtype: str = "bfloat16") -> dict:
+        fused_from: int | None = None, dtype: str = "bfloat16", repeats: int | None = None) -> dict:
     """The engine's prefill and decode speed per pattern and context. By default on a random
     GLM-4.7-Flash-DSA-shaped model (``experts``, ``layers``) under all Full and uniform 1/2 and 1/4
     (``patterns`` picks among those names); with ``model_dir``, on that checkpoint (bf16) under all Full and
     ``pattern_specs`` (any pattern form), so that a study's patterns get their speed beside their quality.
     ``fused_from``: prefill chunks whose windows reach this many keys select through the fused indexer +
     top-k (default: the engine's own, ``FUSED_TOPK_FROM_KEYS``). ``dtype`` (``bfloat16`` or ``float32``) is
-    the checkpoint's dtype with ``model_dir``."""
+    the checkpoint's dtype with ``model_dir``. ``repeats``: prefills timed per row, the median reported (default
+    3 on a checkpoint, 1 on the random shape, whose 200K prefills take a minute each)."""
     from ..engine import Engine
 
     if not torch.cuda.is_available():
@@ -254,10 +255,16 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
     }
     fused = {} if fused_from is None else {"fused_topk_from": fused_from}
     result["fused_topk_from"] = fused_from
+    repeats = repeats or (3 if model_dir is not None else 1)
+    result["prefill_repeats"] = repeats
+    # warm-up: compile every kernel variant this pattern's prefill and decode use, outside the timings. Kernels
+    # specialise on the key count (the top-k picks its variant by row length), so a checkpoint, whose prefills
+    # are short, warms up at the longest context; the random shape's 200K warm-up would cost a minute a
+    # pattern, so it warms up on two chunks (its first, longest rows then carry any compile left)
+    warm_len = max_ctx if model_dir is not None else min(2 * chunk, max_ctx)
     for name, pat in named.items():
-        # warm-up: compile every kernel variant this pattern's prefill and decode use, outside the timings
-        warm = Engine(model, pat, max_batch=2, max_len=2 * chunk + 64, chunk=chunk, **fused)
-        warm.prefill(0, ids[: 2 * chunk])
+        warm = Engine(model, pat, max_batch=2, max_len=warm_len + 64, chunk=chunk, **fused)
+        warm.prefill(0, ids[:warm_len])
         warm.decode(torch.zeros(1, dtype=torch.long, device="cuda"))
         del warm
         for ctx in contexts:
@@ -266,16 +273,20 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             per_req = None
             eng = Engine(model, pat, max_batch=1, max_len=ctx + decode_steps + 8, chunk=chunk, **fused)
             per_req = eng.cache_bytes_per_token
-            eng.timer = timer = EventTimer()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            eng.prefill(0, ids[:ctx])
-            torch.cuda.synchronize()
-            ttft = time.perf_counter() - t0
-            tot = timer.totals()
+            ttfts, shares = [], []
+            for _ in range(repeats):  # each prefill rewrites slot 0 from position 0
+                eng.timer = timer = EventTimer()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                eng.prefill(0, ids[:ctx])
+                torch.cuda.synchronize()
+                ttfts.append(time.perf_counter() - t0)
+                shares.append(timer.totals())
             eng.timer = None
+            ttft = sorted(ttfts)[len(ttfts) // 2]
+            tot = shares[ttfts.index(ttft)]
             row = {"pattern": name, "pattern_str": str(pat), "num_full": len(pat.full_layers), "context": ctx,
-                   "ttft_s": ttft, "prefill_indexer_s": tot.get("indexer", 0.0) / 1e3,
+                   "ttft_s": ttft, "ttft_all_s": ttfts, "prefill_indexer_s": tot.get("indexer", 0.0) / 1e3,
                    "prefill_attention_s": tot.get("attention", 0.0) / 1e3,
                    "prefill_indexer_share": tot.get("indexer", 0.0) / 1e3 / ttft,
                    "cache_bytes_per_token": per_req,
@@ -365,7 +376,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"GLM-4.7-Flash-DSA shape ({result['model']['n_routed_experts']} experts), {result['gpu']}")
+    m = result["model"]
+    shape = m["shape"] if "n_routed_experts" not in m else f"GLM-4.7-Flash-DSA shape ({m['n_routed_experts']} experts)"
+    fig.suptitle(f"{shape}, {result['gpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
