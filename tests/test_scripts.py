@@ -1,5 +1,6 @@
 """The GPU scripts' command lines, checked on CPU: a wrong flag in a script otherwise shows only on the GPU."""
 
+import math
 import os
 import shlex
 import subprocess
@@ -221,6 +222,25 @@ def test_long_study_report_names_the_rows_and_pairs_them_with_all_full(tmp_path)
                extra=speed_columns())
     line = next(x for x in md.splitlines() if f"`{uniform}`" in x)
     assert line.endswith("| 1.25x | 1.50x |") and md.count("prefill speedup") == 1
+    from long_study_report import unfinished_rows, unfinished_table
+
+    # an evaluation stopped part way: the family it finished is a row, paired with all Full's same prompts;
+    # the family it did not finish is left out
+    rep = json.loads((study / "eval-long-512-x.json").read_text())
+    mine = [x for x in rep["samples"] if x["pattern"] == uniform]
+    done = [x for x in mine if x["family"] == "niah_single"]
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    (progress / f"eval-long-512-{uniform}.json.partial").write_text(json.dumps(
+        {"signature": {"samples": 3}, "samples": done + [x for x in mine if x["family"] == "passkey"][:2],
+         "ppl": {f"{uniform} 512 wikitext": [1.0, 2.0]}}))
+    extra = unfinished_rows(rows, progress, tmp_path)
+    assert [(r["pattern"], r["family"], r["samples"]) for r in extra] == [(uniform, "niah_single", 3)]
+    (r,) = extra
+    full_niah = [x["score"] for x in rep["samples"] if x["pattern"] == "F" * n and x["family"] == "niah_single"]
+    assert r["score"] == pytest.approx(100 * sum(x["score"] for x in done) / 3)
+    assert r["minus_all_full"]["score"] == pytest.approx(r["score"] - 100 * sum(full_niah) / 3)
+    assert r["ppl"] == pytest.approx(math.exp(1.5)) and f"`{uniform}`" in unfinished_table(extra)
 
 
 @pytest.mark.parametrize("variant,pattern,cross_layer", [
@@ -251,3 +271,24 @@ def test_long_aware_refuses_an_unknown_variant_or_seed():
         r = subprocess.run(["bash", "scripts/long_aware.sh", *argv], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "DRY_RUN": "1", "OUT": "/nonexistent"})
         assert r.returncode == 2 and message in r.stderr
+
+
+def test_eval_cost_times_each_phase_of_an_eval_prompt(tmp_path):
+    """scripts/eval_cost.py on CPU: a row per timed prompt (with its phases) and a perplexity row per length,
+    and the profiler's table for the first dtype."""
+    import json
+
+    from indexcache.presets import make_random_checkpoint
+
+    model_dir = make_random_checkpoint(tmp_path / "m", "glm_moe_dsa", "tiny", seed=1)
+    hay = tmp_path / "hay.txt"
+    hay.write_text(" ".join(["the house by the river said she"] * 400))
+    out = tmp_path / "cost.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_cost.py"), str(model_dir), "--haystack", str(hay),
+                    "--lengths", "512", "--dtypes", "float32", "--repeats", "1", "--device", "cpu", "--out", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    rep = json.loads(out.read_text())["by_dtype"]["float32"]
+    prompts = [r for r in rep["rows"] if "prefill_s" in r]
+    assert [r["family"] for r in prompts] == ["niah_single", "passkey"]
+    assert all(0 < r["prefill_s"] <= r["generate_s"] and r["new_tokens"] >= 1 for r in prompts)
+    assert [r["length"] for r in rep["rows"] if "ppl_window_s" in r] == [512] and "Name" in rep["profile"]
