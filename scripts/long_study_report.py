@@ -7,13 +7,16 @@ results/study-long/speed.json (`indexcache bench e2e --model models/dsa-mini --p
 prefill and batch-1 decode speedup over all Full at the same length, beside its scores), and names each pattern's
 method from the searches that picked it: the 1K greedy searches of results/search/stability-16k-model (books
 and retrieval windows, sample seed 0), the 16K greedy search of results/study-long/search-books-16k and the
-similarity DP of results/study-long/similarity-16k. Writes results/study-long/study.json,
+similarity DP of results/study-long/similarity-16k. Evaluations stopped before their end
+(results/study-long/progress-32k/*.json.partial) add the families they finished, in a table of their own.
+Writes results/study-long/study.json,
 results/study-long/table.md and docs/img/long_study.png.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -76,6 +79,67 @@ def gather(study: Path = STUDY, root: Path = ROOT) -> tuple[list[dict], dict]:
     return rows, chance
 
 
+def unfinished_rows(rows: list[dict], progress: Path = STUDY / "progress-32k", root: Path = ROOT) -> list[dict]:
+    """Rows from evaluations stopped before their end (``indexcache eval``'s ``OUT.partial`` files, which
+    ``--resume`` continues): one per pattern and family that the run finished (every sample of the family
+    scored), with the family's score, its 95% bootstrap interval over the samples, and its paired difference
+    from the all-Full row's same family at the same length where both scored the same prompts. A family the
+    run did not finish is left out, never averaged over part of its samples."""
+    from indexcache.intervals import mean_ci, paired_difference
+
+    out = []
+    full = {r["length"]: r for r in rows if r["method"] == "all Full"}
+    labels = None
+    for f in sorted(progress.glob("eval-long-*.json.partial")):
+        rep = json.loads(f.read_text())
+        want = rep["signature"]["samples"]
+        by = {}
+        for smp in rep["samples"]:
+            by.setdefault((smp["pattern"], smp["length"], smp["family"]), []).append(smp)
+        for (pattern, length, family), samples in sorted(by.items()):
+            if len(samples) < want:
+                continue
+            if labels is None:
+                labels = label_patterns(root, root / "results" / "study-long", len(pattern))
+            samples.sort(key=lambda x: x["index"])
+            mine = [x["score"] for x in samples]
+            row = {"pattern": pattern, "length": length, "family": family, "samples": len(mine),
+                   "methods": labels.get(pattern, [("other", "?")]), "score": 100 * sum(mine) / len(mine),
+                   "ci95": [100 * x for x in mean_ci(mine)], "ppl": None,
+                   "file": str(f.relative_to(root)) if f.is_relative_to(root) else str(f)}
+            losses = rep["ppl"].get(f"{pattern} {length} wikitext")
+            if losses:
+                row["ppl"] = math.exp(sum(losses) / len(losses))
+            base = full.get(length)
+            if base is not None:
+                b = json.loads((root / base["file"]).read_text())
+                theirs = sample_scores(b, base["pattern"], length).get(family, [])
+                ids = [json.dumps([x["answers"], x["needles"]]) for x in samples]
+                if [i for _, i in theirs] == ids:
+                    d = paired_difference({family: mine}, {family: [x for x, _ in theirs]})
+                    row["minus_all_full"] = {"score": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]],
+                                             "within_noise": d["within_noise"]}
+                    row["all_full"] = 100 * sum(x for x, _ in theirs) / len(theirs)
+            out.append(row)
+    return out
+
+
+def unfinished_table(extra: list[dict]) -> str:
+    """Markdown for :func:`unfinished_rows`."""
+    lines = ["| method | kept | pattern | length | family | samples | score [95% CI] | all Full | minus all Full "
+             "[95% CI] | WikiText-2 PPL |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in extra:
+        d = r.get("minus_all_full")
+        diff = (f"{d['score']:+.1f} [{d['ci95'][0]:+.0f}, {d['ci95'][1]:+.0f}]" + (" (noise)" if d["within_noise"]
+                                                                                 else "")) if d else ""
+        for method, kept in r["methods"]:
+            lines.append(f"| {method} | {kept} | `{r['pattern']}` | {r['length']} | {r['family']} | {r['samples']} | "
+                         f"{r['score']:.1f} [{r['ci95'][0]:.0f}, {r['ci95'][1]:.0f}] | "
+                         f"{r.get('all_full', float('nan')):.1f} | {diff} | "
+                         + (f"{r['ppl']:.2f} |" if r["ppl"] is not None else " |"))
+    return "\n".join(lines) + "\n"
+
+
 def add_speed(rows: list[dict], bench: dict) -> None:
     """Each row's engine speedups over all Full from an ``indexcache bench e2e --model`` report, matched by
     pattern and context length (``speed`` stays absent where the bench did not time the row)."""
@@ -102,7 +166,12 @@ def main() -> None:
         add_speed(rows, json.loads(speed.read_text()))
     md = table(rows, chance, FAMILIES, ["niah_single", "passkey"], {"wikitext": "WikiText-2 PPL [95% CI]"},
                ppl_ci=True, extra=speed_columns() if speed.exists() else None)
-    (STUDY / "study.json").write_text(json.dumps({"rows": rows, "chance": chance}, indent=1) + "\n")
+    extra = unfinished_rows(rows)
+    if extra:
+        md += ("\n**Evaluations not finished yet** (`progress-32k/`, resumable with `--resume`): the families they "
+               "finished, each with all its samples\n\n" + unfinished_table(extra))
+    (STUDY / "study.json").write_text(json.dumps({"rows": rows, "chance": chance, "unfinished": extra}, indent=1)
+                                      + "\n")
     (STUDY / "table.md").write_text(md)
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
