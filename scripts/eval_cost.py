@@ -1,8 +1,8 @@
 """Where the time of one long-context evaluation prompt goes, on a GPU: ``indexcache eval``'s own path (the
 engine as ``make_engine`` builds it, one niah_single and one passkey prompt with a book haystack) per dtype and
 length, split into building the sample, the chunked prefill and the cached decode steps, and the perplexity of
-one window through the layer runner. The slowest configuration is also run under ``torch.profiler``, whose
-top kernels by GPU time go into the JSON.
+one window through the layer runner. The first dtype at the longest length also runs one prompt under
+``torch.profiler``, whose top kernels by GPU time go into the JSON.
 
     python scripts/eval_cost.py models/dsa-mini --haystack .data/gutenberg --lengths 4096 32768 \
         --dtypes float32 bfloat16 --out results/study-long/eval_cost.json
@@ -46,6 +46,7 @@ class Clock:
 
 def measure(path: str, dtype: str, lengths: list[int], hay: Haystack, repeats: int, profile_at: int | None,
             device: str = "cuda") -> dict:
+    """One dtype's rows: per timed prompt its phases, per length one perplexity window (and the profile)."""
     info = model_info(path)
     opened = open_model(path, info, "auto", DTYPES[dtype], device, verbose=False, keep_fp8=False)
     model, runner = opened.model, opened.runner
@@ -66,7 +67,7 @@ def measure(path: str, dtype: str, lengths: list[int], hay: Haystack, repeats: i
                 t_build, t_prefill, t_gen = build.s, prefill.s, gen.s
                 if i == 0:
                     continue
-                steps = max(len(g.ids) - 1, 1)
+                steps = max(len(g.ids) - 1, 1)  # the generation's own prefill costs what the one above did
                 rows.append({"dtype": dtype, "length": L, "family": fam, "index": i, "build_s": t_build,
                              "prefill_s": t_prefill, "generate_s": t_gen, "new_tokens": len(g.ids),
                              "decode_ms_per_step": 1e3 * max(t_gen - t_prefill, 0.0) / steps})
