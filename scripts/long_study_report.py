@@ -91,36 +91,30 @@ def unfinished_rows(rows: list[dict], progress: Path = STUDY / "progress-32k", r
     full = {r["length"]: r for r in rows if r["method"] == "all Full"}
     labels = None
     for f in sorted(progress.glob("eval-long-*.json.partial")):
-        rep = json.loads(f.read_text())
-        want = rep["signature"]["samples"]
-        by = {}
-        for smp in rep["samples"]:
-            by.setdefault((smp["pattern"], smp["length"], smp["family"]), []).append(smp)
-        for (pattern, length, family), samples in sorted(by.items()):
-            if len(samples) < want:
-                continue
+        rep = json.loads(f.read_text())  # its samples are the report's records: sample_scores reads them
+        for pattern, length in sorted({(x["pattern"], x["length"]) for x in rep["samples"]}):
             if labels is None:
                 labels = label_patterns(root, root / "results" / "study-long", len(pattern))
-            samples.sort(key=lambda x: x["index"])
-            mine = [x["score"] for x in samples]
-            row = {"pattern": pattern, "length": length, "family": family, "samples": len(mine),
-                   "methods": labels.get(pattern, [("other", "?")]), "score": 100 * sum(mine) / len(mine),
-                   "ci95": [100 * x for x in mean_ci(mine)], "ppl": None,
-                   "file": str(f.relative_to(root)) if f.is_relative_to(root) else str(f)}
             losses = rep["ppl"].get(f"{pattern} {length} wikitext")
-            if losses:
-                row["ppl"] = math.exp(sum(losses) / len(losses))
             base = full.get(length)
-            if base is not None:
-                b = json.loads((root / base["file"]).read_text())
-                theirs = sample_scores(b, base["pattern"], length).get(family, [])
-                ids = [json.dumps([x["answers"], x["needles"]]) for x in samples]
-                if [i for _, i in theirs] == ids:
-                    d = paired_difference({family: mine}, {family: [x for x, _ in theirs]})
+            theirs = {} if base is None else sample_scores(json.loads((root / base["file"]).read_text()),
+                                                           base["pattern"], length)
+            for family, mine in sample_scores(rep, pattern, length).items():
+                if len(mine) < rep["signature"]["samples"]:
+                    continue
+                scores = [x for x, _ in mine]
+                row = {"pattern": pattern, "length": length, "family": family, "samples": len(scores),
+                       "methods": labels.get(pattern, [("other", "?")]), "score": 100 * sum(scores) / len(scores),
+                       "ci95": [100 * x for x in mean_ci(scores)],
+                       "ppl": math.exp(sum(losses) / len(losses)) if losses else None,
+                       "file": str(f.relative_to(root)) if f.is_relative_to(root) else str(f)}
+                ref = theirs.get(family, [])
+                if [i for _, i in ref] == [i for _, i in mine]:  # the same prompts, in the same order
+                    d = paired_difference({family: scores}, {family: [x for x, _ in ref]})
                     row["minus_all_full"] = {"score": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]],
                                              "within_noise": d["within_noise"]}
-                    row["all_full"] = 100 * sum(x for x, _ in theirs) / len(theirs)
-            out.append(row)
+                    row["all_full"] = 100 * sum(x for x, _ in ref) / len(ref)
+                out.append(row)
     return out
 
 

@@ -122,10 +122,10 @@ def _launch(q, k, w, ks, ke, k_scale, out, S, N, qpb, sk_b, ssc_b, block_q, bloc
     H, D = q.shape[-2], q.shape[-1]
     if not supported(H, D):
         raise ValueError(f"mqa_logits supports power-of-two heads (<=128) and head dim (>=16), got H={H} D={D}")
-    # 4 queries x 64 heads was the fastest tile measured on H100 (bf16 and fp8); the q tile stays <= 64 KB of
-    # shared memory, and fp32 operands get one pipeline stage less, so everything fits the 227 KB per SM
+    # block_q comes from _block_q (through _operands); fp32 operands get one pipeline stage less, so that
+    # everything fits the 227 KB of shared memory per SM
     elem = q.element_size()
-    bq = block_q or _block_q(qpb, H, elem, D, None)
+    bq = block_q
     if elem == 4:
         num_stages = min(num_stages, 2)
     if bq * H < 16:
@@ -166,10 +166,11 @@ def _logits_out(rows: int, n: int, device: torch.device, clean: bool) -> torch.T
 
 def _block_q(qpb: int, heads: int, elem: int, dim: int, block_q: int | None) -> int:
     """Queries per program: a power of two that divides the queries of one cache (a program reads one
-    cache), at least 16 rows of queries x heads when it can. fp32 operands (IEEE dots on the CUDA cores, whose
-    accumulator tile lives in registers) hold at most 64 query-heads a tile: at 4 heads x 64 dims on the H200,
-    16 queries a tile ran the logits 3.7-4.5x faster than 64, with the same logits bit for bit
-    (results/kernels/h200/indexer_tiles.json)."""
+    cache), at least 16 rows of queries x heads when it can. 4 queries x 64 heads was the fastest tile
+    measured on the H100 (bf16 and fp8), and the q tile stays <= 64 KB of shared memory. fp32 operands (IEEE
+    dots on the CUDA cores, whose accumulator tile lives in registers) hold at most 64 query-heads a tile: at
+    4 heads x 64 dims on the H200, 16 queries a tile ran the logits 3.7-4.5x faster than 64, with the same
+    logits bit for bit (results/kernels/h200/indexer_tiles.json)."""
     cap = 64 if elem == 4 else 256
     bq = block_q or max(1, min(cap // heads, 65536 // (heads * dim * elem)))
     while qpb % bq:
