@@ -9,7 +9,10 @@ method from the searches that picked it: the 1K greedy searches of results/searc
 and retrieval windows, sample seed 0), the 16K greedy search of results/study-long/search-books-16k and the
 similarity DP of results/study-long/similarity-16k. Evaluations stopped before their end
 (results/study-long/progress-32k/*.json.partial) add the families they finished, in a table of their own.
-Writes results/study-long/study.json,
+The training-aware runs (results/study-long/aware/VARIANT-sSEED/, from scripts/long_aware.sh) make the
+paper's Table 3: each seed's row, and the seeds' mean where every seed scored the same prompts, each paired
+with the bundled model's all Full and with the all-Full control given the same training. Writes
+results/study-long/study.json,
 results/study-long/table.md and docs/img/long_study.png.
 """
 
@@ -134,6 +137,116 @@ def unfinished_table(extra: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+AWARE_VARIANTS = {"full": ("all Full, the same training", "1"), "aware-h2": ("training-aware", "1/2"),
+                  "aware-q2": ("training-aware", "1/4"), "searched-h2": ("training-aware, searched pattern", "1/2"),
+                  "ablate-h2": ("training-aware w/o cross-layer loss", "1/2")}
+
+
+def _paired_with(mine: dict, base: dict | None) -> dict | None:
+    """``mine``'s average minus ``base``'s (both family -> [(score, identity)]) over the same prompts, x100;
+    None where there is no base or the prompts differ."""
+    from indexcache.intervals import paired_difference
+
+    if base is None or set(base) != set(mine) or any([i for _, i in base[f]] != [i for _, i in mine[f]]
+                                                     for f in base):
+        return None
+    d = paired_difference({f: [x for x, _ in v] for f, v in mine.items()},
+                          {f: [x for x, _ in v] for f, v in base.items()})
+    return {"average": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]], "within_noise": d["within_noise"]}
+
+
+def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROOT) -> list[dict]:
+    """The training-aware rows: one per variant, training seed and length (``aware/VARIANT-sSEED/``: the
+    evaluations and the training summary), then per variant and length the mean over its seeds (each prompt's
+    score averaged over the seeds, so the interval is over prompts: it does not measure seed-to-seed spread,
+    which the per-seed rows show). Each is paired with the bundled model's all-Full row at the length
+    (``minus_all_full``) and with the all-Full model given the same training and seed (``minus_control``;
+    for the mean, the control's mean over the same seeds)."""
+    from indexcache.intervals import average_ci
+
+    full = {r["length"]: r for r in rows if r["method"] == "all Full"}
+    base = {n: sample_scores(json.loads((root / r["file"]).read_text()), r["pattern"], n) for n, r in full.items()}
+    runs: dict[tuple[str, int], dict[int, tuple[dict, dict]]] = {}  # (variant, length) -> seed -> (row, scores)
+    out = []
+    for d in sorted(p for p in aware.glob("*-s*") if p.is_dir()):
+        variant, seed = d.name.rsplit("-s", 1)
+        if variant not in AWARE_VARIANTS or not seed.isdigit():
+            continue
+        f = d / "train-summary.json"
+        train = json.loads(f.read_text()) if f.exists() else {}
+        for e in sorted(d.glob("eval-long-*.json")):
+            rep = json.loads(e.read_text())
+            for r in rep["results"]:
+                mine = sample_scores(rep, r["pattern"], r["length"])
+                method, kept = AWARE_VARIANTS[variant]
+                row = {"variant": variant, "seed": int(seed), "method": method, "retention": kept,
+                       "pattern": r["pattern"], "length": r["length"], "ppl": r["ppl"], "ppl_ci95": r["ppl_ci95"],
+                       "tasks": r["tasks"], "average": r["average"],
+                       "average_ci95": [100 * x for x in average_ci({k: [x for x, _ in v] for k, v in mine.items()})],
+                       "minus_all_full": _paired_with(mine, base.get(r["length"])),
+                       "train": {k: train.get(k) for k in ("steps", "tokens", "seconds", "pattern", "cross_layer")},
+                       "file": str(e.relative_to(root)) if e.is_relative_to(root) else str(e),
+                       "command": rep["command"]}
+                runs.setdefault((variant, r["length"]), {})[int(seed)] = (row, mine)
+                out.append(row)
+    for (variant, length), seeds in runs.items():  # the control: the same seed's all-Full training
+        control = runs.get(("full", length), {})
+        for seed, (row, mine) in seeds.items():
+            if variant != "full":
+                row["minus_control"] = _paired_with(mine, control[seed][1] if seed in control else None)
+    for (variant, length), seeds in sorted(runs.items()):
+        if len(seeds) < 2:
+            continue
+        mean = _seed_mean([m for _, m in seeds.values()])
+        if mean is None:
+            continue
+        row = {**{k: seeds[min(seeds)][0][k] for k in ("variant", "method", "retention", "pattern", "length")},
+               "seed": "mean", "seeds": sorted(seeds),
+               "ppl": sum(r["ppl"]["wikitext"] for r, _ in seeds.values()) / len(seeds),
+               "average": 100 * sum(sum(x for x, _ in v) / len(v) for v in mean.values()) / len(mean),
+               "tasks": {k: 100 * sum(x for x, _ in v) / len(v) for k, v in mean.items()},
+               "average_ci95": [100 * x for x in average_ci({k: [x for x, _ in v] for k, v in mean.items()})],
+               "minus_all_full": _paired_with(mean, base.get(length))}
+        control = runs.get(("full", length), {})
+        if variant != "full" and set(seeds) <= set(control):
+            row["minus_control"] = _paired_with(mean, _seed_mean([control[s][1] for s in seeds]))
+        out.append(row)
+    out.sort(key=lambda r: (r["length"], list(AWARE_VARIANTS).index(r["variant"]), str(r["seed"])))
+    return out
+
+
+def _seed_mean(runs: list[dict]) -> dict | None:
+    """Each prompt's score averaged over several runs that scored the same prompts (None if they did not)."""
+    first = runs[0]
+    if any(set(m) != set(first) or any([i for _, i in m[f]] != [i for _, i in first[f]] for f in first)
+           for m in runs):
+        return None
+    return {f: [(sum(m[f][j][0] for m in runs) / len(runs), first[f][j][1]) for j in range(len(first[f]))]
+            for f in first}
+
+
+def aware_table(extra: list[dict]) -> str:
+    """Markdown for :func:`aware_rows`."""
+    def diff(d: dict | None) -> str:
+        if not d:
+            return ""
+        return (f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+                + (" (noise)" if d["within_noise"] else ""))
+
+    lines = ["| length | variant | kept | pattern | training seed | WikiText-2 PPL | niah_single | passkey | avg "
+             "[95% CI] | vs bundled all Full (paired 95% CI) | vs all Full, same training (paired 95% CI) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in extra:
+        ppl = r["ppl"]["wikitext"] if isinstance(r["ppl"], dict) else r["ppl"]
+        seed = "mean of " + ", ".join(map(str, r["seeds"])) if r["seed"] == "mean" else r["seed"]
+        t = r["tasks"]
+        lines.append(f"| {r['length']} | {r['method']} | {r['retention']} | `{r['pattern']}` | {seed} | {ppl:.1f} | "
+                     f"{t['niah_single']:.1f} | {t['passkey']:.1f} | {r['average']:.1f} "
+                     f"[{r['average_ci95'][0]:.1f}, {r['average_ci95'][1]:.1f}] | {diff(r.get('minus_all_full'))} | "
+                     f"{diff(r.get('minus_control'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def add_speed(rows: list[dict], bench: dict) -> None:
     """Each row's engine speedups over all Full from an ``indexcache bench e2e --model`` report, matched by
     pattern and context length (``speed`` stays absent where the bench did not time the row)."""
@@ -164,8 +277,14 @@ def main() -> None:
     if extra:
         md += ("\n**Evaluations not finished yet** (`progress-32k/`, resumable with `--resume`): the families they "
                "finished, each with all its samples\n\n" + unfinished_table(extra))
-    (STUDY / "study.json").write_text(json.dumps({"rows": rows, "chance": chance, "unfinished": extra}, indent=1)
-                                      + "\n")
+    trained = aware_rows(rows)
+    if trained:
+        md += ("\n**Training-aware IndexCache** (the paper's Table 3; `aware/`, scripts/long_aware.sh: the bundled "
+               "model trained 20 more steps at 16384 tokens, 2.6M tokens, for each variant's pattern; the same 50 "
+               "prompts per family as the rows above; a seeds' mean averages each prompt over the seeds, so its "
+               "interval is over prompts, not seeds)\n\n" + aware_table(trained))
+    (STUDY / "study.json").write_text(json.dumps({"rows": rows, "chance": chance, "unfinished": extra,
+                                                  "training_aware": trained}, indent=1) + "\n")
     (STUDY / "table.md").write_text(md)
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)

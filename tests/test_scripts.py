@@ -243,6 +243,55 @@ def test_long_study_report_names_the_rows_and_pairs_them_with_all_full(tmp_path)
     assert r["ppl"] == pytest.approx(math.exp(1.5)) and f"`{uniform}`" in unfinished_table(extra)
 
 
+def _eval_report(pattern: str, length: int, scores: dict[str, list[float]], ppl: float, shift: int = 0) -> dict:
+    """A minimal `indexcache eval` report: one result, and one sample record per score (``shift`` moves the
+    needles, so the prompts differ)."""
+    samples = [{"pattern": pattern, "length": length, "family": f, "index": i, "score": x, "answers": [f"a{i}"],
+                "needles": [i + shift]} for f, v in scores.items() for i, x in enumerate(v)]
+    tasks = {f: 100 * sum(v) / len(v) for f, v in scores.items()}
+    return {"command": "indexcache eval ...", "samples": samples, "results": [
+        {"pattern": pattern, "length": length, "ppl": {"wikitext": ppl}, "ppl_ci95": {"wikitext": [ppl, ppl]},
+         "tasks": tasks, "average": sum(tasks.values()) / len(tasks)}]}
+
+
+def test_long_study_report_pairs_training_aware_runs_with_their_control_and_averages_seeds(tmp_path):
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from long_study_report import aware_rows, aware_table
+
+    full, half = "FFFF", "FSFS"
+    (tmp_path / "full.json").write_text(json.dumps(_eval_report(full, 512, {"niah_single": [1, 1, 1, 0],
+                                                                         "passkey": [1, 0, 1, 0]}, 10.0)))
+    rows = [{"method": "all Full", "length": 512, "pattern": full, "file": "full.json"}]
+    runs = {("full", 0): (full, [1, 1, 0, 0], [1, 1, 0, 0], 0), ("full", 1): (full, [1, 1, 1, 1], [1, 0, 0, 0], 0),
+            ("aware-h2", 0): (half, [1, 0, 0, 0], [0, 0, 0, 0], 0), ("aware-h2", 1): (half, [1, 1, 1, 0],
+                                                                                     [1, 1, 0, 0], 0),
+            ("aware-q2", 0): ("FSSS", [0, 0, 0, 0], [1, 0, 0, 0], 1)}  # other prompts: no pairing
+    for (variant, seed), (pattern, niah, passkey, shift) in runs.items():
+        d = tmp_path / "aware" / f"{variant}-s{seed}"
+        d.mkdir(parents=True)
+        (d / f"eval-long-512-{pattern}.json").write_text(json.dumps(_eval_report(
+            pattern, 512, {"niah_single": niah, "passkey": passkey}, 20.0 + seed, shift)))
+        (d / "train-summary.json").write_text(json.dumps({"steps": 20, "tokens": 100, "pattern": pattern}))
+    out = aware_rows(rows, tmp_path / "aware", tmp_path)
+    assert [(r["variant"], r["seed"]) for r in out] == [("full", 0), ("full", 1), ("full", "mean"), ("aware-h2", 0),
+                                                       ("aware-h2", 1), ("aware-h2", "mean"), ("aware-q2", 0)]
+    by = {(r["variant"], r["seed"]): r for r in out}
+    h0, h1, hm = by["aware-h2", 0], by["aware-h2", 1], by["aware-h2", "mean"]
+    assert h0["average"] == pytest.approx(12.5) and h0["minus_control"]["average"] == pytest.approx(12.5 - 50)
+    assert h1["minus_control"]["average"] == pytest.approx(62.5 - 62.5)
+    assert h1["minus_all_full"]["average"] == pytest.approx(62.5 - 62.5) and h0["train"]["steps"] == 20
+    # the seeds' mean: each prompt averaged over the seeds, paired with the control's mean over the same seeds
+    assert hm["average"] == pytest.approx(37.5) and hm["tasks"]["niah_single"] == pytest.approx(50.0)
+    assert hm["minus_control"]["average"] == pytest.approx(37.5 - 56.25) and hm["ppl"] == pytest.approx(20.5)
+    assert hm["average_ci95"][0] <= 37.5 <= hm["average_ci95"][1]
+    q = by["aware-q2", 0]
+    assert q["minus_all_full"] is None and q["minus_control"] is None
+    md = aware_table(out)
+    assert "| mean of 0, 1 |" in md and md.count("\n") == len(out) + 2
+
+
 @pytest.mark.parametrize("variant,pattern,cross_layer", [
     ("full", "FFFFFFFFFFFFFFFF", True), ("aware-h2", "FSFSFSFSFSFSFSFS", True),
     ("aware-q2", "FSSSFSSSFSSSFSSS", True), ("searched-h2", "FFFFSFSSSFSSSFFS", True),
