@@ -13,7 +13,7 @@ The training-aware runs (results/study-long/aware/VARIANT-sSEED/, from scripts/l
 paper's Table 3: each seed's row, and the seeds' mean where every seed scored the same prompts, each paired
 with the bundled model's all Full and with the all-Full control given the same training. Writes
 results/study-long/study.json,
-results/study-long/table.md and docs/img/long_study.png.
+results/study-long/table.md, docs/img/long_study.png and docs/img/long_aware.png.
 """
 
 from __future__ import annotations
@@ -247,6 +247,65 @@ def aware_table(extra: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_aware(rows: list[dict], trained: list[dict], path: Path) -> None:
+    """Per length, each training-aware variant's task average and WikiText-2 perplexity (95% intervals)
+    untrained (the bundled model on the same pattern, from ``rows``) and after its training, one point per
+    seed, beside the bundled model's all Full."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in trained})
+    fig, axes = plt.subplots(2, len(lengths), figsize=(6.2 * len(lengths), 8.4), dpi=110, squeeze=False)
+    seeds = sorted({r["seed"] for r in trained if r["seed"] != "mean"})
+    colors = ("tab:red", "tab:orange", "tab:brown", "tab:pink")
+    marks = {"untrained": ("tab:gray", "o")} | {s: (colors[i % len(colors)], "s") for i, s in enumerate(seeds)}
+    short = {"full": "all Full\n(the same training)", "aware-h2": "uniform 1/2", "aware-q2": "uniform 1/4",
+             "searched-h2": "searched 1/2\nFFFFSFSSSFSSSFFS", "ablate-h2": "uniform 1/2\nw/o cross-layer loss"}
+
+    def value(r: dict, key: str) -> tuple[float, float, float]:
+        if key == "average":
+            return r["average"], *r["average_ci95"]
+        return r["ppl"]["wikitext"], *r["ppl_ci95"]["wikitext"]
+
+    for col, length in enumerate(lengths):
+        full = next((r for r in rows if r["length"] == length and r["method"] == "all Full"), None)
+        names = [v for v in AWARE_VARIANTS if any(r["variant"] == v and r["length"] == length for r in trained)]
+        for row, (key, ylabel) in enumerate((("average", "task average (x100) with 95% CI"),
+                                             ("ppl", "WikiText-2 perplexity with 95% CI"))):
+            ax = axes[row, col]
+            if full is not None:
+                y, lo, hi = value(full, key)
+                ax.axhspan(lo, hi, color="0.9", label="bundled all Full 95% CI")
+                ax.axhline(y, color="k", ls="--", lw=1)
+            for i, v in enumerate(names):
+                mine = sorted((r for r in trained if r["variant"] == v and r["length"] == length
+                               and r["seed"] != "mean"), key=lambda r: r["seed"])
+                before = next((r for r in rows if r["length"] == length and r["pattern"] == mine[0]["pattern"]), None)
+                pts = ([("untrained", before)] if before is not None and v != "full" else []) + \
+                    [(r["seed"], r) for r in mine]
+                for j, (who, r) in enumerate(pts):
+                    color, m = marks[who]
+                    y, lo, hi = value(r, key)
+                    ax.errorbar(i + 0.16 * (j - (len(pts) - 1) / 2), y, yerr=[[y - lo], [hi - y]], fmt=m,
+                                color=color, ms=7, capsize=3, lw=1,
+                                label=who if who == "untrained" else f"trained, seed {who}")
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels([short.get(v, v) for v in names], fontsize=8)
+            ax.set_title(f"{length} tokens")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if key == "average":  # the perplexity panels below use the same marks
+                handles, labels = ax.get_legend_handles_labels()
+                keep = dict(zip(labels, handles, strict=True))  # one legend entry per label
+                ax.legend(keep.values(), keep.keys(), fontsize=7, loc="center right")
+    fig.suptitle("dsa-mini: training-aware IndexCache at 16K (20 steps), before and after, per training seed")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def add_speed(rows: list[dict], bench: dict) -> None:
     """Each row's engine speedups over all Full from an ``indexcache bench e2e --model`` report, matched by
     pattern and context length (``speed`` stays absent where the bench did not time the row)."""
@@ -290,6 +349,8 @@ def main() -> None:
     img.mkdir(parents=True, exist_ok=True)
     plot_tasks(rows, img / "long_study.png", ppl_key="wikitext", styles=STYLES,
                title="dsa-mini at 4K, 16K and 32K tokens: which layers keep their indexer")
+    if trained:
+        plot_aware(rows, trained, img / "long_aware.png")
     print(md)
 
 

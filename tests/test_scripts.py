@@ -290,6 +290,15 @@ def test_long_study_report_pairs_training_aware_runs_with_their_control_and_aver
     assert q["minus_all_full"] is None and q["minus_control"] is None
     md = aware_table(out)
     assert "| mean of 0, 1 |" in md and md.count("\n") == len(out) + 2
+    from long_study_report import plot_aware
+
+    # the figure: every variant, beside the bundled all Full and the untrained row of the same pattern
+    band = {"average": 62.5, "average_ci95": [40.0, 80.0], "ppl": {"wikitext": 10.0},
+            "ppl_ci95": {"wikitext": [9.0, 11.0]}}
+    untrained = {"method": "uniform", "length": 512, "pattern": half, "average": 0.0, "average_ci95": [0.0, 0.0],
+                 "ppl": {"wikitext": 30.0}, "ppl_ci95": {"wikitext": [28.0, 33.0]}}
+    plot_aware([{**rows[0], **band}, untrained], out, tmp_path / "aware.png")
+    assert (tmp_path / "aware.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("variant,pattern,cross_layer", [
