@@ -38,8 +38,14 @@ def test_moe_bench_runs_its_sweep_and_fp8_rows_and_prints_them(monkeypatch):
     # every timed call produced the kernel's output, with finite values
     outs = [c for c in calls if isinstance(c, torch.Tensor) and c.dim() == 3]
     assert outs and all(torch.isfinite(c.float()).all() for c in outs)
+    # the decode MoE with its shared MLP, on its own GEMMs and folded in: one [B, D] sum each (their values
+    # agree in tests/ops/test_moe.py; the interpreter's bf16 dot products are not to be compared)
+    whole = [c for c in calls if isinstance(c, torch.Tensor) and c.dim() == 2]
+    assert [tuple(c.shape) for c in whole] == [(1, 128), (1, 128), (64, 128), (64, 128)]
+    assert all("with_shared_folded_us" in r for r in res["decode"])
     table = bench.moe_table({"moe": res})
     assert table.count("| fp8 prefill |") == 1 and table.count("| fp8 decode |") == 2
+    assert table.count("| decode + shared MLP |") == 2
 
 
 @interpreter

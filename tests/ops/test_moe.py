@@ -151,12 +151,94 @@ def test_model_moe_on_the_kernel_matches_its_torch_path():
     assert moe.experts.gate_proj.grad is not None and moe.experts.gate_proj.grad.abs().sum() > 0
 
 
-def _gpu_check(N, k, E, D, inter, skew):
+def _shared_operands(g: torch.Generator, ops: tuple, blocks: int) -> tuple:
+    """A shared MLP of ``blocks`` x I channels for ``ops``, and the same experts written as routed ones (the
+    stacked weights with its blocks as experts E..E+blocks-1, chosen by every token with weight 1): the
+    float64 check of the folded call runs on those."""
+    x, wg, wu, wd, idx, w = ops
+    E, inter, D = wg.shape
+    dev, dt = x.device, wg.dtype
+    dg = g if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(int(g.initial_seed()) + 1)
+    S = blocks * inter
+    sg, su = (torch.randn(S, D, generator=dg, device=dev).to(dt) * D**-0.5 for _ in range(2))
+    sd = (torch.randn(D, S, generator=dg, device=dev) * S**-0.5).to(dt)
+    as_routed = (torch.cat([wg, sg.view(blocks, inter, D)]), torch.cat([wu, su.view(blocks, inter, D)]),
+                 torch.cat([wd, sd.view(D, blocks, inter).transpose(0, 1)]),
+                 torch.cat([idx, (E + torch.arange(blocks, device=idx.device)).expand(len(idx), blocks)], 1),
+                 torch.cat([w, torch.ones(len(w), blocks, device=w.device)], 1))
+    return (sg, su, sd), (x, *as_routed)
+
+
+def test_reference_folds_the_shared_mlp_into_slots_that_sum_to_it():
+    g = torch.Generator().manual_seed(7)
+    ops = _operands(g, 11, 3, 6, 40, 24)
+    for blocks in (1, 3):
+        shared, as_routed = _shared_operands(g, ops, blocks)
+        got = moe_experts(*ops, shared=shared)
+        assert got.shape == (11, 3 + blocks, 40)
+        _check(got, *_exact_and_bound(*as_routed, U_FP32, U_FP32))
+        x, (sg, su, sd) = ops[0], shared
+        whole = F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)  # the shared MLP in one piece
+        torch.testing.assert_close(got[:, 3:].sum(1), whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[:, :3], moe_experts(*ops), rtol=0, atol=0)
+    sg, su, sd = shared
+    with pytest.raises(ValueError, match="multiple of 24"):
+        moe_experts(*ops, shared=(sg[:30], su[:30], sd[:, :30]))
+    with pytest.raises(ValueError, match="one dtype"):
+        moe_experts(*ops, shared=(sg.double(), su, sd))
+
+
+@interpreter
+@pytest.mark.parametrize("shape", [(1, 2, 8, 64, 32, 1), (3, 4, 16, 32, 48, 2), (37, 2, 5, 48, 40, 1),
+                                   (9, 8, 32, 16, 16, 1)])
+def test_kernel_with_shared_slots_against_float64_in_the_interpreter(shape):
+    from indexcache.ops.moe.kernel import moe_experts as kernel
+
+    *dims, blocks = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    ops = _operands(g, *dims)
+    shared, as_routed = _shared_operands(g, ops, blocks)
+    got = kernel(*ops, shared=shared)
+    # one tile per pair (the first, 3 pairs) and the sorted table (the others): the same bound
+    _check(got, *_exact_and_bound(*as_routed, U_FP32, U_FP32))
+
+
+@interpreter
+def test_model_moe_folds_its_shared_mlp_at_decode_sizes_only():
+    from indexcache.model import dsa
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny", n_routed_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(8)
+    moe = dsa.MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    calls = []
+    moe.shared_experts.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, dsa.FOLD_SHARED_MAX_TOKENS + 1, cfg.hidden_size)
+    with torch.no_grad():
+        want_step, want_long = moe(x[:, :3]), moe(x)
+        calls.clear()
+        moe.backend = "triton"
+        step = moe(x[:, :3])
+        assert calls == []  # three tokens: the shared MLP ran inside the routed kernels
+        long = moe(x)
+        assert calls == [1]  # past the decode sizes: as its own GEMMs
+    torch.testing.assert_close(step, want_step, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(long, want_long, rtol=1e-5, atol=1e-6)
+
+
+def _gpu_check(N, k, E, D, inter, skew, blocks=0):
     from indexcache.ops.moe.kernel import moe_experts as kernel
 
     g = torch.Generator().manual_seed(N + E)
     ops = _operands(g, N, k, E, D, inter, dtype=torch.bfloat16, device="cuda", skew=skew)
-    got = kernel(*ops)
+    if blocks:  # the shared MLP folded in as slots: checked as the routed experts it is written as
+        shared, as_routed = _shared_operands(g, ops, blocks)
+        got = kernel(*ops, shared=shared)
+        ops = as_routed
+    else:
+        got = kernel(*ops)
     # bf16 operands on tensor cores accumulate in fp32; h and the output are rounded to bf16 once each.
     # The float64 pair loop is long at these sizes, so a sample of tokens is checked.
     pick = torch.randperm(N, generator=g)[: min(N, 48)].cuda()
@@ -171,6 +253,14 @@ def _gpu_check(N, k, E, D, inter, skew):
                                    (333, 4, 16, 2048, 1536, True)])
 def test_kernel_against_float64_on_gpu(shape):
     _gpu_check(*shape)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 4, 16, 2048, 1536, 1), (8, 8, 256, 7168, 2048, 1), (64, 4, 16, 2048, 1536, 1),
+                                   (2, 4, 16, 2048, 1536, 2)])
+def test_kernel_with_shared_slots_against_float64_on_gpu(shape):
+    N, k, E, D, inter, blocks = shape
+    _gpu_check(N, k, E, D, inter, False, blocks)
 
 
 @gpu

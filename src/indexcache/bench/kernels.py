@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import OptionError
 from ..ops.triton_support import resources
@@ -476,6 +477,8 @@ def bench_moe(dev, ceil: dict, log) -> dict:
         g = torch.Generator(device=dev).manual_seed(0)
         wg, wu = (torch.randn(E, inter, D, device=dev, generator=g, dtype=torch.bfloat16) * D**-0.5 for _ in range(2))
         wd = torch.randn(E, D, inter, device=dev, generator=g, dtype=torch.bfloat16) * inter**-0.5
+        sg, su = (torch.randn(inter, D, device=dev, generator=g, dtype=torch.bfloat16) * D**-0.5 for _ in range(2))
+        sd = torch.randn(D, inter, device=dev, generator=g, dtype=torch.bfloat16) * inter**-0.5
 
         def routing(n: int):
             idx = torch.rand(n, E, device=dev, generator=g).topk(k, dim=-1).indices
@@ -517,6 +520,14 @@ def bench_moe(dev, ceil: dict, log) -> dict:
             res["decode"].append(row)
             log(f"  moe {name} decode B={B}: {row['us']:.1f} us {row['tbps']:.2f} TB/s over {n_experts} experts; "
                 f"gathering their weights alone {row['gather_weights_us']:.1f} us")
+            # the whole MoE's experts with one shared MLP of the experts' width (as the model runs them): the
+            # shared MLP on its own GEMMs after the routed kernels, against folded into them as one more slot
+            sep_us = 1e3 * _bench_graph(lambda: moe_experts(x, wg, wu, wd, idx, w).sum(1) + F.linear(
+                F.silu(F.linear(x, sg)) * F.linear(x, su), sd))
+            fold_us = 1e3 * _bench_graph(lambda: moe_experts(x, wg, wu, wd, idx, w, shared=(sg, su, sd)).sum(1))
+            row.update(with_shared_separate_us=sep_us, with_shared_folded_us=fold_us)
+            log(f"  moe {name} decode B={B} with the shared MLP: {sep_us:.1f} us on its own GEMMs, "
+                f"{fold_us:.1f} us folded into the routed kernels")
             if B < 64:  # where the default leaves SMs idle
                 for cfg in MOE_DECODE_CONFIGS[1:]:
                     cus = 1e3 * _bench_graph(lambda cfg=cfg: moe_experts(x, wg, wu, wd, idx, w, **tune(cfg)))
@@ -538,6 +549,9 @@ def moe_table(result: dict) -> str:
     for r in result["moe"]["decode"]:
         lines.append(f"| decode | {r['shape']} B={r['B']} ({r['distinct_experts']} experts) | {r['us']:.1f} us | "
                      f"{r['tbps']:.2f} TB/s | {r['pct_of_copy']:.0f}% | gather alone {r['gather_weights_us']:.1f} us |")
+        if "with_shared_folded_us" in r:
+            lines.append(f"| decode + shared MLP | {r['shape']} B={r['B']} | {r['with_shared_folded_us']:.1f} us "
+                         f"folded | | | on its own GEMMs {r['with_shared_separate_us']:.1f} us |")
     for r in result["moe"].get("fp8", []):
         if "tokens" in r:
             lines.append(f"| fp8 prefill | {r['shape']} {r['tokens']} tokens | {r['ms']:.3f} ms | {r['tflops']:.0f} "

@@ -374,6 +374,11 @@ class FP8Experts(Experts):
         return lin("down_proj", F.silu(lin("gate_proj", x)) * lin("up_proj", x))
 
 
+# a decode batch: up to this many tokens the shared MLP runs inside the routed experts' kernels (five fewer
+# launches a MoE layer); past it, as its own dense GEMMs
+FOLD_SHARED_MAX_TOKENS = 64
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: DSAConfig):
         super().__init__()
@@ -388,7 +393,8 @@ class MoE(nn.Module):
         every device (an ``index_add_`` would use atomics on GPUs). ``graph_safe``: shapes that do not
         depend on the routing and no host synchronisation, so a decode step can be captured in a CUDA graph
         (the same numbers). On the ``triton`` backend the stacked experts (bf16 or block-FP8) run as one
-        grouped GEMM that reads the chosen experts' weights in place, graph-safe in both modes."""
+        grouped GEMM that reads the chosen experts' weights in place, graph-safe in both modes; at a decode
+        step's few tokens the shared MLP joins them as more slots (:meth:`_shared_to_fold`)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         backend = backend or self.backend
@@ -400,12 +406,30 @@ class MoE(nn.Module):
         if isinstance(ex, FP8Experts) and (backend != "torch" or not graph_safe):
             routed = get_backend(backend).moe_experts_fp8(flat, ex.fp8_tensors(), idx, weights, ex.scale_fmt)
         elif backend != "torch" and not trains:
-            routed = get_backend(backend).moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights)
+            fold = self._shared_to_fold(flat.shape[0])
+            routed = get_backend(backend).moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights,
+                                                      shared=fold)
+            if fold is not None:  # the shared MLP's blocks are the last slots
+                return routed.sum(1).view(shape)
         elif graph_safe:
             routed = self._routed_static(flat, weights, idx)
         else:
             routed = self._routed(flat, weights, idx)
         return (routed.sum(1) + self.shared_experts(flat)).view(shape)
+
+    def _shared_to_fold(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared MLP's three weights, for the routed kernels to run as more slots, where that saves
+        launches: a decode step's few tokens (at most ``FOLD_SHARED_MAX_TOKENS``), plain (not FP8) weights of
+        the routed experts' dtype and a width that is a multiple of theirs. Prefill keeps the shared MLP on
+        its own dense GEMMs."""
+        s, ex = self.shared_experts, self.experts
+        if tokens > FOLD_SHARED_MAX_TOKENS or not all(isinstance(m, nn.Linear) for m in
+                                                       (s.gate_proj, s.up_proj, s.down_proj)):
+            return None
+        w = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        if any(t.dtype != ex.gate_proj.dtype for t in w) or w[0].shape[0] % ex.gate_proj.shape[1]:
+            return None
+        return w
 
     def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         ex = self.experts

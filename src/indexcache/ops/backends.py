@@ -12,8 +12,9 @@ same signature in both backends:
   per-row threshold as (values, keys, count), for the fused indexer + top-k (the logits never written whole)
 * ``moe_router(x [N,D], weight [E,D], bias [E], k, n_group, topk_group, norm_topk_prob, scale)``: the MoE
   router's (weights [N,k] fp32, experts [N,k])
-* ``moe_experts(x [N,D], w_gate [E,I,D], w_up [E,I,D], w_down [E,D,I], idx [N,k], weights [N,k])`` (MoE),
-  and ``moe_experts_fp8(x, experts {part: e4m3 [E,...], part_scale_inv: [E,.../128]}, idx, weights, scale_fmt)``
+* ``moe_experts(x [N,D], w_gate [E,I,D], w_up [E,I,D], w_down [E,D,I], idx [N,k], weights [N,k], shared=None)``
+  (MoE; ``shared`` = the shared MLP's three weights, folded in as more slots), and
+  ``moe_experts_fp8(x, experts {part: e4m3 [E,...], part_scale_inv: [E,.../128]}, idx, weights, scale_fmt)``
 
 ``torch`` runs the plain-PyTorch references (any device; what every kernel is tested against), ``triton``
 the kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``). The composite :func:`indexcache.ops.indexer.indexer_topk`

@@ -19,45 +19,61 @@ once.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
-from .reference import check_fp8_experts, check_moe_operands
+from .reference import check_fp8_experts, check_moe_operands, shared_blocks
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _tile(TILE_E, TILE_R0, TILE_R1, BM: tl.constexpr):
+    def _tile(TILE_E, TILE_R0, TILE_R1, BM: tl.constexpr, PER_PAIR: tl.constexpr):
         """This program's tile: its expert, its rows of sorted pairs and their mask, and whether it is empty
-        (a program past the last real tile)."""
+        (a program past the last real tile). ``PER_PAIR``: program t is pair t alone and TILE_E the routing
+        itself (a decode step: no table is built)."""
         t = tl.program_id(0)
-        r0 = tl.load(TILE_R0 + t)
-        r1 = tl.load(TILE_R1 + t)
+        if PER_PAIR:
+            r0 = t
+            r1 = t + 1
+        else:
+            r0 = tl.load(TILE_R0 + t).to(tl.int32)
+            r1 = tl.load(TILE_R1 + t).to(tl.int32)
         rows = r0 + tl.arange(0, BM)
         return tl.load(TILE_E + t).to(tl.int64), rows, rows < r1, r0 >= r1
 
     @triton.jit
-    def _gate_up_kernel(X, WG, WU, H, ORDER, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS,
+    def _gate_up_kernel(X, WG, WU, WGS, WUS, H, ORDER, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS, E_ROUTED,
                         s_xn, s_we, s_wi, s_wd, s_hp,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                        SHARED: tl.constexpr, PER_PAIR: tl.constexpr):
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM, PER_PAIR)
         if empty:  # past the last tile
             return
-        tok = tl.load(ORDER + rows, mask=row_ok, other=0) // SLOTS
+        if PER_PAIR:  # the pairs in routing order: row r is pair r
+            tok = rows // SLOTS
+        else:
+            tok = tl.load(ORDER + rows, mask=row_ok, other=0) // SLOTS
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = rn < INTER
         rk = tl.arange(0, BK)
         x_ptr = X + tok[:, None].to(tl.int64) * s_xn + rk[None, :]
-        w_off = e * s_we + rn[None, :].to(tl.int64) * s_wi + rk[:, None] * s_wd  # [BK, BN], expert e in place
+        wg_base = WG + e * s_we  # expert e in place
+        wu_base = WU + e * s_we
+        if SHARED:
+            if e >= E_ROUTED:  # a block of I channels of the shared MLP [S, D], the same row stride
+                wg_base = WGS + (e - E_ROUTED) * INTER * s_wi
+                wu_base = WUS + (e - E_ROUTED) * INTER * s_wi
+        w_off = rn[None, :].to(tl.int64) * s_wi + rk[:, None] * s_wd  # [BK, BN]
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(D, BK)):
             k_left = D - kb * BK
             a = tl.load(x_ptr, mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
             w_ok = n_ok[None, :] & (rk[:, None] < k_left)
-            wg = tl.load(WG + w_off, mask=w_ok, other=0.0)
-            wu = tl.load(WU + w_off, mask=w_ok, other=0.0)
+            wg = tl.load(wg_base + w_off, mask=w_ok, other=0.0)
+            wu = tl.load(wu_base + w_off, mask=w_ok, other=0.0)
             if IEEE:
                 acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
                 acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
@@ -71,30 +87,42 @@ if HAVE_TRITON:
                  mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _down_kernel(H, WD, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER,
-                     s_hp, s_we, s_wo, s_wi, s_op,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+    def _down_kernel(H, WD, WDS, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS, K_ROUTED, E_ROUTED,
+                     s_hp, s_we, s_wo, s_wi, s_wso, s_op,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                     SHARED: tl.constexpr, PER_PAIR: tl.constexpr):
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM, PER_PAIR)
         if empty:  # past the last tile
             return
-        pair = tl.load(ORDER + rows, mask=row_ok, other=0)
+        if PER_PAIR:
+            pair = rows
+        else:
+            pair = tl.load(ORDER + rows, mask=row_ok, other=0)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = rn < D
         rk = tl.arange(0, BK)
         h_ptr = H + rows[:, None].to(tl.int64) * s_hp + rk[None, :]
-        w_off = e * s_we + rn[None, :].to(tl.int64) * s_wo + rk[:, None] * s_wi  # [BK, BN]
+        wd_base = WD + e * s_we
+        w_off = rn[None, :].to(tl.int64) * s_wo + rk[:, None] * s_wi  # [BK, BN]
+        if SHARED:
+            if e >= E_ROUTED:  # columns [jI, (j+1)I) of the shared down projection [D, S]
+                wd_base = WDS + (e - E_ROUTED) * INTER * s_wi
+                w_off = rn[None, :].to(tl.int64) * s_wso + rk[:, None] * s_wi
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, tl.cdiv(INTER, BK)):
             k_left = INTER - kb * BK
             a = tl.load(h_ptr, mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
-            w = tl.load(WD + w_off, mask=n_ok[None, :] & (rk[:, None] < k_left), other=0.0)
+            w = tl.load(wd_base + w_off, mask=n_ok[None, :] & (rk[:, None] < k_left), other=0.0)
             if IEEE:
                 acc = tl.dot(a, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w, acc)
             h_ptr += BK
             w_off += BK * s_wi
-        rw = tl.load(RW + pair, mask=row_ok, other=0.0)
+        # the routing weight of (token, slot) = pair's place in [N, SLOTS]; the shared slots (>= K_ROUTED) weigh 1
+        tok = pair // SLOTS
+        slot = pair - tok * SLOTS
+        rw = tl.load(RW + tok * K_ROUTED + slot, mask=row_ok & (slot < K_ROUTED), other=1.0)
         y = acc * rw[:, None]
         tl.store(OUT + pair[:, None].to(tl.int64) * s_op + rn[None, :], y.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
@@ -109,7 +137,7 @@ if HAVE_TRITON:
         # block-FP8: x in e4m3 with one scale per token and 128 channels, each expert's weights in e4m3 with
         # one scale per 128 x 128 block; K is walked in the blocks' steps (BK = 128), and each step's product
         # takes its row and column scales before it joins the fp32 accumulator
-        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM, False)
         if empty:  # past the last tile
             return
         tok = (tl.load(ORDER + rows, mask=row_ok, other=0) // SLOTS).to(tl.int64)
@@ -140,7 +168,7 @@ if HAVE_TRITON:
     def _down_fp8_kernel(HQ, HS, WD, WDS, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER,
                          s_hp, s_hsp, s_we, s_wo, s_wse, s_wso, s_op,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM)
+        e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM, False)
         if empty:  # past the last tile
             return
         pair = tl.load(ORDER + rows, mask=row_ok, other=0)
@@ -172,7 +200,8 @@ def tile_table(idx: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.T
     ``n_experts`` only; tiles past the last real one have first row = end row. Up to ``PER_PAIR_TILES``
     pairs, each pair is its own tile in routing order: the table is then the routing itself, three
     operators instead of about twenty for the sort, a decode step's fixed cost; an expert two pairs chose
-    is read twice, the second time mostly from L2."""
+    is read twice, the second time mostly from L2. (:func:`moe_experts` builds no table at all then: its
+    kernels take the routing itself, ``PER_PAIR``.)"""
     flat = idx.reshape(-1)
     P = flat.numel()
     if P <= PER_PAIR_TILES:
@@ -236,43 +265,63 @@ def moe_experts(  # the signature twin of reference.moe_experts (one API, two im
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[N, k, D]`` in x's dtype (the signature of :func:`.reference.moe_experts`): x [N, D] and the
-    stacked weights in bf16, fp16 or fp32, idx [N, k] integer experts, weights [N, k] routing weights.
+    stacked weights in bf16, fp16 or fp32, idx [N, k] integer experts, weights [N, k] routing weights;
+    ``shared`` adds the shared MLP's ``S / I`` blocks as slots after the routed ones (``[N, k + S / I, D]``):
+    each block is one more expert of the tile table, its weights read in place from the shared tensors.
     The other arguments tune the kernels: all None picks :func:`default_tiles`; otherwise the ones left None
     are 64 x 64 tiles of :func:`_block_m` rows, 4 warps, 3 stages."""
     require_triton()
     check_moe_operands(x, w_gate, w_up, w_down, idx, weights)
+    blocks = shared_blocks(w_gate, shared)
     N, D = x.shape
     E, inter, _ = w_gate.shape
+    k_routed = idx.shape[1]
+    rw = weights.float().reshape(-1).contiguous()  # [N, k_routed]: the down kernel weighs the shared slots 1
+    if blocks:  # block j of the shared MLP is expert E + j, chosen by every token
+        sg, su, sd = (t.contiguous() for t in shared)
+        idx = F.pad(idx, (0, blocks), value=E)
+        if blocks > 1:
+            idx[:, k_routed:] += torch.arange(blocks, device=idx.device, dtype=idx.dtype)
+    else:
+        sg, su, sd = w_gate, w_up, w_down  # not read (SHARED is off)
     k = idx.shape[1]
     P = N * k
     out = x.new_empty(N, k, D)
     if P == 0:
         return out
+    n_experts = E + blocks
     if all(v is None for v in (block_m, block_n, block_k, num_warps, num_stages)):
-        block_m, block_n, block_k, num_warps, num_stages = default_tiles(P, E)
+        block_m, block_n, block_k, num_warps, num_stages = default_tiles(P, n_experts)
     block_n, block_k, num_warps, num_stages = block_n or 64, block_k or 64, num_warps or 4, num_stages or 3
     if interpreted():  # small tiles: the interpreter is slow and its shapes are small
         block_n, block_k = min(block_n, 32), min(block_k, 32)
-    bm = block_m or _block_m(P, E)
-    order, tile_e, r0, r1 = tile_table(idx, E, bm)
+    bm = block_m or _block_m(P, n_experts)
+    per_pair = P <= PER_PAIR_TILES
+    if per_pair:  # program t is pair t: the kernels read the routing itself, no table is built
+        flat_idx = idx.reshape(-1)
+        order = tile_e = r0 = r1 = flat_idx
+    else:
+        order, tile_e, r0, r1 = tile_table(idx, n_experts, bm)
     x = x.contiguous()
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
-    rw = weights.float().reshape(-1).contiguous()
     h = x.new_empty(P, inter)  # per sorted pair, rounded to x's dtype as the reference's F.linear output is
     ieee = x.dtype == torch.float32 and not interpreted()
     tiles = tile_e.numel()
     LAST_COMPILED["moe_gate_up"] = _gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
-        x, w_gate, w_up, h, order, tile_e, r0, r1, D, inter, k,
+        x, w_gate, w_up, sg, su, h, order, tile_e, r0, r1, D, inter, k, E,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0),
-        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, SHARED=blocks > 0, PER_PAIR=per_pair, num_warps=num_warps,
+        num_stages=num_stages,
     )
     flat_out = out.view(P, D)
     LAST_COMPILED["moe_down"] = _down_kernel[(tiles, triton.cdiv(D, block_n))](
-        h, w_down, flat_out, order, rw, tile_e, r0, r1, D, inter,
-        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), flat_out.stride(0),
-        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        h, w_down, sd, flat_out, order, rw, tile_e, r0, r1, D, inter, k, k_routed, E,
+        h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), sd.stride(0), flat_out.stride(0),
+        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, SHARED=blocks > 0, PER_PAIR=per_pair, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

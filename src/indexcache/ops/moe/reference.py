@@ -6,6 +6,12 @@ returns ``[N, k, D]`` in x's dtype: for every (token n, slot s), ``weights[n, s]
 ``idx[n, s]``'s SwiGLU MLP of ``x[n]``, ``W_down (silu(W_gate x) * (W_up x))``. The slots are returned
 apart, so the caller sums them in a fixed order (deterministic on every device, no atomics).
 
+``shared=(w_gate [S, D], w_up [S, D], w_down [D, S])`` folds the layer's shared experts in, with S a
+multiple of I: their MLP, cut into ``S / I`` blocks of I intermediate channels (block j: gate and up rows
+``[jI, (j+1)I)``, down columns the same), adds one slot per block after the routed ones, weight 1, so the
+slots' sum is the routed experts plus the shared MLP. A decode step then runs its shared MLP inside the
+routed kernels, not as five more launches.
+
 ``moe_experts_fp8`` is the same over block-FP8 experts (DeepSeek's checkpoints): every expert's
 ``gate_proj``, ``up_proj`` and ``down_proj`` in e4m3 with one fp32 scale per 128 x 128 block
 (``{part}_scale_inv``), each applied as an FP8 linear layer (activations quantised per token and 128
@@ -37,17 +43,43 @@ def check_moe_operands(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
                          f"[{x.shape[0]}, k]")
 
 
+def shared_blocks(w_gate: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> int:
+    """How many slots ``shared`` adds (its intermediate width over the routed experts' I; 0 for None),
+    after one-line checks of its shapes and dtype."""
+    if shared is None:
+        return 0
+    E, inter, D = w_gate.shape
+    if len(shared) != 3:
+        raise ValueError("shared experts are (w_gate [S, D], w_up [S, D], w_down [D, S])")
+    sg, su, sd = shared
+    S = sg.shape[0] if sg.dim() == 2 else -1
+    if S <= 0 or S % inter or sg.shape[1] != D or tuple(su.shape) != (S, D) or tuple(sd.shape) != (D, S):
+        raise ValueError(f"shared experts {tuple(sg.shape)}, {tuple(su.shape)}, {tuple(sd.shape)} do not fit the "
+                         f"routed experts' hidden {D} and width {inter} (gate/up [S, D], down [D, S], S a multiple "
+                         f"of {inter})")
+    if {sg.dtype, su.dtype, sd.dtype} != {w_gate.dtype}:
+        raise ValueError(f"shared experts in {sg.dtype}, routed experts in {w_gate.dtype}: give both one dtype")
+    return S // inter
+
+
 def moe_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                idx: torch.Tensor, weights: torch.Tensor,
+                shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Each chosen expert once on the tokens that chose it (F.linear in x's dtype), times the routing
-    weight; ``[N, k, D]`` in x's dtype."""
+    weight; ``[N, k, D]`` in x's dtype, or ``[N, k + S / I, D]`` with the shared experts' blocks after."""
     check_moe_operands(x, w_gate, w_up, w_down, idx, weights)
-    routed = x.new_zeros(*idx.shape, x.shape[-1])
+    blocks = shared_blocks(w_gate, shared)
+    k, inter = idx.shape[1], w_gate.shape[1]
+    routed = x.new_zeros(idx.shape[0], k + blocks, x.shape[-1])
     for e in idx.unique().tolist():
         tok, slot = torch.where(idx == e)
         xs = x[tok]
         h = F.silu(F.linear(xs, w_gate[e])) * F.linear(xs, w_up[e])
         routed[tok, slot] = (F.linear(h, w_down[e]) * weights[tok, slot, None]).to(x.dtype)
+    for j in range(blocks):
+        cols = slice(j * inter, (j + 1) * inter)
+        sg, su, sd = shared[0][cols], shared[1][cols], shared[2][:, cols]
+        routed[:, k + j] = F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
     return routed
 
 
