@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from study_report import add_intervals, plot_tasks, sample_scores, table  # noqa: E402
+from study_report import add_intervals, paired_with, plot_tasks, sample_scores, table  # noqa: E402
 
 STUDY = ROOT / "results" / "study-long"
 FAMILIES = ["niah_single", "passkey"]
@@ -142,19 +142,6 @@ AWARE_VARIANTS = {"full": ("all Full, the same training", "1"), "aware-h2": ("tr
                   "ablate-h2": ("training-aware w/o cross-layer loss", "1/2")}
 
 
-def _paired_with(mine: dict, base: dict | None) -> dict | None:
-    """``mine``'s average minus ``base``'s (both family -> [(score, identity)]) over the same prompts, x100;
-    None where there is no base or the prompts differ."""
-    from indexcache.intervals import paired_difference
-
-    if base is None or set(base) != set(mine) or any([i for _, i in base[f]] != [i for _, i in mine[f]]
-                                                     for f in base):
-        return None
-    d = paired_difference({f: [x for x, _ in v] for f, v in mine.items()},
-                          {f: [x for x, _ in v] for f, v in base.items()})
-    return {"average": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]], "within_noise": d["within_noise"]}
-
-
 def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROOT) -> list[dict]:
     """The training-aware rows: one per variant, training seed and length (``aware/VARIANT-sSEED/``: the
     evaluations and the training summary), then per variant and length the mean over its seeds (each prompt's
@@ -183,7 +170,7 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
                        "pattern": r["pattern"], "length": r["length"], "ppl": r["ppl"], "ppl_ci95": r["ppl_ci95"],
                        "tasks": r["tasks"], "average": r["average"],
                        "average_ci95": [100 * x for x in average_ci({k: [x for x, _ in v] for k, v in mine.items()})],
-                       "minus_all_full": _paired_with(mine, base.get(r["length"])),
+                       "minus_all_full": paired_with(mine, base.get(r["length"])),
                        "train": {k: train.get(k) for k in ("steps", "tokens", "seconds", "pattern", "cross_layer")},
                        "file": str(e.relative_to(root)) if e.is_relative_to(root) else str(e),
                        "command": rep["command"]}
@@ -193,7 +180,7 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
         control = runs.get(("full", length), {})
         for seed, (row, mine) in seeds.items():
             if variant != "full":
-                row["minus_control"] = _paired_with(mine, control[seed][1] if seed in control else None)
+                row["minus_control"] = paired_with(mine, control[seed][1] if seed in control else None)
     for (variant, length), seeds in sorted(runs.items()):
         if len(seeds) < 2:
             continue
@@ -206,10 +193,10 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
                "average": 100 * sum(sum(x for x, _ in v) / len(v) for v in mean.values()) / len(mean),
                "tasks": {k: 100 * sum(x for x, _ in v) / len(v) for k, v in mean.items()},
                "average_ci95": [100 * x for x in average_ci({k: [x for x, _ in v] for k, v in mean.items()})],
-               "minus_all_full": _paired_with(mean, base.get(length))}
+               "minus_all_full": paired_with(mean, base.get(length))}
         control = runs.get(("full", length), {})
         if variant != "full" and set(seeds) <= set(control):
-            row["minus_control"] = _paired_with(mean, _seed_mean([control[s][1] for s in seeds]))
+            row["minus_control"] = paired_with(mean, _seed_mean([control[s][1] for s in seeds]))
         out.append(row)
     out.sort(key=lambda r: (r["length"], list(AWARE_VARIANTS).index(r["variant"]), str(r["seed"])))
     return out

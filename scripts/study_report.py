@@ -55,10 +55,24 @@ def sample_scores(rep: dict, pattern: str, length: int) -> dict[str, list[tuple[
     return out
 
 
+def paired_with(mine: dict, base: dict | None) -> dict | None:
+    """``mine``'s task average minus ``base``'s (both family -> [(score, identity)], as :func:`sample_scores`
+    gives them) over the same prompts, x100, with its 95% interval; None where there is no base or the two
+    did not score the same prompts in the same order."""
+    from indexcache.intervals import paired_difference
+
+    if base is None or set(base) != set(mine) or any([i for _, i in base[f]] != [i for _, i in mine[f]]
+                                                     for f in base):
+        return None
+    d = paired_difference({f: [x for x, _ in v] for f, v in mine.items()},
+                          {f: [x for x, _ in v] for f, v in base.items()})
+    return {"average": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]], "within_noise": d["within_noise"]}
+
+
 def add_intervals(rows: list[dict], scores: dict[int, dict]) -> None:
     """Each row's task average with its 95% bootstrap interval over the samples, and its paired difference
     from the bundled model's all-Full row at the same length (where both scored the same prompts)."""
-    from indexcache.intervals import average_ci, paired_difference
+    from indexcache.intervals import average_ci
 
     for r in rows:
         mine = scores[id(r)]
@@ -67,15 +81,8 @@ def add_intervals(rows: list[dict], scores: dict[int, dict]) -> None:
         full = next((q for q in rows if q["length"] == r["length"] and q["method"] == "all Full"), None)
         if full is None or full is r:
             continue
-        base = scores[id(full)]
-        same = set(base) == set(mine) and all([i for _, i in base[f]] == [i for _, i in mine[f]] for f in base)
-        if not same:
-            r["minus_all_full"] = {"note": "not the same prompts as the all-Full run: no paired difference"}
-            continue
-        d = paired_difference({f: [x for x, _ in v] for f, v in mine.items()},
-                              {f: [x for x, _ in v] for f, v in base.items()})
-        r["minus_all_full"] = {"average": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]],
-                               "within_noise": d["within_noise"]}
+        r["minus_all_full"] = paired_with(mine, scores[id(full)]) or {
+            "note": "not the same prompts as the all-Full run: no paired difference"}
 
 
 def gather() -> list[dict]:
