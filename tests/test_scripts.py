@@ -348,5 +348,10 @@ def test_eval_cost_times_each_phase_of_an_eval_prompt(tmp_path):
     rep = json.loads(out.read_text())["by_dtype"]["float32"]
     prompts = [r for r in rep["rows"] if "prefill_s" in r]
     assert [r["family"] for r in prompts] == ["niah_single", "passkey"]
-    assert all(0 < r["prefill_s"] <= r["generate_s"] and r["new_tokens"] >= 1 for r in prompts)
+    # two separate timings: their order is not asserted (on a loaded CPU the prefill alone can take longer
+    # than the generation that repeats it); the per-step decode time is derived from them as documented
+    assert all(r["prefill_s"] > 0 and r["generate_s"] > 0 and r["new_tokens"] >= 1 for r in prompts)
+    for r in prompts:
+        steps = max(r["new_tokens"] - 1, 1)
+        assert r["decode_ms_per_step"] == pytest.approx(1e3 * max(r["generate_s"] - r["prefill_s"], 0.0) / steps)
     assert [r["length"] for r in rep["rows"] if "ppl_window_s" in r] == [512] and "Name" in rep["profile"]
