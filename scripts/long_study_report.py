@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from study_report import add_intervals, paired_with, plot_tasks, sample_scores, table  # noqa: E402
+from study_report import add_intervals, average_ci95, paired_with, plot_tasks, same_prompts, sample_scores, table  # noqa: E402
 
 STUDY = ROOT / "results" / "study-long"
 FAMILIES = ["niah_single", "passkey"]
@@ -112,7 +112,7 @@ def unfinished_rows(rows: list[dict], progress: Path = STUDY / "progress-32k", r
                        "ppl": math.exp(sum(losses) / len(losses)) if losses else None,
                        "file": str(f.relative_to(root)) if f.is_relative_to(root) else str(f)}
                 ref = theirs.get(family, [])
-                if [i for _, i in ref] == [i for _, i in mine]:  # the same prompts, in the same order
+                if same_prompts({family: ref}, {family: mine}):
                     d = paired_difference({family: scores}, {family: [x for x, _ in ref]})
                     row["minus_all_full"] = {"score": 100 * d["difference"], "ci95": [100 * x for x in d["ci95"]],
                                              "within_noise": d["within_noise"]}
@@ -149,8 +149,6 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
     which the per-seed rows show). Each is paired with the bundled model's all-Full row at the length
     (``minus_all_full``) and with the all-Full model given the same training and seed (``minus_control``;
     for the mean, the control's mean over the same seeds)."""
-    from indexcache.intervals import average_ci
-
     full = {r["length"]: r for r in rows if r["method"] == "all Full"}
     base = {n: sample_scores(json.loads((root / r["file"]).read_text()), r["pattern"], n) for n, r in full.items()}
     runs: dict[tuple[str, int], dict[int, tuple[dict, dict]]] = {}  # (variant, length) -> seed -> (row, scores)
@@ -169,7 +167,7 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
                 row = {"variant": variant, "seed": int(seed), "method": method, "retention": kept,
                        "pattern": r["pattern"], "length": r["length"], "ppl": r["ppl"], "ppl_ci95": r["ppl_ci95"],
                        "tasks": r["tasks"], "average": r["average"],
-                       "average_ci95": [100 * x for x in average_ci({k: [x for x, _ in v] for k, v in mine.items()})],
+                       "average_ci95": average_ci95(mine),
                        "minus_all_full": paired_with(mine, base.get(r["length"])),
                        "train": {k: train.get(k) for k in ("steps", "tokens", "seconds", "pattern", "cross_layer")},
                        "file": str(e.relative_to(root)) if e.is_relative_to(root) else str(e),
@@ -192,7 +190,7 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
                "ppl": sum(r["ppl"]["wikitext"] for r, _ in seeds.values()) / len(seeds),
                "average": 100 * sum(sum(x for x, _ in v) / len(v) for v in mean.values()) / len(mean),
                "tasks": {k: 100 * sum(x for x, _ in v) / len(v) for k, v in mean.items()},
-               "average_ci95": [100 * x for x in average_ci({k: [x for x, _ in v] for k, v in mean.items()})],
+               "average_ci95": average_ci95(mean),
                "minus_all_full": paired_with(mean, base.get(length))}
         control = runs.get(("full", length), {})
         if variant != "full" and set(seeds) <= set(control):
@@ -205,8 +203,7 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
 def _seed_mean(runs: list[dict]) -> dict | None:
     """Each prompt's score averaged over several runs that scored the same prompts (None if they did not)."""
     first = runs[0]
-    if any(set(m) != set(first) or any([i for _, i in m[f]] != [i for _, i in first[f]] for f in first)
-           for m in runs):
+    if not all(same_prompts(m, first) for m in runs):
         return None
     return {f: [(sum(m[f][j][0] for m in runs) / len(runs), first[f][j][1]) for j in range(len(first[f]))]
             for f in first}
@@ -224,7 +221,7 @@ def aware_table(extra: list[dict]) -> str:
              "[95% CI] | vs bundled all Full (paired 95% CI) | vs all Full, same training (paired 95% CI) |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in extra:
-        ppl = r["ppl"]["wikitext"] if isinstance(r["ppl"], dict) else r["ppl"]
+        ppl = r["ppl"]["wikitext"] if isinstance(r["ppl"], dict) else r["ppl"]  # a seeds' mean: the mean
         seed = "mean of " + ", ".join(map(str, r["seeds"])) if r["seed"] == "mean" else r["seed"]
         t = r["tasks"]
         lines.append(f"| {r['length']} | {r['method']} | {r['retention']} | `{r['pattern']}` | {seed} | {ppl:.1f} | "

@@ -55,14 +55,25 @@ def sample_scores(rep: dict, pattern: str, length: int) -> dict[str, list[tuple[
     return out
 
 
+def same_prompts(a: dict, b: dict) -> bool:
+    """Whether two :func:`sample_scores` results scored the same prompts of the same families, in order."""
+    return set(a) == set(b) and all([i for _, i in a[f]] == [i for _, i in b[f]] for f in a)
+
+
+def average_ci95(scores: dict) -> list[float]:
+    """The task average's 95% bootstrap interval (x100) of a :func:`sample_scores` result."""
+    from indexcache.intervals import average_ci
+
+    return [100 * x for x in average_ci({f: [x for x, _ in v] for f, v in scores.items()})]
+
+
 def paired_with(mine: dict, base: dict | None) -> dict | None:
     """``mine``'s task average minus ``base``'s (both family -> [(score, identity)], as :func:`sample_scores`
     gives them) over the same prompts, x100, with its 95% interval; None where there is no base or the two
     did not score the same prompts in the same order."""
     from indexcache.intervals import paired_difference
 
-    if base is None or set(base) != set(mine) or any([i for _, i in base[f]] != [i for _, i in mine[f]]
-                                                     for f in base):
+    if base is None or not same_prompts(mine, base):
         return None
     d = paired_difference({f: [x for x, _ in v] for f, v in mine.items()},
                           {f: [x for x, _ in v] for f, v in base.items()})
@@ -72,12 +83,10 @@ def paired_with(mine: dict, base: dict | None) -> dict | None:
 def add_intervals(rows: list[dict], scores: dict[int, dict]) -> None:
     """Each row's task average with its 95% bootstrap interval over the samples, and its paired difference
     from the bundled model's all-Full row at the same length (where both scored the same prompts)."""
-    from indexcache.intervals import average_ci
-
     for r in rows:
         mine = scores[id(r)]
         r["samples_per_family"] = sorted({len(v) for v in mine.values()})
-        r["average_ci95"] = [100 * x for x in average_ci({f: [x for x, _ in v] for f, v in mine.items()})]
+        r["average_ci95"] = average_ci95(mine)
         full = next((q for q in rows if q["length"] == r["length"] and q["method"] == "all Full"), None)
         if full is None or full is r:
             continue
