@@ -14,7 +14,8 @@
 #   ablate-h2    uniform 1/2 without the cross-layer loss (each indexer distilled on its own layer)
 # STEPS=N (default 20, 8.4 s a step on an H200) and MINUTES (default 6: the step stops there with its weights
 # in runs/NAME/partial_model, and the same call on the same machine continues it with --resume) bound the
-# training; UNTIL=s (default 570) stops the evaluations that many seconds after the script started. The run
+# training; UNTIL=s (default 570) stops the evaluations that many seconds after the script started, and
+# LENGTHS="4096 16384 32768" adds 32K (read with YaRN x2, as long_study.sh reads past 16K). The run
 # directory (model, losses, summary) is packed into <=15 MB parts under PACK (default runs/packs: weights are
 # not results). DRY_RUN=1 prints the training and evaluation commands and runs nothing (the tests parse them).
 set -euo pipefail
@@ -45,7 +46,7 @@ bash scripts/train_stage.sh "$pack" "$name$tokens" "$args"
 model=runs/$name/model
 [ -n "${DRY_RUN:-}" ] || [ -d "$model" ] || model=runs/$name/partial_model
 [ -n "${DRY_RUN:-}" ] || cp "runs/$name/summary.json" "$OUT/$variant-s$seed/train-summary.json" 2>/dev/null || true
-for length in 4096 16384; do  # the evaluations share what is left of UNTIL (default 570 s) after training
+for length in ${LENGTHS:-4096 16384}; do  # the evaluations share what is left of UNTIL (default 570 s) after training
   left=$(( ${UNTIL:-570} - SECONDS ))
   (( left > 0 )) || { echo "no time left to evaluate $name at $length tokens" >&2; continue; }
   MODEL=$model OUT=$OUT/$variant-s$seed UNTIL=$left bash scripts/long_study.sh "$length" "$pattern"

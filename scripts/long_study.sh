@@ -24,7 +24,9 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if (( length > 16384 )); then
   (( length % 16384 == 0 )) || { echo "past 16384 tokens LENGTH must be a multiple of 16384 (YaRN factor)" >&2; exit 2; }
   factor=$(( length / 16384 ))
-  ext=runs/yarn$factor-$(basename "$model")
+  name=$(basename "$model")  # a training run's model/ or partial_model/ is named by its run: one read per model
+  [[ $name == model || $name == partial_model ]] && name=$(basename "$(dirname "$model")")-$name
+  ext=runs/yarn$factor-$name
   if [ -z "${DRY_RUN:-}" ] && [ ! -d "$ext" ]; then
     mkdir -p runs && python3 scripts/rope_extend.py "$model" "$ext" --factor "$factor" --original 16384
   fi

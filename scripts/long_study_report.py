@@ -149,8 +149,7 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
     which the per-seed rows show). Each is paired with the bundled model's all-Full row at the length
     (``minus_all_full``) and with the all-Full model given the same training and seed (``minus_control``;
     for the mean, the control's mean over the same seeds)."""
-    full = {r["length"]: r for r in rows if r["method"] == "all Full"}
-    base = {n: sample_scores(json.loads((root / r["file"]).read_text()), r["pattern"], n) for n, r in full.items()}
+    base = _all_full_scores(rows, root)
     runs: dict[tuple[str, int], dict[int, tuple[dict, dict]]] = {}  # (variant, length) -> seed -> (row, scores)
     out = []
     for d in sorted(p for p in aware.glob("*-s*") if p.is_dir()):
@@ -198,6 +197,12 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
         out.append(row)
     out.sort(key=lambda r: (r["length"], list(AWARE_VARIANTS).index(r["variant"]), str(r["seed"])))
     return out
+
+
+def _all_full_scores(rows: list[dict], root: Path = ROOT) -> dict[int, dict]:
+    """length -> the bundled all-Full row's per-prompt scores, which every other row is paired with."""
+    full = {r["length"]: r for r in rows if r["method"] == "all Full"}
+    return {n: sample_scores(json.loads((root / r["file"]).read_text()), r["pattern"], n) for n, r in full.items()}
 
 
 def _seed_mean(runs: list[dict]) -> dict | None:
@@ -290,6 +295,95 @@ def plot_aware(rows: list[dict], trained: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def stability_rows(rows: list[dict], study: Path = STUDY, root: Path = ROOT) -> list[dict]:
+    """The 16K-calibration searches' picks across sample seeds (``stability-16k/stability.json`` from
+    scripts/pick_stability.py): one row per recipe, retention, pattern and
+    length, with the seeds that picked it, its held-out loss minus all Full (the stability run's 16 windows)
+    and, where it was evaluated (a row of the main table, or ``stability-16k/evals/eval-long-LENGTH-P.json``),
+    its task average with its interval and its paired difference from all Full at that length. A pattern not
+    evaluated at a length has no row there."""
+    f = study / "stability-16k" / "stability.json"
+    if not f.exists():
+        return []
+    table = json.loads(f.read_text())
+    runs = table["runs"]
+    loss = {r["pattern"]: r for r in table["heldout"]["losses"]["results"]}
+    base = _all_full_scores(rows, root)
+    evals: dict[tuple[str, int], tuple[dict, Path]] = {}  # (pattern, length) -> (result, its report)
+    for r in rows:
+        evals.setdefault((r["pattern"], r["length"]), (r, root / r["file"]))
+    for e in sorted((study / "stability-16k" / "evals").glob("eval-long-*.json")):
+        for r in json.loads(e.read_text())["results"]:
+            evals[r["pattern"], r["length"]] = (r, e)
+    out = []
+    for recipe in dict.fromkeys(x["recipe"] for x in runs):
+        mine = sorted((x for x in runs if x["recipe"] == recipe), key=lambda x: x["seed"])
+        for key, kept in (("half", "1/2"), ("target", "1/4")):
+            for pattern in dict.fromkeys(x[key] for x in mine if x[key]):
+                seeds = [x["seed"] for x in mine if x[key] == pattern]
+                held = loss.get(pattern)
+                for length in sorted(base):
+                    if (pattern, length) not in evals:
+                        continue
+                    r, e = evals[pattern, length]
+                    scores = sample_scores(json.loads(e.read_text()), pattern, length)
+                    file = str(e.relative_to(root)) if e.is_relative_to(root) else str(e)
+                    out.append({"recipe": recipe, "retention": kept, "pattern": pattern, "seeds": seeds,
+                                "of": len(mine), "length": length,
+                                "heldout_minus_all_full": held and held["minus_all_full"],
+                                "heldout_minus_all_full_ci95": held and held["minus_all_full_ci95"],
+                                "tasks": r["tasks"], "average": r["average"], "average_ci95": average_ci95(scores),
+                                "minus_all_full": paired_with(scores, base.get(length)), "file": file})
+    for bench in (study / "speed.json", study / "stability-16k" / "speed.json"):  # the later file's rows win
+        if bench.exists():
+            add_speed(out, json.loads(bench.read_text()))
+    return out
+
+
+def stability_table(extra: list[dict]) -> str:
+    """Markdown for :func:`stability_rows`."""
+    lines = ["| recipe | kept | pattern | picked by seeds | held-out loss minus all Full [95% CI] | length | "
+             "niah_single | passkey | avg [95% CI] | vs all Full (paired 95% CI) | prefill / decode b1 speedup |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in extra:
+        d = r["minus_all_full"]
+        diff = (f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+                + (" (noise)" if d["within_noise"] else "")) if d else ""
+        held = (f"{r['heldout_minus_all_full']:+.4f} [{r['heldout_minus_all_full_ci95'][0]:+.4f}, "
+                f"{r['heldout_minus_all_full_ci95'][1]:+.4f}]") if r["heldout_minus_all_full"] is not None else ""
+        t = r["tasks"]
+        lines.append(f"| {r['recipe']} | {r['retention']} | `{r['pattern']}` | {len(r['seeds'])} of {r['of']} "
+                     f"({', '.join(map(str, r['seeds']))}) | {held} | {r['length']} | {t['niah_single']:.1f} | "
+                     f"{t['passkey']:.1f} | {r['average']:.1f} [{r['average_ci95'][0]:.1f}, "
+                     f"{r['average_ci95'][1]:.1f}] | {diff} | {_speed_cell(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _speed_cell(r: dict) -> str:
+    """``1.60x / 1.45x (H200)``: a row's engine speedups and the GPU they were timed on."""
+    if "speed" not in r:
+        return ""
+    gpu = (r["speed"].get("gpu") or "").replace("NVIDIA ", "").split()[0]
+    return f"{r['speed']['prefill_speedup']:.2f}x / {r['speed']['decode_b1_speedup']:.2f}x ({gpu})"
+
+
+def stability_unfinished(rows: list[dict], picks: list[dict], study: Path = STUDY, root: Path = ROOT) -> list[dict]:
+    """The 16K picks' evaluations stopped before their end (``stability-16k/progress-32k/``): the families they
+    finished (:func:`unfinished_rows`), named by the recipe and seeds that picked the pattern."""
+    extra = unfinished_rows(rows, study / "stability-16k" / "progress-32k", root)
+    f = study / "stability-16k" / "stability.json"
+    runs = json.loads(f.read_text())["runs"] if f.exists() else []
+    for r in extra:
+        r["methods"] = []
+        for recipe in dict.fromkeys(y["recipe"] for y in runs):
+            for key, kept in (("half", "1/2"), ("target", "1/4")):
+                seeds = [str(y["seed"]) for y in runs if y["recipe"] == recipe and y[key] == r["pattern"]]
+                if seeds:
+                    word = "seeds" if len(seeds) > 1 else "seed"
+                    r["methods"].append((f"greedy ({recipe}, 16K, {word} {', '.join(seeds)})", kept))
+    return extra
+
+
 def add_speed(rows: list[dict], bench: dict) -> None:
     """Each row's engine speedups over all Full from an ``indexcache bench e2e --model`` report, matched by
     pattern and context length (``speed`` stays absent where the bench did not time the row)."""
@@ -326,8 +420,21 @@ def main() -> None:
                "model trained 20 more steps at 16384 tokens, 2.6M tokens, for each variant's pattern; the same 50 "
                "prompts per family as the rows above; a seeds' mean averages each prompt over the seeds, so its "
                "interval is over prompts, not seeds)\n\n" + aware_table(trained))
+    picks = stability_rows(rows)
+    if picks:
+        md += ("\n**How stable is a 16K search's pick** (`stability-16k/`, scripts/pick_stability.py: the greedy "
+               "search on 4 x 16384 tokens with calibration sample seeds 0, 1 and 2, per recipe; the held-out loss "
+               "on 16 x 16384 tokens of the trainer's held-out books; the tasks on the same 50 prompts per family "
+               "as the rows above; speedups from `speed.json` (H200) or `stability-16k/speed.json` (H100), each "
+               "over all Full on the same GPU)\n\n" + stability_table(picks))
+        late = stability_unfinished(rows, picks)
+        if late:
+            md += ("\n**The 16K picks at 32K, evaluations not finished** (`stability-16k/progress-32k/`, resumable "
+                   "with `--resume`): the families they finished, each with all its samples\n\n"
+                   + unfinished_table(late))
     (STUDY / "study.json").write_text(json.dumps({"rows": rows, "chance": chance, "unfinished": extra,
-                                                  "training_aware": trained}, indent=1) + "\n")
+                                                  "training_aware": trained, "stability": picks,
+                                                  "stability_unfinished": late if picks else []}, indent=1) + "\n")
     (STUDY / "table.md").write_text(md)
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)

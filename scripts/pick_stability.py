@@ -13,7 +13,8 @@ over the held-out windows), and how many of the runs' steps were within noise.
 Long calibration on a GPU: ``--seq-len 16384 --device cuda``.
 
 Writes OUT/stability.json and OUT/README.md; each search's own output stays in OUT/<recipe>/seed<k>/.
-Resumable: a finished search (its report.json) is not run again.
+Resumable: a finished search (its report.json) is not run again. ``--merge A.json B.json`` joins the tables of
+earlier runs (say, one recipe each, scored on the same held-out windows) into OUT's, on the CPU.
 """
 
 from __future__ import annotations
@@ -106,8 +107,14 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--recipes", nargs="+", default=["books", "retrieval"], choices=["books", "retrieval"])
     ap.add_argument("--device", default="cpu", help="where the searches and the scoring run (cuda for long windows)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="STABILITY_JSON",
+                    help="write OUT's table from these earlier stability.json files instead of searching (no GPU)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        tables = [json.loads(f.read_text()) for f in a.merge]
+        write(a.out, merge(tables), a.keep)
+        return
     ic = [sys.executable, "-m", "indexcache.cli"]
     tmp = Path(tempfile.mkdtemp(prefix="stability-"))
     runs = []
@@ -137,13 +144,21 @@ def main() -> None:
     losses = score(a.model, heldout, patterns, device=a.device)
     table = {"about": __doc__.splitlines()[0], "command": " ".join(sys.argv), "runs": runs,
              "heldout": {"windows": a.eval_windows, "seq_len": a.seq_len, "seed": EVAL_SEED, "losses": losses}}
-    (a.out / "stability.json").write_text(json.dumps(table, indent=1) + "\n")
-    lines = [f"# {__doc__.splitlines()[0]}", "", f"`{table['command']}`", "",
-             f"Held-out loss: {a.eval_windows} x {a.seq_len} tokens of the trainer's held-out books "
-             f"(seed {EVAL_SEED}).", ""]
-    for recipe in a.recipes:
+    write(a.out, table, a.keep)
+
+
+def write(out: Path, table: dict, keep: float) -> None:
+    """OUT/stability.json and OUT/README.md (its tables) from one stability table."""
+    runs, held = table["runs"], table["heldout"]
+    losses = held["losses"]
+    (out / "stability.json").write_text(json.dumps(table, indent=1) + "\n")
+    commands = table["command"] if isinstance(table["command"], list) else [table["command"]]
+    lines = [f"# {__doc__.splitlines()[0]}", "", *[f"`{c}`\n" for c in commands],
+             f"Held-out loss: {held['windows']} x {held['seq_len']} tokens of the trainer's held-out books "
+             f"(seed {held['seed']}).", ""]
+    for recipe in dict.fromkeys(x["recipe"] for x in runs):
         mine = [x for x in runs if x["recipe"] == recipe]
-        for key, label in (("half", "1/2"), ("target", f"{a.keep:g}")):
+        for key, label in (("half", "1/2"), ("target", f"{keep:g}")):
             count = Counter(x[key] for x in mine if x[key])
             lines += [f"## {recipe}, {label}", "", "| pattern | picked by seeds | held-out loss (95% interval) "
                       "| minus all Full (95% interval) |", "|---|---|---:|---:|"]
@@ -154,8 +169,29 @@ def main() -> None:
         noisy = [f"seed {x['seed']}: {len(x['steps_within_noise'])} of {x['steps']}" for x in mine]
         lines += [f"Steps within noise ({recipe}): " + "; ".join(noisy), ""]
     lines.append(f"All Full, held-out loss: {_loss(losses, losses['results'][0]['pattern']).split(' |')[0]}")
-    (a.out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def merge(tables: list[dict]) -> dict:
+    """One table from several runs of this script (say, one recipe each) scored on the same held-out windows:
+    their runs and their patterns' losses joined. Refuses tables whose held-out windows or all-Full loss differ,
+    since their differences would then not be paired."""
+    first = tables[0]["heldout"]
+    rows: dict[str, dict] = {}
+    for t in tables:
+        h = t["heldout"]
+        if (h["windows"], h["seq_len"], h["seed"]) != (first["windows"], first["seq_len"], first["seed"]):
+            sys.exit("pick_stability: the tables were scored on different held-out windows; they cannot be merged")
+        if h["losses"]["results"][0] != first["losses"]["results"][0]:
+            sys.exit("pick_stability: the tables' all-Full losses differ (another model?); they cannot be merged")
+        for r in h["losses"]["results"]:
+            rows.setdefault(r["pattern"], r)
+    full, *rest = rows.values()
+    losses = {**first["losses"], "results": [full, *sorted(rest, key=lambda r: r["pattern"])]}
+    commands = [c for t in tables for c in (t["command"] if isinstance(t["command"], list) else [t["command"]])]
+    return {"about": tables[0]["about"], "command": commands, "runs": [x for t in tables for x in t["runs"]],
+            "heldout": {**first, "losses": losses}}
 
 
 def _loss(losses: dict, pattern: str) -> str:

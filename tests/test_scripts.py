@@ -324,6 +324,19 @@ def test_long_aware_trains_each_variant_for_its_pattern_and_scores_that_pattern(
         assert a.out.startswith(f"/nonexistent/out/{variant}-s3/")
 
 
+def test_long_aware_at_32k_reads_each_run_with_its_own_yarn_copy():
+    env = {**os.environ, "DRY_RUN": "1", "OUT": "/nonexistent/out", "LENGTHS": "4096 16384 32768"}
+    models = {}
+    for variant in ("aware-h2", "ablate-h2"):
+        out = subprocess.run(["bash", "scripts/long_aware.sh", variant, "1"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        _, *evals = [build_parser().parse_args(shlex.split(x)) for x in out.splitlines() if x.strip()]
+        assert [a.lengths for a in evals] == [[4096], [16384], [32768]]
+        models[variant] = evals[-1].model
+    # two runs' models are both named model/: each must get its own extended copy, not the first one's
+    assert models == {v: f"runs/yarn2-long-{v}-s1-model" for v in ("aware-h2", "ablate-h2")}
+
+
 def test_long_aware_refuses_an_unknown_variant_or_seed():
     for argv, message in ((["bogus", "0"], "unknown variant bogus"), (["aware-h2", "x"], "SEED must be")):
         r = subprocess.run(["bash", "scripts/long_aware.sh", *argv], cwd=ROOT, capture_output=True, text=True,
@@ -355,3 +368,57 @@ def test_eval_cost_times_each_phase_of_an_eval_prompt(tmp_path):
         steps = max(r["new_tokens"] - 1, 1)
         assert r["decode_ms_per_step"] == pytest.approx(1e3 * max(r["generate_s"] - r["prefill_s"], 0.0) / steps)
     assert [r["length"] for r in rep["rows"] if "ppl_window_s" in r] == [512] and "Name" in rep["profile"]
+
+
+def test_pick_stability_merges_tables_scored_on_the_same_windows_and_refuses_others(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pick_stability import merge, write
+
+    def row(p: str, loss: float) -> dict:
+        return {"pattern": p, "loss": loss, "ci95": [loss - 1, loss + 1], "minus_all_full": loss - 4.0,
+                "minus_all_full_ci95": [loss - 4.1, loss - 3.9]}
+
+    def table(recipe: str, picks: list[str], seed: int = 1000) -> dict:
+        runs = [{"recipe": recipe, "seed": s, "half": p, "target": p, "steps": 3, "steps_within_noise": [4][:s]}
+                for s, p in enumerate(picks)]
+        losses = {"windows": 2, "resamples": 10, "results": [row("FFFF", 4.0)] + [row(p, 4.5) for p in set(picks)]}
+        return {"about": "x", "command": f"pick --recipes {recipe}", "runs": runs,
+                "heldout": {"windows": 2, "seq_len": 64, "seed": seed, "losses": losses}}
+
+    merged = merge([table("books", ["FSFS", "FSFS"]), table("retrieval", ["FFSS", "FSFS"])])
+    assert [x["recipe"] for x in merged["runs"]] == ["books"] * 2 + ["retrieval"] * 2
+    assert [r["pattern"] for r in merged["heldout"]["losses"]["results"]] == ["FFFF", "FFSS", "FSFS"]
+    write(tmp_path, merged, 0.5)
+    md = (tmp_path / "README.md").read_text()
+    assert "| `FSFS` | 2 of 2 (0, 1) |" in md and "## retrieval, 0.5" in md and md.count("`pick --recipes") == 2
+    with pytest.raises(SystemExit, match="different held-out windows"):
+        merge([table("books", ["FSFS"]), table("retrieval", ["FSFS"], seed=7)])
+
+
+def test_long_study_report_scores_each_16k_pick_with_the_seeds_that_picked_it(tmp_path):
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from long_study_report import stability_rows, stability_table
+
+    full, half, quarter = "FFFF", "FFSF", "FSSS"
+    (tmp_path / "full.json").write_text(json.dumps(_eval_report(full, 512, {"niah_single": [1, 1, 1, 0],
+                                                                         "passkey": [1, 0, 1, 0]}, 10.0)))
+    rows = [{"method": "all Full", "length": 512, "pattern": full, "file": "full.json"}]
+    stab = tmp_path / "study" / "stability-16k"
+    (stab / "evals").mkdir(parents=True)
+    (stab / "evals" / f"eval-long-512-{half}.json").write_text(json.dumps(_eval_report(
+        half, 512, {"niah_single": [1, 1, 0, 0], "passkey": [1, 0, 1, 0]}, 11.0)))
+    held = [{"pattern": p, "minus_all_full": d, "minus_all_full_ci95": [d - 0.01, d + 0.01]}
+            for p, d in ((full, 0.0), (half, 0.02), (quarter, 0.1))]
+    runs = [{"recipe": "books", "seed": s, "half": half, "target": quarter} for s in (0, 1)] + \
+        [{"recipe": "retrieval", "seed": 0, "half": half, "target": quarter}]
+    (stab / "stability.json").write_text(json.dumps({"runs": runs, "heldout": {"losses": {"results": held}}}))
+    out = stability_rows(rows, tmp_path / "study", tmp_path)
+    # the 1/2 pick was evaluated, the 1/4 pick was not: one row per recipe, none for the unevaluated pattern
+    assert [(r["recipe"], r["retention"], r["seeds"], r["of"]) for r in out] == [("books", "1/2", [0, 1], 2),
+                                                                                ("retrieval", "1/2", [0], 1)]
+    r = out[0]
+    assert r["heldout_minus_all_full"] == 0.02 and r["average"] == pytest.approx(50.0)
+    assert r["minus_all_full"]["average"] == pytest.approx(50.0 - 62.5)  # paired on the same prompts
+    assert "| books | 1/2 | `FFSF` | 2 of 2 (0, 1) | +0.0200 [+0.0100, +0.0300] | 512 |" in stability_table(out)
