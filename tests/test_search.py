@@ -440,3 +440,15 @@ def test_spilled_prefix_cache_on_a_gpu_uses_page_locked_host_memory(tmp_path):
     assert res.counters["spilled"] > 0 and res.counters["host_hits"] > 0
     held = [t for state in spill._host.items.values() for s in state for t in (s.hidden, s.carry) if t is not None]
     assert held and all(t.is_pinned() for t in held)
+
+
+def test_default_calibration_length_is_long_on_a_gpu_and_short_on_the_cpu():
+    from types import SimpleNamespace
+
+    from indexcache.search.run import LONG_CALIBRATION, default_seq_len
+
+    info = SimpleNamespace(index_topk=256, tokens_per_unit=1, max_position_embeddings=131072)
+    assert default_seq_len(info, "cpu") == 512 and default_seq_len(info) == 512
+    assert default_seq_len(info, "cuda") == default_seq_len(info, "cuda:1") == LONG_CALIBRATION == 16384
+    short = SimpleNamespace(index_topk=2048, tokens_per_unit=1, max_position_embeddings=8192)
+    assert default_seq_len(short, "cuda") == 8192 and default_seq_len(short, "cpu") == 4096

@@ -395,7 +395,7 @@ def _calibration_checks(args: argparse.Namespace) -> None:
     info = args.info
     if args.data is not None:
         data_path(args.data)
-    seq = args.seq_len or default_seq_len(info)
+    seq = args.seq_len or default_seq_len(info, args.device)
     _check_length(seq, info, "--seq-len" if args.seq_len else "the default --seq-len")
     info.check_calibration(seq)
 
@@ -611,7 +611,9 @@ def _add_calibration_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--num-samples", type=positive_int, default=4,
                    help="calibration sequences (default 4: a small, fast default; use more for a real model)")
     p.add_argument("--seq-len", type=positive_int, default=None,
-                   help="tokens per sequence (default: max(2*index_topk, 512))")
+                   help="tokens per sequence (default: 16384 on a GPU, or the model's longest window if shorter, "
+                   "since long calibration kept the tasks at long context where 1K did not (docs/results.md); "
+                   "max(2*index_topk, 512) on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
 
