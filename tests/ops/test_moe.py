@@ -204,8 +204,9 @@ def test_kernel_with_shared_slots_against_float64_in_the_interpreter(shape):
 
 
 @interpreter
-def test_model_moe_folds_its_shared_mlp_at_decode_sizes_only():
+def test_model_moe_folds_its_shared_mlp_while_the_pairs_fit_one_tile_each():
     from indexcache.model import dsa
+    from indexcache.ops.moe.kernel import PER_PAIR_TILES
     from indexcache.presets import preset_config
 
     cfg = preset_config("tiny", n_routed_experts=8, num_experts_per_tok=2)
@@ -215,15 +216,17 @@ def test_model_moe_folds_its_shared_mlp_at_decode_sizes_only():
         torch.nn.init.normal_(p, std=0.1)
     calls = []
     moe.shared_experts.register_forward_hook(lambda *_: calls.append(1))
-    x = torch.randn(1, dsa.FOLD_SHARED_MAX_TOKENS + 1, cfg.hidden_size)
+    slots = cfg.num_experts_per_tok + cfg.n_shared_experts  # the shared MLP's blocks join the routed slots
+    fits = PER_PAIR_TILES // slots
+    x = torch.randn(1, fits + 1, cfg.hidden_size)
     with torch.no_grad():
-        want_step, want_long = moe(x[:, :3]), moe(x)
+        want_step, want_long = moe(x[:, :fits]), moe(x)
         calls.clear()
         moe.backend = "triton"
-        step = moe(x[:, :3])
-        assert calls == []  # three tokens: the shared MLP ran inside the routed kernels
+        step = moe(x[:, :fits])
+        assert calls == []  # every pair its own tile: the shared MLP ran inside the routed kernels
         long = moe(x)
-        assert calls == [1]  # past the decode sizes: as its own GEMMs
+        assert calls == [1]  # one token more and the pairs are sorted: as its own GEMMs
     torch.testing.assert_close(step, want_step, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(long, want_long, rtol=1e-5, atol=1e-6)
 

@@ -374,11 +374,6 @@ class FP8Experts(Experts):
         return lin("down_proj", F.silu(lin("gate_proj", x)) * lin("up_proj", x))
 
 
-# a decode batch: up to this many tokens the shared MLP runs inside the routed experts' kernels (five fewer
-# launches a MoE layer); past it, as its own dense GEMMs
-FOLD_SHARED_MAX_TOKENS = 64
-
-
 class MoE(nn.Module):
     def __init__(self, cfg: DSAConfig):
         super().__init__()
@@ -406,7 +401,7 @@ class MoE(nn.Module):
         if isinstance(ex, FP8Experts) and (backend != "torch" or not graph_safe):
             routed = get_backend(backend).moe_experts_fp8(flat, ex.fp8_tensors(), idx, weights, ex.scale_fmt)
         elif backend != "torch" and not trains:
-            fold = self._shared_to_fold(flat.shape[0])
+            fold = self._shared_to_fold(idx)
             routed = get_backend(backend).moe_experts(flat, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weights,
                                                       shared=fold)
             if fold is not None:  # the shared MLP's blocks are the last slots
@@ -417,17 +412,24 @@ class MoE(nn.Module):
             routed = self._routed(flat, weights, idx)
         return (routed.sum(1) + self.shared_experts(flat)).view(shape)
 
-    def _shared_to_fold(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The shared MLP's three weights, for the routed kernels to run as more slots, where that saves
-        launches: a decode step's few tokens (at most ``FOLD_SHARED_MAX_TOKENS``), plain (not FP8) weights of
-        the routed experts' dtype and a width that is a multiple of theirs. Prefill keeps the shared MLP on
-        its own dense GEMMs."""
+    def _shared_to_fold(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared MLP's three weights, for the routed kernels to run as more slots, where that is faster:
+        while the routing ``idx [N, k]`` padded with the shared blocks stays within the kernels' one-tile-a-pair
+        table (``PER_PAIR_TILES`` pairs), for plain (not FP8) weights of the routed experts' dtype and a width
+        that is a multiple of theirs. On an H100 (`bench kernels --parts moe`) the fold took a batch-1 MoE from
+        70.2 to 55.5 us at GLM-4.7-Flash widths (5 pairs) and 307.9 to 296.0 us at DeepSeek-V3.2 widths (9),
+        while at batch 8 (40 and 72 pairs, past the table's limit, so the pairs are sorted by expert) it was
+        24% slower at the first widths and even at the second. Prefill keeps the shared MLP on its own dense GEMMs."""
+        from ..ops.moe.kernel import PER_PAIR_TILES
+
         s, ex = self.shared_experts, self.experts
-        if tokens > FOLD_SHARED_MAX_TOKENS or not all(isinstance(m, nn.Linear) for m in
-                                                       (s.gate_proj, s.up_proj, s.down_proj)):
+        if not all(isinstance(m, nn.Linear) for m in (s.gate_proj, s.up_proj, s.down_proj)):
             return None
         w = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
-        if any(t.dtype != ex.gate_proj.dtype for t in w) or w[0].shape[0] % ex.gate_proj.shape[1]:
+        width = ex.gate_proj.shape[1]
+        if any(t.dtype != ex.gate_proj.dtype for t in w) or w[0].shape[0] % width:
+            return None
+        if idx.shape[0] * (idx.shape[1] + w[0].shape[0] // width) > PER_PAIR_TILES:
             return None
         return w
 
