@@ -214,13 +214,15 @@ def _seed_mean(runs: list[dict]) -> dict | None:
             for f in first}
 
 
+def _diff_cell(d: dict | None) -> str:
+    """``+1.0 [-3.0, +5.0] (noise)``: a paired difference of task averages, blank where there is none."""
+    if not d:
+        return ""
+    return f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" + (" (noise)" if d["within_noise"] else "")
+
+
 def aware_table(extra: list[dict]) -> str:
     """Markdown for :func:`aware_rows`."""
-    def diff(d: dict | None) -> str:
-        if not d:
-            return ""
-        return (f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
-                + (" (noise)" if d["within_noise"] else ""))
 
     lines = ["| length | variant | kept | pattern | training seed | WikiText-2 PPL | niah_single | passkey | avg "
              "[95% CI] | vs bundled all Full (paired 95% CI) | vs all Full, same training (paired 95% CI) |",
@@ -231,8 +233,8 @@ def aware_table(extra: list[dict]) -> str:
         t = r["tasks"]
         lines.append(f"| {r['length']} | {r['method']} | {r['retention']} | `{r['pattern']}` | {seed} | {ppl:.1f} | "
                      f"{t['niah_single']:.1f} | {t['passkey']:.1f} | {r['average']:.1f} "
-                     f"[{r['average_ci95'][0]:.1f}, {r['average_ci95'][1]:.1f}] | {diff(r.get('minus_all_full'))} | "
-                     f"{diff(r.get('minus_control'))} |")
+                     f"[{r['average_ci95'][0]:.1f}, {r['average_ci95'][1]:.1f}] | "
+                     f"{_diff_cell(r.get('minus_all_full'))} | {_diff_cell(r.get('minus_control'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -346,16 +348,13 @@ def stability_table(extra: list[dict]) -> str:
              "niah_single | passkey | avg [95% CI] | vs all Full (paired 95% CI) | prefill / decode b1 speedup |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in extra:
-        d = r["minus_all_full"]
-        diff = (f"{d['average']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
-                + (" (noise)" if d["within_noise"] else "")) if d else ""
         held = (f"{r['heldout_minus_all_full']:+.4f} [{r['heldout_minus_all_full_ci95'][0]:+.4f}, "
                 f"{r['heldout_minus_all_full_ci95'][1]:+.4f}]") if r["heldout_minus_all_full"] is not None else ""
         t = r["tasks"]
         lines.append(f"| {r['recipe']} | {r['retention']} | `{r['pattern']}` | {len(r['seeds'])} of {r['of']} "
                      f"({', '.join(map(str, r['seeds']))}) | {held} | {r['length']} | {t['niah_single']:.1f} | "
                      f"{t['passkey']:.1f} | {r['average']:.1f} [{r['average_ci95'][0]:.1f}, "
-                     f"{r['average_ci95'][1]:.1f}] | {diff} | {_speed_cell(r)} |")
+                     f"{r['average_ci95'][1]:.1f}] | {_diff_cell(r['minus_all_full'])} | {_speed_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 
