@@ -161,6 +161,10 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
         for e in sorted(d.glob("eval-long-*.json")):
             rep = json.loads(e.read_text())
             for r in rep["results"]:
+                # a length evaluated on a second training of the same command (the first one's weights not
+                # kept) carries that training's own summary
+                again = d / f"retrain-{r['length']}-summary.json"
+                mine_train = json.loads(again.read_text()) if again.exists() else train
                 mine = sample_scores(rep, r["pattern"], r["length"])
                 method, kept = AWARE_VARIANTS[variant]
                 row = {"variant": variant, "seed": int(seed), "method": method, "retention": kept,
@@ -168,7 +172,8 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
                        "tasks": r["tasks"], "average": r["average"],
                        "average_ci95": average_ci95(mine),
                        "minus_all_full": paired_with(mine, base.get(r["length"])),
-                       "train": {k: train.get(k) for k in ("steps", "tokens", "seconds", "pattern", "cross_layer")},
+                       "train": {k: mine_train.get(k) for k in ("steps", "tokens", "seconds", "pattern", "cross_layer")},
+                       "retrained": again.exists(),
                        "file": str(e.relative_to(root)) if e.is_relative_to(root) else str(e),
                        "command": rep["command"]}
                 runs.setdefault((variant, r["length"]), {})[int(seed)] = (row, mine)
@@ -230,6 +235,8 @@ def aware_table(extra: list[dict]) -> str:
     for r in extra:
         ppl = r["ppl"]["wikitext"] if isinstance(r["ppl"], dict) else r["ppl"]  # a seeds' mean: the mean
         seed = "mean of " + ", ".join(map(str, r["seeds"])) if r["seed"] == "mean" else r["seed"]
+        if r.get("retrained"):  # the same training command run again, for this length (weights not kept)
+            seed = f"{seed} (trained again)"
         t = r["tasks"]
         lines.append(f"| {r['length']} | {r['method']} | {r['retention']} | `{r['pattern']}` | {seed} | {ppl:.1f} | "
                      f"{t['niah_single']:.1f} | {t['passkey']:.1f} | {r['average']:.1f} "

@@ -46,6 +46,30 @@ def test_prefill_matches_model(pattern):
         assert int(eng.lengths[0]) == 40
 
 
+def test_prefill_timer_sees_every_layer_by_name_and_index():
+    from contextlib import contextmanager
+
+    model = tiny_model()
+    eng = Engine(model, "FSFS", max_batch=1, max_len=64, chunk=16)
+    seen = []
+
+    @contextmanager
+    def timer(name, layer):
+        seen.append((name, layer))
+        yield
+
+    eng.timer = timer
+    ids = torch.randint(0, model.config.vocab_size, (40,))
+    with torch.no_grad():
+        timed = eng.prefill(0, ids)
+    eng.timer = None
+    # three chunks; the indexer of the Full layers 0 and 2 and every layer's attention, in layer order
+    one_chunk = [("indexer", 0), ("attention", 0), ("attention", 1), ("indexer", 2), ("attention", 2),
+                 ("attention", 3)]
+    assert seen == one_chunk * 3
+    assert torch.equal(timed, eng.prefill(0, ids))  # timing changes nothing
+
+
 @pytest.mark.parametrize("pattern", ["FFFF", "FSSS"])
 def test_decode_batch_matches_greedy_reference(pattern):
     model = tiny_model(1)

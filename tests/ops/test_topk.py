@@ -158,6 +158,37 @@ def test_sample_schedules_fall_back_where_their_sample_misleads(schedule):
 
 
 @interpreter
+def test_tally_counts_schedules_and_the_fallbacks_of_sample_and_bucket():
+    from indexcache.ops.topk.kernel import tally, topk
+
+    g = torch.Generator().manual_seed(15)
+    N, k, cap = 400, 24, 64
+    x = torch.randn(3, N, generator=g)
+    x[1] = torch.randint(0, 3, (N,), generator=g).float()  # three values: far more than cap share each bucket
+    sampled = torch.zeros(N, dtype=torch.bool)
+    for c in range(16):
+        sampled[26 * c : 26 * c + 2] = True
+    x[2, ~sampled] += 10.0  # no large key in the sample: it can only fall back (see the test above)
+    ks = torch.zeros(3, dtype=torch.int32)
+    ke = torch.full((3,), N, dtype=torch.int32)
+    want = topk_ref(x, k, ks, ke, ties="lowest").sort(-1).values
+    with tally("cpu") as t:
+        a = topk(x[1:], k, ks[1:], ke[1:], schedule="sample", block=64, cap=cap, sample_chunk=2, retries=0)
+        b = topk(x, k, ks, ke, schedule="bucket", block=64, cap=cap)
+        own = torch.zeros(2, dtype=torch.int32)  # a call given its own stats keeps them
+        topk(x[2:], k, ks[2:], ke[2:], schedule="sample", block=64, cap=cap, sample_chunk=2, retries=0, stats=own)
+    assert torch.equal(a.sort(-1).values, want[1:]) and torch.equal(b.sort(-1).values, want)
+    summary = t.summary()
+    assert summary["schedules"] == {"bucket": {"calls": 1, "rows": 3}, "sample": {"calls": 2, "rows": 3}}
+    # sample without retries: the tied row and the misled row fall back; bucket: only the tied row's bucket
+    # overflows (the misled row's large keys spread over the buckets above the rest), the random row's none
+    assert summary["sample_reread_rows"] == 0 and summary["radix_fallback_rows"] == 2 + 1, summary
+    assert own.tolist() == [0, 1]
+    topk(x, k, ks, ke, schedule="bucket", block=64, cap=cap)  # outside the block: nothing counted
+    assert t.counts.tolist() == [0, 3]
+
+
+@interpreter
 def test_staged_selection_keeps_the_lowest_tied_indices_whatever_order_the_candidates_arrived_in():
     from indexcache.ops.topk.kernel import _staged_select_kernel
 

@@ -9,7 +9,9 @@ token still runs 4 routed + 1 shared expert.
 For each pattern (all-Full, uniform 1/2, uniform 1/4) and context length:
 
 * **TTFT**: one prefill of a batch-1 prompt of that length, chunked, wall time between synchronisations;
-  CUDA events around every indexer call (projection, scoring, top-k) give the indexer's share of it.
+  CUDA events around every indexer call (projection, scoring, top-k) give the indexer's share of it, and
+  per Full layer its time with the rows its top-k read again or sent to plain radix (the data-dependent
+  work), beside the caching allocator's retries (a prefill short of memory frees and re-allocates).
 * **Decode**: batch 1 after that prefill, and a larger batch whose caches are filled with random values at
   the same length (decode time does not depend on the values; re-running B prefills would take minutes).
   Steps are replayed from a CUDA graph; the indexer's share is the indexer work of all Full layers
@@ -70,22 +72,58 @@ def random_model(experts: int, layers: int = 47, seed: int = 0, device: str = "c
 
 
 class EventTimer:
-    """CUDA events around named regions; totals in ms after a synchronisation."""
+    """CUDA events around named regions, per layer; totals in ms after a synchronisation. With a top-k
+    ``tally`` (:func:`indexcache.ops.topk.kernel.tally`) each region also copies the tally's device counts at
+    its two ends (on the stream: no synchronisation), so that each layer's top-k re-reads and fallbacks are
+    its own."""
 
-    def __init__(self):
+    def __init__(self, tally=None):
         self.events: dict[str, list] = {}
+        self.tally = tally
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, layer: int | None = None):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
+        before = None if self.tally is None else self.tally.counts.clone()
         yield
+        after = None if self.tally is None else self.tally.counts.clone()
         b.record()
-        self.events.setdefault(name, []).append((a, b))
+        self.events.setdefault(name, []).append((layer, a, b, before, after))
 
     def totals(self) -> dict[str, float]:
         torch.cuda.synchronize()
-        return {k: sum(a.elapsed_time(b) for a, b in v) for k, v in self.events.items()}
+        return {k: sum(a.elapsed_time(b) for _, a, b, _, _ in v) for k, v in self.events.items()}
+
+    def per_layer(self, name: str) -> dict[int, dict]:
+        """layer -> its regions' total ``ms``, their ``calls`` and, with a tally, the top-k rows it read again
+        (``sample_reread_rows``) and that fell back to plain radix (``radix_fallback_rows``)."""
+        torch.cuda.synchronize()
+        out: dict[int, dict] = {}
+        for layer, a, b, before, after in self.events.get(name, []):
+            row = out.setdefault(layer, {"ms": 0.0, "calls": 0})
+            row["ms"] += a.elapsed_time(b)
+            row["calls"] += 1
+            if before is not None:
+                reread, fallback = (after - before).tolist()
+                row["sample_reread_rows"] = row.get("sample_reread_rows", 0) + reread
+                row["radix_fallback_rows"] = row.get("radix_fallback_rows", 0) + fallback
+        return out
+
+
+def indexer_layers_summary(per_layer: dict[int, dict]) -> dict:
+    """The spread of the indexer's time over the Full layers of one prefill: median, fastest and slowest
+    layer, and the layers' top-k re-reads and fallbacks, so that a pattern whose per-layer indexer time
+    differs from another's at the same work shows where."""
+    if not per_layer:
+        return {}
+    secs = sorted((r["ms"] / 1e3, layer) for layer, r in per_layer.items())
+    summary = {"layers": len(secs), "median_s": secs[len(secs) // 2][0], "min_s": secs[0][0],
+               "min_layer": secs[0][1], "max_s": secs[-1][0], "max_layer": secs[-1][1]}
+    for key in ("sample_reread_rows", "radix_fallback_rows"):
+        if all(key in r for r in per_layer.values()):
+            summary[key] = sum(r[key] for r in per_layer.values())
+    return summary
 
 
 def _fill_random(eng, B: int, length: int) -> None:
@@ -262,9 +300,12 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
     # are short, warms up at the longest context; the random shape's 200K warm-up would cost a minute a
     # pattern, so it warms up on two chunks (its first, longest rows then carry any compile left)
     warm_len = max_ctx if model_dir is not None else min(2 * chunk, max_ctx)
+    from ..ops.topk.kernel import tally
+
     for name, pat in named.items():
         warm = Engine(model, pat, max_batch=2, max_len=warm_len + 64, chunk=chunk, **fused)
-        warm.prefill(0, ids[:warm_len])
+        with tally():  # the timed prefills count their top-k's fallbacks: the same kernel variants here
+            warm.prefill(0, ids[:warm_len])
         warm.decode(torch.zeros(1, dtype=torch.long, device="cuda"))
         del warm
         for ctx in contexts:
@@ -273,25 +314,42 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             per_req = None
             eng = Engine(model, pat, max_batch=1, max_len=ctx + decode_steps + 8, chunk=chunk, **fused)
             per_req = eng.cache_bytes_per_token
-            ttfts, shares = [], []
+            ttfts, shares, layers_ms, topks, retries = [], [], [], [], []
             for _ in range(repeats):  # each prefill rewrites slot 0 from position 0
-                eng.timer = timer = EventTimer()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                eng.prefill(0, ids[:ctx])
-                torch.cuda.synchronize()
+                retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+                with tally() as counted:
+                    eng.timer = timer = EventTimer(counted)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    eng.prefill(0, ids[:ctx])
+                    torch.cuda.synchronize()
                 ttfts.append(time.perf_counter() - t0)
                 shares.append(timer.totals())
+                layers_ms.append(timer.per_layer("indexer"))
+                topks.append(counted.summary())
+                retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0)
             eng.timer = None
             ttft = sorted(ttfts)[len(ttfts) // 2]
-            tot = shares[ttfts.index(ttft)]
+            at = ttfts.index(ttft)
+            tot = shares[at]
             row = {"pattern": name, "pattern_str": str(pat), "num_full": len(pat.full_layers), "context": ctx,
                    "ttft_s": ttft, "ttft_all_s": ttfts, "prefill_indexer_s": tot.get("indexer", 0.0) / 1e3,
                    "prefill_attention_s": tot.get("attention", 0.0) / 1e3,
                    "prefill_indexer_share": tot.get("indexer", 0.0) / 1e3 / ttft,
+                   # where the indexer's time went, layer by layer, and what the top-k did there
+                   "prefill_indexer_layers": indexer_layers_summary(layers_ms[at]),
+                   "prefill_indexer_per_layer_s": {str(k): v["ms"] / 1e3 for k, v in sorted(layers_ms[at].items())},
+                   "prefill_topk": topks[at],
+                   "prefill_alloc_retries": retries[at],
                    "cache_bytes_per_token": per_req,
                    "cache_latent_bytes_per_token": eng.spec.latent_bytes_per_token,
                    "cache_indexer_bytes_per_token": eng.spec.index_bytes_per_token}
+            lay = row["prefill_indexer_layers"]
+            if lay:
+                log(f"{name:12s} ctx={ctx:>6d}: prefill indexer per Full layer median {lay['median_s']:.3f} s "
+                    f"(layer {lay['min_layer']} {lay['min_s']:.3f} to layer {lay['max_layer']} {lay['max_s']:.3f}), "
+                    f"top-k {row['prefill_topk']['schedules']}, re-read rows {lay.get('sample_reread_rows')}, "
+                    f"radix fallback rows {lay.get('radix_fallback_rows')}, allocator retries {retries[at]}")
             dt = _decode_rate(eng, 1, decode_steps)
             row["decode_b1_ms"] = dt * 1e3
             row["decode_b1_tok_s"] = 1.0 / dt

@@ -118,7 +118,7 @@ class Engine:
         self.lengths = torch.zeros(max_batch, dtype=torch.int32, device=dev)
         self.rope_table = Rope(cfg, torch.arange(max_len, device=dev), self.dtype)
         self._graphs: dict[int, tuple] = {}
-        self.timer = None  # optional callable(name) -> context manager, for the indexer's share of time
+        self.timer = None  # optional callable(name, layer) -> context manager, for the indexer's share of time
         # a list: every selection the Full layers make is appended to it, in order, on the host (decode then
         # runs eagerly, as with a timer); for comparing selections, e.g. fp8 against exact scoring
         self.selections: list[torch.Tensor] | None = None
@@ -137,12 +137,12 @@ class Engine:
         return Context(rope=self.rope_table.at(positions), positions=positions, slots=positions,
                        scoring=self.scoring, backend=self.ops.name)
 
-    def _timed(self, name: str):
+    def _timed(self, name: str, layer: int):
         if self.timer is None:
             from contextlib import nullcontext
 
             return nullcontext()
-        return self.timer(name)
+        return self.timer(name, layer)
 
     # ------------------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -177,7 +177,7 @@ class Engine:
         qr, q, kv = attn.latents(x, ctx)
         write(self.latent[i], kv[0])
         if self.pattern.is_full(i):
-            with self._timed("indexer"):
+            with self._timed("indexer", i):
                 iq, iw, ik = attn.indexer.project(x, qr, ctx)
                 if self.fp8_index:  # the keys are e4m3 values times power-of-two scales: exact in this form
                     k8, k_scale = act_quant(ik[0], ik.shape[-1], "ue8m0")
@@ -186,7 +186,7 @@ class Engine:
                 else:
                     write(self.index_k[i], ik[0])
                 idx = select(i, iq[0], iw[0] * attn.indexer.softmax_scale)
-        with self._timed("attention"):
+        with self._timed("attention", i):
             out = attend(i, q[0], idx)
         h = h + attn.project_out(out)[None]
         mlp_in = layer.post_attention_layernorm(h, self.ops.name)

@@ -42,6 +42,9 @@ rows, where it was measured faster):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..triton_support import HAVE_TRITON, LAST_COMPILED, require_triton
@@ -200,8 +203,8 @@ if HAVE_TRITON:
         return tl.minimum(b, NB - 1)
 
     @triton.jit
-    def _topk_bucket_kernel(X, KS, KE, OUT, CAND, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
-                            CAP: tl.constexpr):
+    def _topk_bucket_kernel(X, KS, KE, OUT, CAND, STATS, N, sx_r, so_r, K, KP: tl.constexpr, BLOCK: tl.constexpr,
+                            CAP: tl.constexpr, HAS_STATS: tl.constexpr = False):
         r = tl.program_id(0)
         Xr, Or, ks, ke = _row(X, OUT, KS, KE, r, N, sx_r, so_r)
         Cr = CAND + r.to(tl.int64) * CAP
@@ -249,6 +252,8 @@ if HAVE_TRITON:
                 cm = c < n_c
                 _select_candidates(Xr, Or + n_gt, tl.load(Cr + c, mask=cm, other=0), cm, need)
             else:  # too many keys share the threshold bucket (clustered values, ties): plain radix
+                if HAS_STATS:
+                    tl.atomic_add(STATS + 1, 1, sem="relaxed")
                 _radix_select_row(Xr, Or, ks, ke, K, BLOCK)
 
     @triton.jit
@@ -443,6 +448,43 @@ if HAVE_TRITON:
         tl.store(Y + r.to(tl.int64) * sy_r + t, x, mask=m)
 
 
+class TopkTally:
+    """What :func:`topk` did while a :func:`tally` was active: on the host, the calls and rows of each schedule
+    it ran (no synchronisation); on the device, ``counts`` [2]: the rows the ``sample`` schedule read again
+    and the rows that fell back to plain radix (``sample`` or ``bucket``), the data-dependent work that a
+    kernel's timing on random logits does not show."""
+
+    def __init__(self, device: torch.device | str):
+        self.calls: dict[str, list[int]] = {}  # schedule -> [calls, rows]
+        self.counts = torch.zeros(2, dtype=torch.int32, device=device)
+
+    def note(self, schedule: str, rows: int) -> None:
+        c = self.calls.setdefault(schedule, [0, 0])
+        c[0] += 1
+        c[1] += rows
+
+    def summary(self) -> dict:
+        """Schedules' calls and rows, and the device counts (one synchronisation)."""
+        reread, fallback = self.counts.tolist()
+        return {"schedules": {k: {"calls": c, "rows": r} for k, (c, r) in sorted(self.calls.items())},
+                "sample_reread_rows": reread, "radix_fallback_rows": fallback}
+
+
+_TALLY: TopkTally | None = None
+
+
+@contextmanager
+def tally(device: torch.device | str = "cuda") -> Iterator[TopkTally]:
+    """Count what every :func:`topk` call inside the block does (:class:`TopkTally`), for a benchmark to
+    attribute its time: a call given its own ``stats`` keeps those instead."""
+    global _TALLY
+    outer, _TALLY = _TALLY, TopkTally(device)
+    try:
+        yield _TALLY
+    finally:
+        _TALLY = outer
+
+
 def _torch_topk(logits: torch.Tensor, k: int, ks: torch.Tensor, ke: torch.Tensor, whole_rows: bool) -> torch.Tensor:
     """torch.topk on the windows: on the logits themselves when every window is the whole row (no mask to
     write), else on one masked copy; keys outside a window that holds fewer than k come back as -1."""
@@ -509,7 +551,8 @@ def topk(
     ``sample_chunk`` (default 16 runs) and ``retries``: the sample schedule's sample (that many keys, in
     runs of ``sample_chunk`` contiguous ones spread over the window) and how many more reads it may take
     where the sample misled before it falls back to ``rows``. ``stats``, an int32 [2] on the device: the
-    sample schedule adds to it the rows it read again and the rows that fell back to ``rows``.
+    sample schedule adds to it the rows it read again, and the sample and bucket schedules the rows that fell
+    back to ``rows`` (inside a :func:`tally`, the tally's counts by default).
     ``cap``: candidate slots per row for ``bucket`` (a power of two). ``row_len`` and ``ties`` are the
     reference's (:func:`.reference.topk`): the kernel reads windows only and breaks ties its own way."""
     require_triton()
@@ -543,6 +586,10 @@ def topk(
             schedule = "bucket"
         if schedule == "split":
             block = 1024
+    if _TALLY is not None:
+        _TALLY.note(schedule, R)
+        if stats is None and _TALLY.counts.device == logits.device:
+            stats = _TALLY.counts
     if schedule == "torch":
         return _torch_topk(logits, k, ks, ke, whole_rows)
     if schedule == "rows":
@@ -583,8 +630,8 @@ def topk(
     if schedule == "bucket":
         cand = torch.empty(R, cap, dtype=torch.int32, device=logits.device)
         LAST_COMPILED["topk_bucket"] = _topk_bucket_kernel[(R,)](
-            logits, ks, ke, out, cand, N, logits.stride(0), out.stride(0), k, KP=kp, BLOCK=block, CAP=cap,
-            num_warps=num_warps)
+            logits, ks, ke, out, cand, out if stats is None else stats, N, logits.stride(0), out.stride(0), k, KP=kp,
+            BLOCK=block, CAP=cap, HAS_STATS=stats is not None, num_warps=num_warps)
         return out
     if schedule != "split":
         raise ValueError(f"unknown schedule {schedule!r} (sample, staged, bucket, rows, split, torch or auto)")
