@@ -274,7 +274,18 @@ def test_long_study_report_pairs_training_aware_runs_with_their_control_and_aver
         (d / f"eval-long-512-{pattern}.json").write_text(json.dumps(_eval_report(
             pattern, 512, {"niah_single": niah, "passkey": passkey}, 20.0 + seed, shift)))
         (d / "train-summary.json").write_text(json.dumps({"steps": 20, "tokens": 100, "pattern": pattern}))
+    # aware-q2 s0 at another length, scored on a second training of the same command: its own summary
+    q_dir = tmp_path / "aware" / "aware-q2-s0"
+    again_scores = {"niah_single": [0, 1], "passkey": [1, 1]}
+    (q_dir / "eval-long-1024-FSSS.json").write_text(json.dumps(_eval_report("FSSS", 1024, again_scores, 30.0)))
+    (q_dir / "retrain-1024-summary.json").write_text(json.dumps({"steps": 20, "tokens": 100, "seconds": 9.0}))
+    (q_dir / "train-summary.json").write_text(json.dumps({"steps": 20, "tokens": 100, "seconds": 5.0}))
     out = aware_rows(rows, tmp_path / "aware", tmp_path)
+    again = [r for r in out if r["length"] == 1024]
+    assert [(r["retrained"], r["train"]["seconds"]) for r in again] == [(True, 9.0)]
+    assert "| 0 (trained again) |" in aware_table(again)
+    out = [r for r in out if r["length"] == 512]
+    assert not any(r.get("retrained") for r in out)
     assert [(r["variant"], r["seed"]) for r in out] == [("full", 0), ("full", 1), ("full", "mean"), ("aware-h2", 0),
                                                        ("aware-h2", 1), ("aware-h2", "mean"), ("aware-q2", 0)]
     by = {(r["variant"], r["seed"]): r for r in out}
