@@ -164,7 +164,8 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
                 # a length evaluated on a second training of the same command (the first one's weights not
                 # kept) carries that training's own summary
                 again = d / f"retrain-{r['length']}-summary.json"
-                mine_train = json.loads(again.read_text()) if again.exists() else train
+                retrained = again.exists()
+                run = json.loads(again.read_text()) if retrained else train
                 mine = sample_scores(rep, r["pattern"], r["length"])
                 method, kept = AWARE_VARIANTS[variant]
                 row = {"variant": variant, "seed": int(seed), "method": method, "retention": kept,
@@ -172,8 +173,8 @@ def aware_rows(rows: list[dict], aware: Path = STUDY / "aware", root: Path = ROO
                        "tasks": r["tasks"], "average": r["average"],
                        "average_ci95": average_ci95(mine),
                        "minus_all_full": paired_with(mine, base.get(r["length"])),
-                       "train": {k: mine_train.get(k) for k in ("steps", "tokens", "seconds", "pattern", "cross_layer")},
-                       "retrained": again.exists(),
+                       "train": {k: run.get(k) for k in ("steps", "tokens", "seconds", "pattern", "cross_layer")},
+                       "retrained": retrained,
                        "file": str(e.relative_to(root)) if e.is_relative_to(root) else str(e),
                        "command": rep["command"]}
                 runs.setdefault((variant, r["length"]), {})[int(seed)] = (row, mine)

@@ -104,3 +104,12 @@ def test_topk_on_engine_logits_times_every_call_of_the_last_chunk(monkeypatch):
     assert all(c["rows"] == 8 and c["max_keys"] == 40 for c in res["calls"])
     assert all(c["sample_fallback_rows"] == 0 for c in res["calls"])  # windows of 33-40 keys fit the candidates
     assert res["total_auto_ms"] == 3.0 and set(bench.TOPK_ENGINE_SCHEDULES) <= {k[:-3] for k in res["calls"][0]}
+
+
+def test_indexer_layers_summary_names_the_fastest_and_slowest_full_layer():
+    from indexcache.bench.e2e import indexer_layers_summary
+
+    per_layer = {0: {"ms": 100.0, "calls": 3}, 4: {"ms": 300.0, "calls": 3}, 8: {"ms": 200.0, "calls": 3}}
+    assert indexer_layers_summary(per_layer) == {"layers": 3, "median_s": 0.2, "min_s": 0.1, "min_layer": 0,
+                                                 "max_s": 0.3, "max_layer": 4}
+    assert indexer_layers_summary({}) == {}

@@ -112,18 +112,14 @@ class EventTimer:
 
 
 def indexer_layers_summary(per_layer: dict[int, dict]) -> dict:
-    """The spread of the indexer's time over the Full layers of one prefill: median, fastest and slowest
-    layer, and the layers' top-k re-reads and fallbacks, so that a pattern whose per-layer indexer time
-    differs from another's at the same work shows where."""
+    """The spread of the indexer's time over the Full layers of one prefill (median, fastest and slowest
+    layer), so that a pattern whose per-layer indexer time differs from another's at the same work shows
+    where; the top-k's counts over all layers are the tally's own summary."""
     if not per_layer:
         return {}
     secs = sorted((r["ms"] / 1e3, layer) for layer, r in per_layer.items())
-    summary = {"layers": len(secs), "median_s": secs[len(secs) // 2][0], "min_s": secs[0][0],
-               "min_layer": secs[0][1], "max_s": secs[-1][0], "max_layer": secs[-1][1]}
-    for key in ("sample_reread_rows", "radix_fallback_rows"):
-        if all(key in r for r in per_layer.values()):
-            summary[key] = sum(r[key] for r in per_layer.values())
-    return summary
+    return {"layers": len(secs), "median_s": secs[len(secs) // 2][0], "min_s": secs[0][0], "min_layer": secs[0][1],
+            "max_s": secs[-1][0], "max_layer": secs[-1][1]}
 
 
 def _fill_random(eng, B: int, length: int) -> None:
@@ -338,18 +334,20 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
                    "prefill_indexer_share": tot.get("indexer", 0.0) / 1e3 / ttft,
                    # where the indexer's time went, layer by layer, and what the top-k did there
                    "prefill_indexer_layers": indexer_layers_summary(layers_ms[at]),
-                   "prefill_indexer_per_layer_s": {str(k): v["ms"] / 1e3 for k, v in sorted(layers_ms[at].items())},
+                   "prefill_indexer_per_layer": {str(k): {"s": v["ms"] / 1e3, **{c: n for c, n in v.items()
+                                                                                  if c != "ms"}}
+                                                 for k, v in sorted(layers_ms[at].items())},
                    "prefill_topk": topks[at],
                    "prefill_alloc_retries": retries[at],
                    "cache_bytes_per_token": per_req,
                    "cache_latent_bytes_per_token": eng.spec.latent_bytes_per_token,
                    "cache_indexer_bytes_per_token": eng.spec.index_bytes_per_token}
-            lay = row["prefill_indexer_layers"]
+            lay, tk = row["prefill_indexer_layers"], row["prefill_topk"]
             if lay:
                 log(f"{name:12s} ctx={ctx:>6d}: prefill indexer per Full layer median {lay['median_s']:.3f} s "
                     f"(layer {lay['min_layer']} {lay['min_s']:.3f} to layer {lay['max_layer']} {lay['max_s']:.3f}), "
-                    f"top-k {row['prefill_topk']['schedules']}, re-read rows {lay.get('sample_reread_rows')}, "
-                    f"radix fallback rows {lay.get('radix_fallback_rows')}, allocator retries {retries[at]}")
+                    f"top-k {tk['schedules']}, re-read rows {tk['sample_reread_rows']}, "
+                    f"radix fallback rows {tk['radix_fallback_rows']}, allocator retries {retries[at]}")
             dt = _decode_rate(eng, 1, decode_steps)
             row["decode_b1_ms"] = dt * 1e3
             row["decode_b1_tok_s"] = 1.0 / dt
