@@ -113,3 +113,19 @@ def test_indexer_layers_summary_names_the_fastest_and_slowest_full_layer():
     assert indexer_layers_summary(per_layer) == {"layers": 3, "median_s": 0.2, "min_s": 0.1, "min_layer": 0,
                                                  "max_s": 0.3, "max_layer": 4}
     assert indexer_layers_summary({}) == {}
+
+
+def test_kernel_table_ranks_kernels_by_their_own_device_time():
+    from types import SimpleNamespace
+
+    from indexcache.bench.e2e import kernel_table
+
+    events = [SimpleNamespace(key="_topk_sample_kernel", count=50, self_device_time_total=3e5),
+              SimpleNamespace(key="aten::mm", count=10, self_device_time_total=0.0),  # a host op: no time of its own
+              SimpleNamespace(key="_mqa_logits_kernel", count=50, self_device_time_total=9e5),
+              SimpleNamespace(key="old_profiler_kernel", count=2, self_cuda_time_total=1e5)]  # the older field
+    table = kernel_table(events, top=2)
+    assert table["device_s"] == pytest.approx(1.3)
+    assert [k["name"] for k in table["kernels"]] == ["_mqa_logits_kernel", "_topk_sample_kernel"]
+    assert table["kernels"][0] == {"name": "_mqa_logits_kernel", "calls": 50, "s": pytest.approx(0.9),
+                                   "share": pytest.approx(0.9 / 1.3)}

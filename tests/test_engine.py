@@ -157,6 +157,51 @@ def test_cache_memory_quarter_pattern():
     assert len(quarter.index_k) == 4
 
 
+@pytest.mark.parametrize("pattern,layers", [("FFFF", 2), ("FFSF", 3), ("FSFS", 2)])
+def test_warm_up_runs_every_chunk_through_the_first_layers_and_leaves_nothing(pattern, layers):
+    from contextlib import contextmanager
+
+    model = tiny_model()  # layer 0 dense, layers 1-3 MoE
+    ids = torch.randint(0, model.config.vocab_size, (40,))
+    fresh = Engine(model, pattern, max_batch=2, max_len=64, chunk=16)
+    with torch.no_grad():
+        expected = fresh.prefill(1, ids)
+    eng = Engine(model, pattern, max_batch=2, max_len=64, chunk=16)
+    seen = []
+
+    @contextmanager
+    def timer(name, layer):
+        seen.append((name, layer))
+        yield
+
+    eng.timer = timer
+    assert eng.warm_up_layers() == layers  # through the first Full, Shared and MoE layer
+    secs = eng.warm_up(50, slot=1)
+    eng.timer = None
+    assert secs >= 0.0
+    # four chunks of a 50-token prompt, each through the first `layers` layers only
+    assert [layer for name, layer in seen if name == "attention"] == list(range(layers)) * 4
+    assert int(eng.lengths[1]) == 0
+    with torch.no_grad():  # the warmed engine answers as a fresh one
+        assert torch.equal(eng.prefill(1, ids), expected)
+    with pytest.raises(ValueError, match="max_len"):
+        eng.warm_up(65)
+    with pytest.raises(ValueError, match="slot"):
+        eng.warm_up(8, slot=2)
+
+
+def test_selection_budget_changes_pieces_not_choices():
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (40,))
+    with torch.no_grad():
+        ref = Engine(model, "FSFS", max_batch=1, max_len=64, chunk=16).prefill(0, ids, all_logits=True)
+        # 64 bytes: one query row a piece (each row's logits and the top-k's copy take 8 bytes a key)
+        small = Engine(model, "FSFS", max_batch=1, max_len=64, chunk=16, select_budget_bytes=64)
+        assert (small.prefill(0, ids, all_logits=True) - ref).abs().max() <= 1e-4  # the same selections
+    with pytest.raises(ValueError, match="select_budget_bytes"):
+        Engine(model, "FSFS", max_len=16, select_budget_bytes=0)
+
+
 def test_engine_rejects_bad_input():
     model = tiny_model()
     eng = Engine(model, "FFFF", max_batch=1, max_len=16)

@@ -738,6 +738,10 @@ def check_bench(args: argparse.Namespace) -> None:
         raise OptionError("--pattern times a checkpoint's patterns: give --model too")
     if args.fused_from is not None and args.what != "e2e":
         raise OptionError("--fused-from is for bench e2e")
+    if args.profile and args.what != "e2e":
+        raise OptionError("--profile is for bench e2e")
+    if args.select_budget_mb is not None and args.what != "e2e":
+        raise OptionError("--select-budget-mb is for bench e2e")
     if args.dtype is not None and args.model is None:
         raise OptionError("--dtype sets a checkpoint's dtype in bench e2e: give --model too")
     if args.model is not None:
@@ -775,7 +779,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             decode_steps=args.decode_steps, large_batch=args.large_batch, model_dir=args.model,
             patterns=[E2E_PATTERNS[n] for n in args.patterns.split(",")] if args.patterns else None,
             pattern_specs=args.pattern, fused_from=args.fused_from, dtype=args.dtype or "bfloat16",
-            repeats=args.repeats)
+            repeats=args.repeats, profile=args.profile, select_budget_mb=args.select_budget_mb)
     return 0
 
 
@@ -1130,6 +1134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="with --model: the dtype the checkpoint runs in (default bfloat16; float32 is what "
                         "indexcache eval runs by default)")
+    p.add_argument("--profile", action="store_true", help="e2e: one more prefill per row under torch.profiler, "
+                   "its longest GPU kernels kept in the JSON (use few --layers at long contexts)")
+    p.add_argument("--select-budget-mb", type=positive_int, default=None, help="e2e: MB of indexer logits per "
+                   "piece of a prefill chunk (default 256: about 160 query rows a piece at 200K keys)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text with the engine (chunked prefill, cached decode)")

@@ -32,6 +32,7 @@ import torch
 
 from ..config import DSAConfig
 from ..errors import OptionError
+from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..outputs import write_report
 from ..pattern import Pattern
 
@@ -120,6 +121,37 @@ def indexer_layers_summary(per_layer: dict[int, dict]) -> dict:
     secs = sorted((r["ms"] / 1e3, layer) for layer, r in per_layer.items())
     return {"layers": len(secs), "median_s": secs[len(secs) // 2][0], "min_s": secs[0][0], "min_layer": secs[0][1],
             "max_s": secs[-1][0], "max_layer": secs[-1][1]}
+
+
+def kernel_table(events, top: int = 25) -> dict:
+    """The GPU kernels of a profile (``torch.profiler``'s ``key_averages()``: name ``key``, ``count`` and the
+    device time it spent itself, in us), longest first: ``device_s`` over all of them and the ``top`` with
+    their calls, seconds and share."""
+    timed = []
+    for ev in events:
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:  # the older name
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0:
+            timed.append((float(us), str(ev.key), int(ev.count)))
+    timed.sort(key=lambda t: -t[0])
+    total = sum(t[0] for t in timed)
+    return {"device_s": total / 1e6, "kernels": [{"name": name[:160], "calls": count, "s": us / 1e6,
+                                                  "share": us / total} for us, name, count in timed[:top]]}
+
+
+def profile_prefill(eng, ids: torch.Tensor, top: int = 25) -> dict:
+    """One more prefill of ``ids`` under ``torch.profiler``: its wall time beside the GPU kernels' own time
+    (:func:`kernel_table`; a wall time well above the kernels' sum is time the GPU waited on the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.prefill(0, ids)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, **kernel_table(prof.key_averages(), top)}
 
 
 def _fill_random(eng, B: int, length: int) -> None:
@@ -234,7 +266,8 @@ def _decode_share(eng, B: int, step_ms: float) -> dict:
 def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 47, chunk: int = 8192,
         decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None,
         model_dir: str | None = None, pattern_specs: list[str] | None = None,
-        fused_from: int | None = None, dtype: str = "bfloat16", repeats: int | None = None) -> dict:
+        fused_from: int | None = None, dtype: str = "bfloat16", repeats: int | None = None,
+        profile: bool = False, select_budget_mb: int | None = None) -> dict:
     """The engine's prefill and decode speed per pattern and context. By default on a random
     GLM-4.7-Flash-DSA-shaped model (``experts``, ``layers``) under all Full and uniform 1/2 and 1/4
     (``patterns`` picks among those names); with ``model_dir``, on that checkpoint (bf16) under all Full and
@@ -242,7 +275,10 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
     ``fused_from``: prefill chunks whose windows reach this many keys select through the fused indexer +
     top-k (default: the engine's own, ``FUSED_TOPK_FROM_KEYS``). ``dtype`` (``bfloat16`` or ``float32``) is
     the checkpoint's dtype with ``model_dir``. ``repeats``: prefills timed per row, the median reported (default
-    3 on a checkpoint, 1 on the random shape, whose 200K prefills take a minute each)."""
+    3 on a checkpoint, 1 on the random shape, whose 200K prefills take a minute each). ``profile``: each row
+    adds one more prefill under ``torch.profiler`` and keeps its longest kernels (``prefill_profile``; with
+    few ``layers`` it costs little at 200K). ``select_budget_mb``: the memory of each piece of a prefill
+    chunk's indexer logits (the engine's ``select_budget_bytes``; default the engine's)."""
     from ..engine import Engine
 
     if not torch.cuda.is_available():
@@ -288,21 +324,24 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
         "chunk": chunk, "decode_steps": decode_steps, "targets": TARGETS, "runs": [],
     }
     fused = {} if fused_from is None else {"fused_topk_from": fused_from}
+    if select_budget_mb is not None:
+        fused["select_budget_bytes"] = select_budget_mb << 20
     result["fused_topk_from"] = fused_from
+    result["select_budget_bytes"] = fused.get("select_budget_bytes", DEFAULT_BUDGET_BYTES)
     repeats = repeats or (3 if model_dir is not None else 1)
     result["prefill_repeats"] = repeats
     # warm-up: compile every kernel variant this pattern's prefill and decode use, outside the timings. Kernels
-    # specialise on the key count (the top-k picks its variant by row length), so a checkpoint, whose prefills
-    # are short, warms up at the longest context; the random shape's 200K warm-up would cost a minute a
-    # pattern, so it warms up on two chunks (its first, longest rows then carry any compile left)
-    warm_len = max_ctx if model_dir is not None else min(2 * chunk, max_ctx)
+    # specialise on the key count (the top-k picks its variant by row length), so the warm-up runs every chunk
+    # of the longest context through the first layers (Engine.warm_up): on two chunks only, the random shape's
+    # first 200K prefill once compiled in its timing, 72 s of its 132 in the first Full layer
     from ..ops.topk.kernel import tally
 
     for name, pat in named.items():
-        warm = Engine(model, pat, max_batch=2, max_len=warm_len + 64, chunk=chunk, **fused)
+        warm = Engine(model, pat, max_batch=1, max_len=max_ctx + 64, chunk=chunk, **fused)
         with tally():  # the timed prefills count their top-k's fallbacks: the same kernel variants here
-            warm.prefill(0, ids[:warm_len])
+            warm_s = warm.warm_up(max_ctx)
         warm.decode(torch.zeros(1, dtype=torch.long, device="cuda"))
+        log(f"{name:12s} warm-up: {max_ctx} tokens through {warm.warm_up_layers()} layers in {warm_s:.1f} s")
         del warm
         for ctx in contexts:
             torch.cuda.empty_cache()
@@ -329,6 +368,7 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             at = ttfts.index(ttft)
             tot = shares[at]
             row = {"pattern": name, "pattern_str": str(pat), "num_full": len(pat.full_layers), "context": ctx,
+                   "warm_up_s": warm_s, "warm_up_tokens": max_ctx,
                    "ttft_s": ttft, "ttft_all_s": ttfts, "prefill_indexer_s": tot.get("indexer", 0.0) / 1e3,
                    "prefill_attention_s": tot.get("attention", 0.0) / 1e3,
                    "prefill_indexer_share": tot.get("indexer", 0.0) / 1e3 / ttft,
@@ -342,6 +382,11 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
                    "cache_bytes_per_token": per_req,
                    "cache_latent_bytes_per_token": eng.spec.latent_bytes_per_token,
                    "cache_indexer_bytes_per_token": eng.spec.index_bytes_per_token}
+            if profile:
+                row["prefill_profile"] = prof = profile_prefill(eng, ids[:ctx])
+                log(f"{name:12s} ctx={ctx:>6d}: profiled prefill {prof['wall_s']:.2f} s wall, kernels "
+                    f"{prof['device_s']:.2f} s: " + "; ".join(f"{k['name'][:60]} {k['s']:.3f} s x{k['calls']}"
+                                                           for k in prof["kernels"][:8]))
             lay, tk = row["prefill_indexer_layers"], row["prefill_topk"]
             if lay:
                 log(f"{name:12s} ctx={ctx:>6d}: prefill indexer per Full layer median {lay['median_s']:.3f} s "

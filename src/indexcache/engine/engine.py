@@ -23,14 +23,16 @@ an engine never changes the model.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..model.dsa import Context, DSAForCausalLM
+from ..model.dsa import Context, DSAForCausalLM, MoE
 from ..model.rope import Rope
 from ..ops.backends import check_backend, default_backend, get_backend
+from ..ops.common import DEFAULT_BUDGET_BYTES
 from ..ops.fp8 import act_quant
 from ..ops.indexer import indexer_topk, indexer_topk_fused
 from ..pattern import Pattern
@@ -81,6 +83,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         fp8_index_cache: bool | None = None,
         fused_topk_from: int | None = FUSED_TOPK_FROM_KEYS,
+        select_budget_bytes: int = DEFAULT_BUDGET_BYTES,
     ):
         self.model = model.eval()
         cfg = model.config
@@ -94,6 +97,11 @@ class Engine:
         # prefill chunks whose windows reach this many keys select through the fused indexer + top-k (it
         # needs the backend's candidates kernel); decode keeps the unfused, graph-safe path
         self.fused_topk_from = fused_topk_from if self.ops.indexer_candidates is not None else None
+        # the prefill selection scores a chunk's queries in pieces whose [rows, keys] logits fit this budget:
+        # at 200K keys the default leaves about 160 rows a piece, one top-k program per row
+        if select_budget_bytes <= 0:
+            raise ValueError(f"select_budget_bytes must be positive, got {select_budget_bytes}")
+        self.select_budget_bytes = select_budget_bytes
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
         self.topk = cfg.index_topk
@@ -206,7 +214,8 @@ class Engine:
                                      k_scale=k_scale, index_dtype=torch.int32)
         else:  # int32, as the top-k writes them and sparse attention reads them: no casts in the step
             idx = indexer_topk(q, k, w, torch.zeros_like(ke), ke, self.topk, backend=self.ops, trim=trim,
-                               ke_host=ke_host, k_scale=k_scale, index_dtype=torch.int32)
+                               ke_host=ke_host, k_scale=k_scale, index_dtype=torch.int32,
+                               budget_bytes=self.select_budget_bytes)
         if self.selections is not None:
             self.selections.append(idx.cpu())
         return idx
@@ -214,7 +223,45 @@ class Engine:
     def _scales(self, i: int, rows) -> torch.Tensor | None:
         return self.index_scale[i][rows] if self.fp8_index else None
 
-    def _prefill_chunk(self, slot: int, ids: torch.Tensor, p0: int) -> torch.Tensor:
+    @torch.no_grad()
+    def warm_up(self, length: int, slot: int = 0, seed: int = 0) -> float:
+        """Compile the kernel variants that a prefill of ``length`` tokens runs, before anything is timed or
+        served; returns the seconds it took. Kernels specialise on the key count (the top-k changes its
+        schedule and sample size with the row length), so the first long prefill of a process would
+        otherwise compile them on its way, once per new variant: at 200K keys that once added 72 s to the
+        first Full layer of a 132 s prefill. Random tokens run every chunk of a ``length``-token prompt
+        through the first layers only (:meth:`warm_up_layers`: a Full, a Shared and an MoE layer, as far as
+        the pattern and the model have them), a few percent of a whole prefill; request ``slot`` is left
+        empty."""
+        if not 0 < length <= self.max_len:
+            raise ValueError(f"warm-up length {length} must be in [1, {self.max_len}] (the engine's max_len)")
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} outside [0, {self.max_batch})")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        ids = torch.randint(0, self.cfg.vocab_size, (length,), generator=gen).to(self.device)
+        layers = self.warm_up_layers()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for p0 in range(0, length, self.chunk):
+            self._prefill_chunk(slot, ids[p0 : p0 + self.chunk], p0, layers=layers)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.lengths[slot] = 0
+        return time.perf_counter() - t0
+
+    def warm_up_layers(self) -> int:
+        """How many leading layers :meth:`warm_up` runs: through the first Full layer, the first Shared
+        layer and the first MoE layer, where the pattern and the model have one."""
+        firsts = [self.pattern.full_layers[0]]
+        if self.pattern.shared_layers:
+            firsts.append(self.pattern.shared_layers[0])
+        moe = [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.mlp, MoE)]
+        if moe:
+            firsts.append(moe[0])
+        return max(firsts) + 1
+
+    def _prefill_chunk(self, slot: int, ids: torch.Tensor, p0: int, layers: int | None = None) -> torch.Tensor:
         p1 = p0 + ids.shape[0]
         positions = torch.arange(p0, p1, device=self.device)
         ke = (positions + 1).to(torch.int32)
@@ -235,7 +282,7 @@ class Engine:
 
         h = self.model.model.embed_tokens(ids)[None]  # [1, C, hidden]
         ctx, idx = self.context(positions), None
-        for i in range(self.cfg.num_hidden_layers):
+        for i in range(self.cfg.num_hidden_layers if layers is None else layers):
             h, idx = self._layer(i, h, ctx, idx, write, select, attend, graph_safe=False)
         return h[0]
 
