@@ -33,6 +33,7 @@ import torch
 from ..config import DSAConfig
 from ..errors import OptionError
 from ..ops.common import DEFAULT_BUDGET_BYTES
+from ..ops.triton_support import compiled_variants, variants_added
 from ..outputs import write_report
 from ..pattern import Pattern
 
@@ -340,10 +341,13 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
 
     for name, pat in named.items():
         warm = Engine(model, pat, max_batch=1, max_len=max_ctx + 64, chunk=chunk, **fused)
+        compiled0 = compiled_variants()
         with tally():  # the timed prefills count their top-k's fallbacks: the same kernel variants here
             warm_s = warm.warm_up(max_ctx)
+        warm_compiled = variants_added(compiled0, compiled_variants())
         warm.decode(torch.zeros(1, dtype=torch.long, device="cuda"))
-        log(f"{name:12s} warm-up: {max_ctx} tokens through {warm.warm_up_layers()} layers in {warm_s:.1f} s")
+        log(f"{name:12s} warm-up: {max_ctx} tokens through {warm.warm_up_layers()} layers in {warm_s:.1f} s, "
+            f"compiled {warm_compiled or 'nothing new'}")
         del warm
         for ctx in contexts:
             torch.cuda.empty_cache()
@@ -351,9 +355,10 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             per_req = None
             eng = Engine(model, pat, max_batch=1, max_len=ctx + decode_steps + 8, chunk=chunk, **fused)
             per_req = eng.cache_bytes_per_token
-            ttfts, shares, layers_ms, topks, retries = [], [], [], [], []
+            ttfts, shares, layers_ms, topks, retries, compiled = [], [], [], [], [], []
             for _ in range(repeats):  # each prefill rewrites slot 0 from position 0
                 retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+                compiled0 = compiled_variants()
                 with tally() as counted:
                     eng.timer = timer = EventTimer(counted)
                     torch.cuda.synchronize()
@@ -365,12 +370,15 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
                 layers_ms.append(timer.per_layer("indexer"))
                 topks.append(counted.summary())
                 retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0)
+                compiled.append(variants_added(compiled0, compiled_variants()))
             eng.timer = None
             ttft = sorted(ttfts)[len(ttfts) // 2]
             at = ttfts.index(ttft)
             tot = shares[at]
             row = {"pattern": name, "pattern_str": str(pat), "num_full": len(pat.full_layers), "context": ctx,
-                   "warm_up_s": warm_s, "warm_up_tokens": max_ctx,
+                   "warm_up_s": warm_s, "warm_up_tokens": max_ctx, "warm_up_compiled": warm_compiled,
+                   # kernel variants compiled inside the timed prefill (none, if the warm-up covered it)
+                   "prefill_compiled": compiled[at],
                    "ttft_s": ttft, "ttft_all_s": ttfts, "prefill_indexer_s": tot.get("indexer", 0.0) / 1e3,
                    "prefill_attention_s": tot.get("attention", 0.0) / 1e3,
                    "prefill_indexer_share": tot.get("indexer", 0.0) / 1e3 / ttft,
@@ -394,7 +402,8 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
                 log(f"{name:12s} ctx={ctx:>6d}: prefill indexer per Full layer median {lay['median_s']:.3f} s "
                     f"(layer {lay['min_layer']} {lay['min_s']:.3f} to layer {lay['max_layer']} {lay['max_s']:.3f}), "
                     f"top-k {tk['schedules']}, re-read rows {tk['sample_reread_rows']}, "
-                    f"radix fallback rows {tk['radix_fallback_rows']}, allocator retries {retries[at]}")
+                    f"radix fallback rows {tk['radix_fallback_rows']}, allocator retries {retries[at]}, compiled "
+                    f"in the timing {compiled[at] or 'nothing'}")
             dt = _decode_rate(eng, 1, decode_steps)
             row["decode_b1_ms"] = dt * 1e3
             row["decode_b1_tok_s"] = 1.0 / dt

@@ -10,6 +10,7 @@ how CI tests them.
 from __future__ import annotations
 
 import os
+import sys
 
 try:  # pragma: no cover - depends on the install
     import triton  # noqa: F401
@@ -63,3 +64,30 @@ def resources(name: str) -> dict | None:
 def require_triton() -> None:
     if not HAVE_TRITON:
         raise RuntimeError("the triton backend needs the `triton` package (pip install triton)")
+
+
+def compiled_variants() -> dict[str, int]:
+    """How many compiled variants each launched kernel of :mod:`indexcache.ops` holds in this process,
+    ``{"topk.kernel._topk_sample_kernel": 3, ...}``: two snapshots around a region name the kernels that
+    compiled inside it (a benchmark's timing should find none). Reads Triton's in-process kernel cache
+    (``JITFunction.device_caches``, through an autotuner's ``fn``); empty under the interpreter, which
+    compiles nothing."""
+    out: dict[str, int] = {}
+    for modname, module in list(sys.modules.items()):
+        if not modname.startswith("indexcache.ops.") or module is None:
+            continue
+        for name, obj in list(vars(module).items()):
+            caches = getattr(getattr(obj, "fn", obj), "device_caches", None)
+            if not isinstance(caches, dict):
+                continue
+            n = sum(len(entry[0]) for entry in list(caches.values()) if isinstance(entry, tuple) and entry
+                    and isinstance(entry[0], dict))
+            if n:
+                out[f"{modname.removeprefix('indexcache.ops.')}.{name}"] = n
+    return out
+
+
+def variants_added(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The kernels of ``after`` (:func:`compiled_variants`) with more variants than in ``before``, and how
+    many more."""
+    return {k: n - before.get(k, 0) for k, n in sorted(after.items()) if n > before.get(k, 0)}
