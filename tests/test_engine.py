@@ -4,6 +4,7 @@ Triton + CUDA-graph path on a GPU."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,19 +47,22 @@ def test_prefill_matches_model(pattern):
         assert int(eng.lengths[0]) == 40
 
 
-def test_prefill_timer_sees_every_layer_by_name_and_index():
-    from contextlib import contextmanager
-
-    model = tiny_model()
-    eng = Engine(model, "FSFS", max_batch=1, max_len=64, chunk=16)
-    seen = []
+def recording_timer(seen: list):
+    """An engine timer that records each region's (name, layer) in ``seen``."""
 
     @contextmanager
     def timer(name, layer):
         seen.append((name, layer))
         yield
 
-    eng.timer = timer
+    return timer
+
+
+def test_prefill_timer_sees_every_layer_by_name_and_index():
+    model = tiny_model()
+    eng = Engine(model, "FSFS", max_batch=1, max_len=64, chunk=16)
+    seen = []
+    eng.timer = recording_timer(seen)
     ids = torch.randint(0, model.config.vocab_size, (40,))
     with torch.no_grad():
         timed = eng.prefill(0, ids)
@@ -159,8 +163,6 @@ def test_cache_memory_quarter_pattern():
 
 @pytest.mark.parametrize("pattern,layers", [("FFFF", 2), ("FFSF", 3), ("FSFS", 2)])
 def test_warm_up_runs_every_chunk_through_the_first_layers_and_leaves_nothing(pattern, layers):
-    from contextlib import contextmanager
-
     model = tiny_model()  # layer 0 dense, layers 1-3 MoE
     ids = torch.randint(0, model.config.vocab_size, (40,))
     fresh = Engine(model, pattern, max_batch=2, max_len=64, chunk=16)
@@ -168,16 +170,13 @@ def test_warm_up_runs_every_chunk_through_the_first_layers_and_leaves_nothing(pa
         expected = fresh.prefill(1, ids)
     eng = Engine(model, pattern, max_batch=2, max_len=64, chunk=16)
     seen = []
-
-    @contextmanager
-    def timer(name, layer):
-        seen.append((name, layer))
-        yield
-
-    eng.timer = timer
+    eng.timer = recording_timer(seen)
+    eng.selections = []
     assert eng.warm_up_layers() == layers  # through the first Full, Shared and MoE layer
     secs = eng.warm_up(50, slot=1)
     eng.timer = None
+    assert eng.selections == []  # the warm-up records no selections
+    eng.selections = None
     assert secs >= 0.0
     # four chunks of a 50-token prompt, each through the first `layers` layers only
     assert [layer for name, layer in seen if name == "attention"] == list(range(layers)) * 4

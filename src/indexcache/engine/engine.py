@@ -242,12 +242,16 @@ class Engine:
         layers = self.warm_up_layers()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        selections, self.selections = self.selections, None  # the warm-up's selections are nobody's
         t0 = time.perf_counter()
-        for p0 in range(0, length, self.chunk):
-            self._prefill_chunk(slot, ids[p0 : p0 + self.chunk], p0, layers=layers)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.lengths[slot] = 0
+        try:
+            for p0 in range(0, length, self.chunk):
+                self._prefill_chunk(slot, ids[p0 : p0 + self.chunk], p0, layers=layers)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.selections = selections
+            self.lengths[slot] = 0
         return time.perf_counter() - t0
 
     def warm_up_layers(self) -> int:
