@@ -22,6 +22,11 @@ U_FP32 = 2.0**-24
 U_BF16 = 2.0**-8  # round to nearest, 8 significant bits (7 stored): u = 2^-p
 U_FP16 = 2.0**-11
 U_FP8_ACCUMULATE = 2.0**-14
+# fp32 products as three tf32 tensor-core products (ops.triton_support's "tf32x3"): each operand is split
+# into a tf32 head (10 stored bits: off by at most 2^-10 of the value, truncated or rounded) and a tf32 tail
+# (the rest, again to 10 bits: off by 2^-20); head x head + head x tail + tail x head then misses each
+# tail's error (2^-20 of the product each) and the dropped tail x tail (2^-20): 3 x 2^-20 < 2^-18
+U_TF32X3 = 2.0**-18
 
 
 def gamma(n: int, u: float) -> float:

@@ -129,3 +129,20 @@ def test_kernel_table_ranks_kernels_by_their_own_device_time():
     assert [k["name"] for k in table["kernels"]] == ["_mqa_logits_kernel", "_topk_sample_kernel"]
     assert table["kernels"][0] == {"name": "_mqa_logits_kernel", "calls": 50, "s": pytest.approx(0.9),
                                    "share": pytest.approx(0.9 / 1.3)}
+
+
+def test_e2e_rows_pair_with_all_full_at_their_own_selection_budget():
+    from indexcache.bench.e2e import _speedups, table
+
+    def row(pattern: str, full: int, budget: int, ttft: float) -> dict:
+        return {"pattern": pattern, "num_full": full, "context": 200_000, "select_budget_bytes": budget << 20,
+                "ttft_s": ttft, "prefill_indexer_share": 0.5, "decode_b1_tok_s": 50.0,
+                "decode_b1": {"indexer_share": 0.2}, "decode_large_tok_s": 300.0, "large_batch": 2,
+                "cache_bytes_per_token": 1000, "peak_memory_gib": 10.0}
+
+    result = {"runs": [row("all-Full", 4, 256, 8.0), row("uniform 1/4", 1, 256, 4.0),
+                       row("all-Full", 4, 2048, 6.0), row("uniform 1/4", 1, 2048, 4.0)]}
+    _speedups(result)
+    assert [r["prefill_speedup"] for r in result["runs"]] == pytest.approx([1.0, 2.0, 1.0, 1.5])
+    lines = table(result).splitlines()
+    assert [line.split("|")[2].strip() for line in lines[2:]] == ["256", "256", "2048", "2048"]

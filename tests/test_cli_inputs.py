@@ -154,6 +154,8 @@ def test_every_command_takes_every_pattern_form(capsys, tiny_dir, tmp_path):
     (["bench", "kernels", "--out", "o.json", "--fused-from", "65536"], "--fused-from is for bench e2e"),
     (["bench", "e2e", "--out", "o.json", "--fused-from", "0"], "--fused-from"),
     (["bench", "e2e", "--out", "o.json", "--repeats", "0"], "--repeats"),
+    (["bench", "e2e", "--out", "o.json", "--select-budget-mb", "256,256"], "a value is repeated in '256,256'"),
+    (["bench", "e2e", "--out", "o.json", "--select-budget-mb", "256,0"], "--select-budget-mb: expected a positive"),
     (["bench", "e2e", "--out", "o.json", "--dtype", "float32"], "--dtype sets a checkpoint's dtype in bench e2e"),
     (["bench", "kernels", "--out", "o.json", "--parts", "topk,topk_engines"], "unknown kernel group 'topk_engines'"),
 ])

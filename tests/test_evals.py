@@ -316,6 +316,8 @@ def test_a_stopped_eval_resumes_where_it_stopped_and_gives_the_same_report(tmp_p
     assert "--resume continues it" in err and err.count("\n") == 1
     assert main([*base[:-1], "--samples", "3", "--quiet", "--resume", "--out", str(out)]) == 2  # another evaluation
     assert "differs in samples" in capsys.readouterr().err
+    assert main([*base, "--fp32-dot", "tf32x3", "--resume", "--out", str(out)]) == 2  # other fp32 products
+    assert "differs in fp32_dot" in capsys.readouterr().err
 
     calls.clear()
     monkeypatch.setattr(runner, "run_sample", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -323,7 +325,7 @@ def test_a_stopped_eval_resumes_where_it_stopped_and_gives_the_same_report(tmp_p
     assert len(calls) == 8 - 3  # 2 patterns x 2 families x 2 samples, three of them already scored
     a, b = json.loads(whole.read_text()), json.loads(out.read_text())
     assert b["resumed"]["samples"] == 3 and b["resumed"]["ppl_sets"] == 1 and "resumed" not in a
-    assert a["samples"] == b["samples"]
+    assert a["samples"] == b["samples"] and "fp32_dot" not in a  # named only where it acts: fp32 on a GPU
     for x, y in zip(a["results"], b["results"], strict=True):
         assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
     assert not Path(f"{out}.partial").exists()

@@ -124,7 +124,7 @@ def test_topk_log_summary_reads_the_per_call_lines(tmp_path):
     assert bad.returncode != 0 and "no 'topk on engine logits" in bad.stderr and not (tmp_path / "e.json").exists()
 
 
-def test_long_study_runs_one_eval_per_pattern_and_reads_32k_with_yarn():
+def test_long_study_runs_one_eval_per_pattern_and_reads_32k_with_yarn(monkeypatch):
     pats = "FFFFFFFFFFFFFFFF FSFSFSFSFSFSFSFS"
     cmds = dry_run("scripts/long_study.sh", "16384", pats)
     assert len(cmds) == 2
@@ -136,9 +136,41 @@ def test_long_study_runs_one_eval_per_pattern_and_reads_32k_with_yarn():
     (cmd,) = dry_run("scripts/long_study.sh", "32768", "FSSSFSSSFSSSFSSS")
     args = build_parser().parse_args(cmd)
     assert args.model == "runs/yarn2-dsa-mini" and args.lengths == [32768]
+    assert args.fp32_dot == "ieee"
+    monkeypatch.setenv("FP32_DOT", "tf32x3")
+    (cmd,) = dry_run("scripts/long_study.sh", "32768", "FSSSFSSSFSSSFSSS")
+    monkeypatch.delenv("FP32_DOT")
+    assert build_parser().parse_args(cmd).fp32_dot == "tf32x3"
     bad = subprocess.run(["bash", "scripts/long_study.sh", "20000", "FFFFFFFFFFFFFFFF"], cwd=ROOT,
                          env={**os.environ, "DRY_RUN": "1", "OUT": "o"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "multiple of 16384" in bad.stderr
+
+
+def test_compare_evals_matches_samples_and_counts_what_agrees(tmp_path, capsys):
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compare_evals import main
+
+    def report(outputs: list[str], seconds: float) -> dict:
+        samples = [{"pattern": "FF", "length": 64, "family": "passkey", "index": i, "answers": [str(i)],
+                    "outputs": [o], "score": float(o.strip() == str(i))} for i, o in enumerate(outputs)]
+        return {"command": "indexcache eval", "samples": samples,
+                "results": [{"pattern": "FF", "length": 64, "seconds": seconds, "ppl": {"w": 9.0}}]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(report([" 0", " 1", " 7", " 3"], 8.0)))
+    b.write_text(json.dumps(report([" 0", " 1", " 2", " 9", " 4"], 2.5)))  # one more sample: not shared
+    assert main([str(a), str(b), "--out", str(tmp_path / "c.json")]) == 0
+    (row,) = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert (row["samples"], row["same_outputs"], row["same_scores"]) == (4, 2, 2)
+    assert (row["base_score"], row["other_score"]) == (75.0, 75.0)
+    assert [d["index"] for d in row["differ"]] == [2, 3]
+    assert "0.50 s each" in capsys.readouterr().out  # 2.5 s over its 5 samples
+    other = report([" 0"], 1.0)
+    other["samples"][0]["answers"] = ["5"]
+    b.write_text(json.dumps(other))
+    assert main([str(a), str(b)]) == 2  # the same index with other answers is another prompt
 
 
 def test_heldout_numbers_scores_the_trainers_heldout_books(tmp_path):

@@ -43,6 +43,16 @@ def positive_int(text: str) -> int:
     return _number(text, int, 1, accepted="a positive integer")
 
 
+def positive_ints(text: str) -> list[int]:
+    """``256,2048``: positive integers, comma-separated, each at most once."""
+    items = [positive_int(x) for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    if len(set(items)) < len(items):
+        raise argparse.ArgumentTypeError(f"a value is repeated in {text!r}")
+    return items
+
+
 def nonneg_int(text: str) -> int:
     return _number(text, int, 0, accepted="a whole number >= 0")
 
@@ -1039,6 +1049,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--decode", default="cache", choices=["cache", "recompute"],
                    help="cache: the engine's latent/indexer caches (default); recompute: a full forward per step")
+    p.add_argument("--fp32-dot", default="ieee", choices=["ieee", "tf32x3"], help="float32 on a GPU: how the "
+                   "Triton kernels multiply (ieee: exact fp32, default; tf32x3: three tensor-core tf32 products, "
+                   "about 2^-21 relative error per product, several times faster)")
     p.add_argument("--no-draft", action="store_true",
                    help="with --decode recompute: one token per forward instead of verifying context drafts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -1136,8 +1149,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "indexcache eval runs by default)")
     p.add_argument("--profile", action="store_true", help="e2e: one more prefill per row under torch.profiler, "
                    "its longest GPU kernels kept in the JSON (use few --layers at long contexts)")
-    p.add_argument("--select-budget-mb", type=positive_int, default=None, help="e2e: MB of indexer logits per "
-                   "piece of a prefill chunk (default 256: about 160 query rows a piece at 200K keys)")
+    p.add_argument("--select-budget-mb", type=positive_ints, default=None, help="e2e: MB of indexer logits per "
+                   "piece of a prefill chunk (default 256: about 160 query rows a piece at 200K keys); several, "
+                   "comma-separated, time each pattern under each in one process")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="generate text with the engine (chunked prefill, cached decode)")

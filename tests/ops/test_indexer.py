@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bounds import U_FP8_ACCUMULATE, U_FP32, gamma
+from bounds import U_FP8_ACCUMULATE, U_FP32, U_TF32X3, gamma
 from markers import gpu, interpreter
 
 from indexcache.ops.common import window_mask
@@ -214,6 +214,34 @@ def test_kernel_logits_gpu(H, D):
         mag8 = _magnitude(q8, k8, w * qs, ks, ke, scale, ksc)
         bound8 = (gamma(D, U_FP8_ACCUMULATE) + gamma(H + 3, U_FP32)) * mag8 + 1e-30
         assert ((out8 - ref8).abs()[m] <= bound8[m]).all()
+
+
+@gpu
+@pytest.mark.parametrize("H,D", [(4, 64), (64, 128)])
+@pytest.mark.parametrize("mode", ["ieee", "tf32x3"])
+def test_kernel_fp32_logits_gpu_in_each_fp32_dot(H, D, mode):
+    """fp32 operands that are not bf16 values (tf32x3 would multiply those exactly): each product is off by
+    at most U_TF32X3 of its magnitude under tf32x3 and exact under ieee, then the fp32 sums of
+    test_kernel_logits_gpu. 4 heads x 64 dims is the bundled model's indexer."""
+    from indexcache.ops.indexer.kernel import indexer_logits as kernel
+    from indexcache.ops.triton_support import fp32_dot_mode
+
+    g = torch.Generator(device="cuda").manual_seed(H + D + len(mode))
+    u_product = U_TF32X3 if mode == "tf32x3" else 0.0
+    for G, qpb, T in ((1, 2048, 32768), (4, 1, 70000)):
+        R = G * qpb
+        q = torch.randn(R, H, D, device="cuda", generator=g)
+        k = torch.randn(G, T, D, device="cuda", generator=g)
+        w = torch.rand(R, H, device="cuda", generator=g)
+        ke = torch.randint(1, T + 1, (R,), device="cuda", generator=g, dtype=torch.int32)
+        ks = (ke - 20000).clamp_min(0)
+        m = window_mask(ks, ke, T)
+        scale = D**-0.5
+        with fp32_dot_mode(mode):
+            out = kernel(q, k, w, ks, ke, scale)
+        ref = indexer_logits(q, k, w, ks, ke, scale)
+        bound = (u_product + gamma(D + H + 2, U_FP32)) * _magnitude(q, k, w, ks, ke, scale) + 1e-30
+        assert ((out - ref).abs()[m] <= bound[m]).all() and torch.isneginf(out[~m]).all()
 
 
 @gpu

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from bounds import U_BF16, U_FP16, U_FP32, gamma, rel
+from bounds import U_BF16, U_FP16, U_FP32, U_TF32X3, gamma, rel
 from markers import gpu, interpreter
 
 from indexcache.ops.moe import moe_experts
@@ -264,6 +264,28 @@ def test_kernel_against_float64_on_gpu(shape):
 def test_kernel_with_shared_slots_against_float64_on_gpu(shape):
     N, k, E, D, inter, blocks = shape
     _gpu_check(N, k, E, D, inter, False, blocks)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(2048, 2, 4, 256, 160), (333, 4, 16, 2048, 1536)])
+@pytest.mark.parametrize("mode", ["ieee", "tf32x3"])
+def test_fp32_kernel_against_float64_on_gpu_in_each_fp32_dot(shape, mode):
+    """fp32 operands (the first shape is the bundled model's experts): the products are exact under ieee
+    and off by at most U_TF32X3 of their magnitude under tf32x3, on top of fp32 accumulation; h and the
+    output are rounded to fp32."""
+    from indexcache.ops.moe.kernel import moe_experts as kernel
+    from indexcache.ops.triton_support import fp32_dot_mode
+
+    N = shape[0]
+    g = torch.Generator().manual_seed(sum(shape) + len(mode))
+    ops = _operands(g, *shape, dtype=torch.float32, device="cuda")
+    with fp32_dot_mode(mode):
+        got = kernel(*ops)
+    pick = torch.randperm(N, generator=g)[: min(N, 48)].cuda()
+    x, wg, wu, wd, idx, w = ops
+    u_acc = U_FP32 + (U_TF32X3 if mode == "tf32x3" else 0.0)  # gamma(n, u) >= n u: covers the products too
+    exact, bound = _exact_and_bound(x[pick], wg, wu, wd, idx[pick], w[pick], u_acc, U_FP32)
+    _check(got[pick], exact, bound)
 
 
 @gpu

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bounds import U_BF16, U_FP32, gamma, rel
+from bounds import U_BF16, U_FP32, U_TF32X3, gamma, rel
 from markers import gpu, interpreter
 
 from indexcache.ops.sparse_mla import dense_mla_fused, mla_attention, sparse_mla
@@ -125,23 +125,32 @@ def test_kernel_cpu(H, n_split):
 
 @gpu
 @pytest.mark.parametrize("H", [20, 64, 128])
-def test_kernel_gpu(H):
+@pytest.mark.parametrize("operands", ["bf16", "fp32 ieee", "fp32 tf32x3"])
+def test_kernel_gpu(H, operands):
     """bf16 operands, fp32 logits and softmax, probabilities cast to bf16 for P @ V (once each, u = 2^-9),
     fp32 accumulation over the K selected rows. A logit off by d (its fp32 dot over Dk and the log2(e)
     scaling: d <= gamma(Dk + 2, 2^-24) sum_j |q_j k_j|) moves each normalised probability by a factor
     within exp(+-2d), so |out - ref| <= (u_bf16 + 2 d + gamma(K, 2^-24) + 2^-22 (exp2)) times
-    sum_t p_t |v_t| (the same sum on magnitudes)."""
+    sum_t p_t |v_t| (the same sum on magnitudes). fp32 operands keep the probabilities in fp32; under
+    tf32x3 every product of both dots is off by up to U_TF32X3 more (in d, and once more for P @ V)."""
     from indexcache.ops.sparse_mla.kernel import sparse_mla as kernel
+    from indexcache.ops.triton_support import fp32_dot_mode
 
-    g = torch.Generator(device="cuda").manual_seed(H)
+    g = torch.Generator(device="cuda").manual_seed(H + len(operands))
     K, DV, Dk = 2048, 512, 576
+    fp32, mode = operands.startswith("fp32"), operands.split()[-1]
+    u_p = 0.0 if fp32 else U_BF16  # the probabilities' rounding before P @ V
+    u_product = U_TF32X3 if mode == "tf32x3" else 0.0
     for G, qpb, T in ((1, 64, 8192), (3, 1, 40000)):
         R = G * qpb
-        q = torch.randn(R, H, Dk, device="cuda", generator=g).bfloat16()
-        kv = torch.randn(G, T, Dk, device="cuda", generator=g).bfloat16()
+        q = torch.randn(R, H, Dk, device="cuda", generator=g)
+        kv = torch.randn(G, T, Dk, device="cuda", generator=g)
+        if not fp32:
+            q, kv = q.bfloat16(), kv.bfloat16()
         idx = torch.stack([torch.randperm(T, device="cuda", generator=g)[:K] for _ in range(R)]).int()
         idx[R - 1, 7:] = -1
-        out, lse = kernel(q, kv, idx, Dk**-0.5, DV)
+        with fp32_dot_mode(mode if fp32 else "ieee"):
+            out, lse = kernel(q, kv, idx, Dk**-0.5, DV)
         ref, ref_lse = sparse_mla(q.float(), kv.float(), idx, Dk**-0.5, DV)  # the same values, fp32 throughout
         # the magnitude sum: the reference's probabilities on |v|
         cache = torch.arange(R, device="cuda").div(qpb, rounding_mode="floor")
@@ -151,9 +160,9 @@ def test_kernel_gpu(H):
         p = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
         mag = torch.einsum("rhk,rkd->rhd", p, rows[..., :DV].abs())
         logit_mag = (torch.einsum("rhd,rkd->rhk", q.float().abs(), rows.abs()) * Dk**-0.5).masked_fill(hidden, 0)
-        d_logit = gamma(Dk + 2, U_FP32) * logit_mag.amax(-1, keepdim=True)  # [R, H, 1]
-        bound = (U_BF16 + 2 * d_logit + gamma(K, U_FP32) + 2.0**-22) * mag + 1e-30
+        d_logit = (gamma(Dk + 2, U_FP32) + u_product) * logit_mag.amax(-1, keepdim=True)  # [R, H, 1]
+        bound = (u_p + u_product + 2 * d_logit + gamma(K, U_FP32) + 2.0**-22) * mag + 1e-30
         assert ((out - ref).abs() <= bound).all(), ((out - ref).abs() / bound).max()
         # lse moves by at most the largest logit error (the dot over Dk) plus the sum's and exp2's rounding
-        lse_bound = gamma(Dk + 2, U_FP32) * logit_mag.amax(-1) + gamma(K, U_FP32) + 2.0**-22 * ref_lse.abs() + 1e-6
+        lse_bound = (d_logit[..., 0] + gamma(K, U_FP32) + 2.0**-22 * ref_lse.abs() + 1e-6)
         assert ((lse - ref_lse).abs() <= lse_bound).all()

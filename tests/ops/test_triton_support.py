@@ -1,14 +1,17 @@
-"""The compiled-variant count that tells a benchmark whether kernels compiled inside its timing."""
+"""The compiled-variant count that tells a benchmark whether kernels compiled inside its timing, and the
+fp32 product mode the kernels are launched with."""
 
 from __future__ import annotations
 
 import sys
 import types
 
+import pytest
 import torch
 from markers import gpu
 
-from indexcache.ops.triton_support import compiled_variants, variants_added
+from indexcache.ops import triton_support
+from indexcache.ops.triton_support import compiled_variants, fp32_dot, fp32_dot_mode, set_fp32_dot, variants_added
 
 
 def test_compiled_variants_counts_each_launched_kernels_cache(monkeypatch):
@@ -43,3 +46,17 @@ def test_compiled_variants_sees_a_real_launch_compile_once():
     again = compiled_variants()
     topk(torch.randn(64, 3000, device="cuda"), 32, schedule="rows", block=256)  # the same variant: no compile
     assert variants_added(again, compiled_variants()) == {}
+
+
+def test_fp32_dot_mode_applies_to_fp32_on_the_gpu_only_and_is_restored(monkeypatch):
+    monkeypatch.setattr(triton_support, "interpreted", lambda: False)  # as on a GPU
+    assert fp32_dot(torch.float32) == "ieee" and fp32_dot(torch.bfloat16) == ""
+    with fp32_dot_mode("tf32x3"):
+        assert fp32_dot(torch.float32) == "tf32x3" and fp32_dot(torch.float16) == ""
+        with pytest.raises(ValueError, match="fp32 dot 'tf32': choose from ieee, tf32x3"):
+            set_fp32_dot("tf32")  # plain tf32 (10 bits a product) is not offered
+        assert fp32_dot(torch.float32) == "tf32x3"  # a refused mode changes nothing
+    assert fp32_dot(torch.float32) == "ieee"
+    monkeypatch.setattr(triton_support, "interpreted", lambda: True)
+    with fp32_dot_mode("tf32x3"):
+        assert fp32_dot(torch.float32) == ""  # the interpreter multiplies fp32 exactly whatever it is told

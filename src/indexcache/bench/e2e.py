@@ -22,6 +22,7 @@ For each pattern (all-Full, uniform 1/2, uniform 1/4) and context length:
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -270,7 +271,7 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
         decode_steps: int = 32, large_batch: int = 8, patterns: list[str] | None = None,
         model_dir: str | None = None, pattern_specs: list[str] | None = None,
         fused_from: int | None = None, dtype: str = "bfloat16", repeats: int | None = None,
-        profile: bool = False, select_budget_mb: int | None = None) -> dict:
+        profile: bool = False, select_budget_mb: int | list[int] | None = None) -> dict:
     """The engine's prefill and decode speed per pattern and context. By default on a random
     GLM-4.7-Flash-DSA-shaped model (``experts``, ``layers``) under all Full and uniform 1/2 and 1/4
     (``patterns`` picks among those names); with ``model_dir``, on that checkpoint (bf16) under all Full and
@@ -281,7 +282,9 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
     3 on a checkpoint, 1 on the random shape, whose 200K prefills take a minute each). ``profile``: each row
     adds one more prefill under ``torch.profiler`` and keeps its longest kernels (``prefill_profile``; with
     few ``layers`` it costs little at 200K). ``select_budget_mb``: the memory of each piece of a prefill
-    chunk's indexer logits (the engine's ``select_budget_bytes``; default the engine's)."""
+    chunk's indexer logits (the engine's ``select_budget_bytes``; default the engine's); a list times every
+    pattern under each budget in turn, in this one process, so that they compare on the same compiled kernels
+    (each row names its ``select_budget_bytes``)."""
     from ..engine import Engine
 
     if not torch.cuda.is_available():
@@ -326,11 +329,12 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
         "model": {**described, "params": sum(p.numel() for p in model.parameters())},
         "chunk": chunk, "decode_steps": decode_steps, "targets": TARGETS, "runs": [],
     }
-    fused = {} if fused_from is None else {"fused_topk_from": fused_from}
-    if select_budget_mb is not None:
-        fused["select_budget_bytes"] = select_budget_mb << 20
+    fused0 = {} if fused_from is None else {"fused_topk_from": fused_from}
+    if isinstance(select_budget_mb, int):
+        select_budget_mb = [select_budget_mb]
+    budgets = [mb << 20 for mb in select_budget_mb] if select_budget_mb else [DEFAULT_BUDGET_BYTES]
     result["fused_topk_from"] = fused_from
-    result["select_budget_bytes"] = fused.get("select_budget_bytes", DEFAULT_BUDGET_BYTES)
+    result["select_budget_bytes"] = budgets[0] if len(budgets) == 1 else budgets
     repeats = repeats or (3 if model_dir is not None else 1)
     result["prefill_repeats"] = repeats
     # warm-up: compile every kernel variant this pattern's prefill and decode use, outside the timings. Kernels
@@ -339,7 +343,8 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
     # first 200K prefill once compiled in its timing, 72 s of its 132 in the first Full layer
     from ..ops.topk.kernel import tally
 
-    for name, pat in named.items():
+    for budget, (name, pat) in itertools.product(budgets, named.items()):
+        fused = {**fused0, "select_budget_bytes": budget}
         warm = Engine(model, pat, max_batch=1, max_len=max_ctx + 64, chunk=chunk, **fused)
         compiled0 = compiled_variants()
         with tally():  # the timed prefills count their top-k's fallbacks: the same kernel variants here
@@ -376,6 +381,7 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
             at = ttfts.index(ttft)
             tot = shares[at]
             row = {"pattern": name, "pattern_str": str(pat), "num_full": len(pat.full_layers), "context": ctx,
+                   "select_budget_bytes": budget,
                    "warm_up_s": warm_s, "warm_up_tokens": max_ctx, "warm_up_compiled": warm_compiled,
                    # kernel variants compiled inside the timed prefill (none, if the warm-up covered it)
                    "prefill_compiled": compiled[at],
@@ -442,9 +448,12 @@ def run(out: str | Path, contexts: list[int], experts: int = 16, layers: int = 4
 
 
 def _speedups(result: dict) -> None:
-    base = {r["context"]: r for r in result["runs"] if r["pattern"] == "all-Full"}
+    def key(r: dict) -> tuple:  # each row against all Full at its context and selection budget
+        return r["context"], r.get("select_budget_bytes")
+
+    base = {key(r): r for r in result["runs"] if r["pattern"] == "all-Full"}
     for r in result["runs"]:
-        b = base.get(r["context"])
+        b = base.get(key(r))
         if b is None:
             continue
         removed = 1.0 - r["num_full"] / b["num_full"]
@@ -457,12 +466,15 @@ def _speedups(result: dict) -> None:
 
 
 def table(result: dict) -> str:
-    lines = ["| pattern | context | TTFT s | indexer % prefill | prefill speedup | Amdahl limit | decode b1 tok/s "
-             "| indexer % decode | decode speedup | batch | decode tok/s | cache B/token | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pattern | select MB | context | TTFT s | indexer % prefill | prefill speedup | Amdahl limit "
+             "| decode b1 tok/s | indexer % decode | decode speedup | batch | decode tok/s | cache B/token "
+             "| peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
+        budget = r.get("select_budget_bytes", result.get("select_budget_bytes", DEFAULT_BUDGET_BYTES))
         lines.append(
-            f"| {r['pattern']} | {r['context']} | {r['ttft_s']:.2f} | {100 * r['prefill_indexer_share']:.0f} | "
+            f"| {r['pattern']} | {budget >> 20} | {r['context']} | {r['ttft_s']:.2f} | "
+            f"{100 * r['prefill_indexer_share']:.0f} | "
             f"{r.get('prefill_speedup', 1):.2f}x | {r.get('prefill_amdahl_limit', 1):.2f}x | "
             f"{r['decode_b1_tok_s']:.1f} | {100 * r['decode_b1']['indexer_share']:.0f} | "
             f"{r.get('decode_b1_speedup', 1):.2f}x | {r['large_batch']} | {r['decode_large_tok_s']:.0f} | "
@@ -477,8 +489,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["pattern"] for r in result["runs"]):
-        rs = [r for r in result["runs"] if r["pattern"] == name]
+    several = len({r.get("select_budget_bytes") for r in result["runs"]}) > 1
+    for pattern, budget in dict.fromkeys((r["pattern"], r.get("select_budget_bytes")) for r in result["runs"]):
+        rs = [r for r in result["runs"] if (r["pattern"], r.get("select_budget_bytes")) == (pattern, budget)]
+        name = f"{pattern}, {budget >> 20} MB pieces" if several else pattern
         ctx = [r["context"] / 1000 for r in rs]
         axes[0].plot(ctx, [r["ttft_s"] for r in rs], marker="o", label=name)
         axes[1].plot(ctx, [r["decode_b1_tok_s"] for r in rs], marker="o", label=name)

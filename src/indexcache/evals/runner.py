@@ -35,6 +35,7 @@ from ..architectures import model_info
 from ..data.text import DataError, load_tokenizer, token_windows
 from ..intervals import average_ci, mean_ci, paired_difference
 from ..model.dsa import DSAForCausalLM
+from ..ops.triton_support import FP32_DOTS, set_fp32_dot
 from ..outputs import write_atomic
 from ..pattern import Pattern
 from ..runner import open_model
@@ -246,6 +247,7 @@ class EvalOptions:
     device: str = "cpu"
     dtype: str = "float32"
     decode: str = "cache"  # cache (the engine) | recompute (full forward per step)
+    fp32_dot: str = "ieee"  # fp32 products of the GPU kernels (ops.triton_support.FP32_DOTS)
     draft: bool = True  # recompute only: verify context drafts (same tokens, fewer forwards)
     progress: bool = True
     command: str = ""
@@ -310,6 +312,8 @@ def run_eval(opt: EvalOptions) -> dict:
                         f"{info.max_position_embeddings}")
     if opt.decode not in ("cache", "recompute"):
         raise TaskError(f"unknown decode mode {opt.decode!r} (choose from cache, recompute)")
+    if opt.fp32_dot not in FP32_DOTS:
+        raise TaskError(f"unknown fp32 dot {opt.fp32_dot!r} (choose from {', '.join(FP32_DOTS)})")
     if not families and not opt.ppl_data:
         raise TaskError("nothing to evaluate: --tasks none measures perplexity only, so give --ppl-data too")
     # the engine decodes under CUDA graphs, which the FP8 layers are not yet checked in: FP8 is dequantised
@@ -351,10 +355,13 @@ def run_eval(opt: EvalOptions) -> dict:
     row_scores: dict[tuple[str, int], dict[str, list[float]]] = {}
     hf = opened.backend == "hf"
     signature = {k: getattr(opt, k) for k in SIGNATURE} | {"patterns": [str(p) for p in patterns]}
+    if opt.fp32_dot != "ieee":  # named only when it is not the default, so older progress files still resume
+        signature["fp32_dot"] = opt.fp32_dot
     progress = Progress(opt.progress_file, signature, opt.resume)
     if opt.progress and any(progress.resumed.values()):
         print(f"indexcache: resuming {progress.resumed['samples']} scored samples and {progress.resumed['ppl_sets']} "
               f"perplexity sets from {opt.progress_file}", file=sys.stderr)
+    previous_dot = set_fp32_dot(opt.fp32_dot)  # the GPU kernels' fp32 products, for this evaluation only
     try:
         for pat in patterns:
             engine = None
@@ -417,9 +424,12 @@ def run_eval(opt: EvalOptions) -> dict:
     except BaseException:  # an interruption (Ctrl-C, SIGTERM under a time limit) or a failure keeps what is done
         progress.save(force=True)
         raise
+    finally:
+        set_fp32_dot(previous_dot)
     compare_with_all_full(results, row_scores)
     return {
         "command": opt.command, "model": opt.model, "device": opt.device, "dtype": opt.dtype, "seed": opt.seed,
+        **({"fp32_dot": opt.fp32_dot} if opt.dtype == "float32" and opt.device.startswith("cuda") else {}),
         "samples_per_task": opt.samples, "lengths": opt.lengths, "tasks": families,
         "haystack": hay.name if hay else None, "ppl_data": dict(ppl_sets), "ppl_windows": opt.ppl_windows,
         "backend": opened.backend, "architecture": info.architecture,

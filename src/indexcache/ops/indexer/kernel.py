@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
+from ..triton_support import HAVE_TRITON, LAST_COMPILED, fp32_dot, require_triton
 
 if HAVE_TRITON:
     import triton
@@ -29,7 +29,7 @@ if HAVE_TRITON:
         S, N, QPB,
         sq_s, sq_h, sk_b, sk_n, ssc_b, sw_s, so_s,
         H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
-        HAS_SCALE: tl.constexpr, KEY_MAJOR: tl.constexpr, IEEE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, KEY_MAJOR: tl.constexpr, FP32_DOT: tl.constexpr,
         TAU=None, CNT=None, CIDX=None, CAP=0, CAND: tl.constexpr = False,
     ):
         pid_q = tl.program_id(0)
@@ -66,8 +66,8 @@ if HAVE_TRITON:
             n_ok = n < N
             kt = tl.load(Kb + n[:, None].to(tl.int64) * sk_n + d[None, :], mask=n_ok[:, None], other=0.0)
             if KEY_MAJOR:
-                if IEEE:
-                    s = tl.dot(kt, tl.trans(q), input_precision="ieee")  # [BN, BQ*H]
+                if FP32_DOT != "":  # fp32 operands: the chosen product (Triton's own default for fp32 is tf32)
+                    s = tl.dot(kt, tl.trans(q), input_precision=FP32_DOT)  # [BN, BQ*H]
                 else:
                     s = tl.dot(kt, tl.trans(q))
                 s = tl.maximum(s, 0.0) * w[None, :]
@@ -88,8 +88,8 @@ if HAVE_TRITON:
                     lg = tl.where(inside, lg, float("-inf"))
                     tl.store(out_rows[None, :] + n[:, None], lg, mask=n_ok[:, None] & r_ok[None, :])
             else:
-                if IEEE:
-                    s = tl.dot(q, tl.trans(kt), input_precision="ieee")  # [BQ*H, BN]
+                if FP32_DOT != "":
+                    s = tl.dot(q, tl.trans(kt), input_precision=FP32_DOT)  # [BQ*H, BN]
                 else:
                     s = tl.dot(q, tl.trans(kt))
                 s = tl.maximum(s, 0.0) * w[:, None]
@@ -134,13 +134,12 @@ def _launch(q, k, w, ks, ke, k_scale, out, S, N, qpb, sk_b, ssc_b, block_q, bloc
     if n_split is None:
         target = 2 * _num_sms(q.device)
         n_split = 1 if n_qblocks >= target else min(triton.cdiv(target, n_qblocks), max(1, triton.cdiv(N, block_n)))
-    ieee = q.dtype == torch.float32 and not interpreted()
     grid = (n_qblocks, n_split)
     LAST_COMPILED["mqa_logits"] = _mqa_logits_kernel[grid](
         q, k, k_scale if k_scale is not None else w, w, ks, ke, out,
         S, N, qpb,
         q.stride(-3), q.stride(-2), sk_b, k.stride(-2), ssc_b, w.stride(-2), out.stride(-2),
-        H=H, D=D, BQ=bq, BN=block_n, HAS_SCALE=k_scale is not None, KEY_MAJOR=key_major, IEEE=ieee,
+        H=H, D=D, BQ=bq, BN=block_n, HAS_SCALE=k_scale is not None, KEY_MAJOR=key_major, FP32_DOT=fp32_dot(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
         **({} if cand is None else dict(zip(("TAU", "CNT", "CIDX", "CAP"), cand, strict=True), CAND=True)),
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
+from ..triton_support import HAVE_TRITON, LAST_COMPILED, fp32_dot, interpreted, require_triton
 from .reference import check_fp8_experts, check_moe_operands, shared_blocks
 
 if HAVE_TRITON:
@@ -46,7 +46,7 @@ if HAVE_TRITON:
     @triton.jit
     def _gate_up_kernel(X, WG, WU, WGS, WUS, H, ORDER, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS, E_ROUTED,
                         s_xn, s_we, s_wi, s_wd, s_hp,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
                         SHARED: tl.constexpr, PER_PAIR: tl.constexpr):
         e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM, PER_PAIR)
         if empty:  # past the last tile
@@ -74,9 +74,9 @@ if HAVE_TRITON:
             w_ok = n_ok[None, :] & (rk[:, None] < k_left)
             wg = tl.load(wg_base + w_off, mask=w_ok, other=0.0)
             wu = tl.load(wu_base + w_off, mask=w_ok, other=0.0)
-            if IEEE:
-                acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
-                acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
+            if FP32_DOT != "":  # fp32 operands: the chosen product (Triton's own default for fp32 is tf32)
+                acc_g = tl.dot(a, wg, acc_g, input_precision=FP32_DOT)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=FP32_DOT)
             else:
                 acc_g = tl.dot(a, wg, acc_g)
                 acc_u = tl.dot(a, wu, acc_u)
@@ -89,7 +89,7 @@ if HAVE_TRITON:
     @triton.jit
     def _down_kernel(H, WD, WDS, OUT, ORDER, RW, TILE_E, TILE_R0, TILE_R1, D, INTER, SLOTS, K_ROUTED, E_ROUTED,
                      s_hp, s_we, s_wo, s_wi, s_wso, s_op,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
                      SHARED: tl.constexpr, PER_PAIR: tl.constexpr):
         e, rows, row_ok, empty = _tile(TILE_E, TILE_R0, TILE_R1, BM, PER_PAIR)
         if empty:  # past the last tile
@@ -113,8 +113,8 @@ if HAVE_TRITON:
             k_left = INTER - kb * BK
             a = tl.load(h_ptr, mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
             w = tl.load(wd_base + w_off, mask=n_ok[None, :] & (rk[:, None] < k_left), other=0.0)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
+            if FP32_DOT != "":
+                acc = tl.dot(a, w, acc, input_precision=FP32_DOT)
             else:
                 acc = tl.dot(a, w, acc)
             h_ptr += BK
@@ -308,19 +308,19 @@ def moe_experts(  # the signature twin of reference.moe_experts (one API, two im
     x = x.contiguous()
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
     h = x.new_empty(P, inter)  # per sorted pair, rounded to x's dtype as the reference's F.linear output is
-    ieee = x.dtype == torch.float32 and not interpreted()
+    prec = fp32_dot(x.dtype)
     tiles = tile_e.numel()
     LAST_COMPILED["moe_gate_up"] = _gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
         x, w_gate, w_up, sg, su, h, order, tile_e, r0, r1, D, inter, k, E,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0),
-        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, SHARED=blocks > 0, PER_PAIR=per_pair, num_warps=num_warps,
+        BM=bm, BN=block_n, BK=block_k, FP32_DOT=prec, SHARED=blocks > 0, PER_PAIR=per_pair, num_warps=num_warps,
         num_stages=num_stages,
     )
     flat_out = out.view(P, D)
     LAST_COMPILED["moe_down"] = _down_kernel[(tiles, triton.cdiv(D, block_n))](
         h, w_down, sd, flat_out, order, rw, tile_e, r0, r1, D, inter, k, k_routed, E,
         h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), sd.stride(0), flat_out.stride(0),
-        BM=bm, BN=block_n, BK=block_k, IEEE=ieee, SHARED=blocks > 0, PER_PAIR=per_pair, num_warps=num_warps,
+        BM=bm, BN=block_n, BK=block_k, FP32_DOT=prec, SHARED=blocks > 0, PER_PAIR=per_pair, num_warps=num_warps,
         num_stages=num_stages,
     )
     return out

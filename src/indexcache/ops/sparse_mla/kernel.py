@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..triton_support import HAVE_TRITON, LAST_COMPILED, interpreted, require_triton
+from ..triton_support import HAVE_TRITON, LAST_COMPILED, fp32_dot, require_triton
 
 LOG2E = 1.4426950408889634
 
@@ -35,7 +35,7 @@ if HAVE_TRITON:
         Q, KV, IDX, O, LSE,
         N, H, TOPK, CHUNK, QPB, sm_scale_log2,
         sq_s, sq_h, skv_n, si_s, so_s, so_h, so_p, sl_s, sl_h,
-        DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+        DV: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
     ):
         s = tl.program_id(0)
         hb = tl.program_id(1)
@@ -62,9 +62,9 @@ if HAVE_TRITON:
             rows = KVs + tl.where(valid, idx, 0).to(tl.int64) * skv_n
             c = tl.load(rows[:, None] + dv[None, :], mask=valid[:, None], other=0.0)  # [BK, DV]
             kr = tl.load(rows[:, None] + DV + dr[None, :], mask=valid[:, None], other=0.0)  # [BK, DR]
-            if IEEE:  # fp32 operands: full fp32 products (Triton's default for fp32 is tf32)
-                sc = tl.dot(qn, tl.trans(c), input_precision="ieee")
-                sc = tl.dot(qr, tl.trans(kr), acc=sc, input_precision="ieee")
+            if FP32_DOT != "":  # fp32 operands: the chosen product (Triton's own default for fp32 is tf32)
+                sc = tl.dot(qn, tl.trans(c), input_precision=FP32_DOT)
+                sc = tl.dot(qr, tl.trans(kr), acc=sc, input_precision=FP32_DOT)
             else:
                 sc = tl.dot(qn, tl.trans(c))
                 sc = tl.dot(qr, tl.trans(kr), acc=sc)
@@ -74,8 +74,8 @@ if HAVE_TRITON:
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(sc - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")
+            if FP32_DOT != "":
+                acc = acc * alpha[:, None] + tl.dot(p, c, input_precision=FP32_DOT)
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
             m_i = m_new
@@ -182,7 +182,7 @@ def sparse_mla(
         T, H, K, chunk, qpb, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
-        DV=d_v, DR=Dk - d_v, BH=bh, BK=block_k, IEEE=q.dtype == torch.float32 and not interpreted(),
+        DV=d_v, DR=Dk - d_v, BH=bh, BK=block_k, FP32_DOT=fp32_dot(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if n_split == 1:
