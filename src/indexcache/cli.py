@@ -1051,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache: the engine's latent/indexer caches (default); recompute: a full forward per step")
     p.add_argument("--fp32-dot", default="ieee", choices=["ieee", "tf32x3"], help="float32 on a GPU: how the "
                    "Triton kernels multiply (ieee: exact fp32, default; tf32x3: three tensor-core tf32 products, "
-                   "about 2^-21 relative error per product, several times faster)")
+                   "about 2^-21 relative error per product, on the tensor cores)")
     p.add_argument("--no-draft", action="store_true",
                    help="with --decode recompute: one token per forward instead of verifying context drafts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -53,7 +53,7 @@ LAST_COMPILED: dict[str, object] = {}  # kernel name -> the compiled kernel of i
 # How the kernels multiply fp32 operands on the GPU. "ieee": exact fp32 products on the CUDA cores, as the
 # reference computes them. "tf32x3": each operand split into a tf32 head and tail, three tensor-core products
 # summed in fp32 (the tail x tail term dropped), so each product carries about 2^-21 relative error instead
-# of 2^-24, at several times the speed. bf16 and fp8 operands are unaffected.
+# of 2^-24, on the tensor cores instead of the CUDA cores. bf16 and fp8 operands are unaffected.
 FP32_DOTS = ("ieee", "tf32x3")
 _fp32_dot = "ieee"
 
