@@ -465,3 +465,14 @@ def test_long_study_report_scores_each_16k_pick_with_the_seeds_that_picked_it(tm
     assert r["heldout_minus_all_full"] == 0.02 and r["average"] == pytest.approx(50.0)
     assert r["minus_all_full"]["average"] == pytest.approx(50.0 - 62.5)  # paired on the same prompts
     assert "| books | 1/2 | `FFSF` | 2 of 2 (0, 1) | +0.0200 [+0.0100, +0.0300] | 512 |" in stability_table(out)
+
+
+def test_fp32_dot_check_scores_the_study_prompts_in_both_modes():
+    tf, ie = dry_run("scripts/fp32_dot_check.sh")
+    a, b = build_parser().parse_args(tf), build_parser().parse_args(ie)
+    assert (a.fp32_dot, b.fp32_dot) == ("tf32x3", "ieee") and (a.samples, b.samples) == (10, 5)
+    for args in (a, b):  # the committed 32K study row's model, prompts and perplexity windows
+        assert args.model == "runs/yarn2-dsa-mini" and args.lengths == [32768] and args.seed == 0
+        assert args.haystack == ".data/gutenberg" and args.pattern == ["F" * 16] and args.device == "cuda"
+    (short, _) = dry_run("scripts/fp32_dot_check.sh", "16384")
+    assert build_parser().parse_args(short).model == "models/dsa-mini"
