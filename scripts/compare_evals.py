@@ -6,7 +6,7 @@
 matches the samples by pattern, length, family and index (the same prompts when both ran with the same
 seed and haystack), and reports per family how many have the same outputs and the same scores, each
 report's score on the shared samples, and each row's perplexity and seconds per sample. Exits 1 when the
-reports share no sample.
+reports share no sample, 2 when one cannot be read or a shared index holds another prompt.
 """
 
 from __future__ import annotations

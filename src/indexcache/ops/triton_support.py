@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 try:  # pragma: no cover - depends on the install
     import triton  # noqa: F401
 
@@ -82,8 +84,6 @@ def fp32_dot(dtype) -> str:
     """The ``input_precision`` a kernel's ``tl.dot`` gets for operands of ``dtype``: the current mode for
     fp32 on the GPU, "" (Triton's default) otherwise: bf16/fp8, and the interpreter, which multiplies fp32
     exactly whatever it is told."""
-    import torch
-
     return _fp32_dot if dtype == torch.float32 and not interpreted() else ""
 
 
