@@ -1,7 +1,9 @@
 """The indexer-logits kernel's tiles at a few heads, on a GPU: every (queries per program, keys per tile, key-major
 or query-major, warps) of a small grid, per operand dtype and shape, timed (CUDA events, median of ``--reps``)
 and checked against the default tiles' logits (fp32 and IEEE dots: the tiles change no reduction order, so
-the logits should be equal bit for bit). Writes every row, and per shape the default's time and the best.
+the logits should be equal bit for bit). ``float32-tf32x3`` is fp32 under tf32x3 products
+(``ops.triton_support.fp32_dot_mode``); its default row also records how far its logits are from the exact
+(``ieee``) ones. Writes every row, and per shape the default's time and the best.
 
     python scripts/indexer_tile_sweep.py --out results/kernels/h200/indexer_tiles.json
 """
@@ -19,8 +21,11 @@ import torch
 
 from indexcache.bench.kernels import _causal_windows
 from indexcache.ops.indexer.kernel import indexer_logits
+from indexcache.ops.triton_support import fp32_dot_mode
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# name -> (operand dtype, fp32 products)
+DTYPES = {"float32": (torch.float32, "ieee"), "float32-tf32x3": (torch.float32, "tf32x3"),
+          "bfloat16": (torch.bfloat16, "ieee")}
 
 
 def bench(fn, reps: int) -> float:
@@ -44,12 +49,19 @@ GRID = list(itertools.product([8, 16, 32, 64], [64, 128], [True, False], [4, 8])
 
 def sweep_shape(dname: str, spec: str, reps: int, deadline: float) -> tuple[list[dict], dict]:
     """The default tiles, then every tile of ``GRID`` until ``deadline``, on one dtype and HEADSxDIM:ROWSxKEYS."""
+    dtype, mode = DTYPES[dname]
+    with fp32_dot_mode(mode):
+        return _sweep(dname, dtype, spec, reps, deadline, exact=mode != "ieee")
+
+
+def _sweep(dname: str, dtype: torch.dtype, spec: str, reps: int, deadline: float,
+           exact: bool) -> tuple[list[dict], dict]:
     hd, rk = spec.split(":")
     H, D = map(int, hd.split("x"))
     R, T = map(int, rk.split("x"))
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(R, H, D, device="cuda", generator=g).to(DTYPES[dname])
-    k = torch.randn(1, T, D, device="cuda", generator=g).to(DTYPES[dname])
+    q = torch.randn(R, H, D, device="cuda", generator=g).to(dtype)
+    k = torch.randn(1, T, D, device="cuda", generator=g).to(dtype)
     w = torch.rand(R, H, device="cuda", generator=g)
     ks, ke = _causal_windows(R, T, "cuda")  # a prefill chunk of R queries at the end of T tokens
     inside = torch.arange(T, device="cuda")[None, :] < ke[:, None]
@@ -58,6 +70,11 @@ def sweep_shape(dname: str, spec: str, reps: int, deadline: float) -> tuple[list
     ref = run()
     ms0 = bench(run, reps)
     best = {"dtype": dname, "shape": spec, "config": "default", "ms": ms0, "tflops": flops / ms0 / 1e9}
+    if exact:  # how far these products are from exact ones, relative to the largest logit of the row
+        with fp32_dot_mode("ieee"):
+            exact_logits = run()
+        err = (ref - exact_logits).abs().where(inside, 0).amax(-1) / exact_logits.abs().where(inside, 0).amax(-1)
+        best["max_rel_diff_vs_ieee"] = float(err.nan_to_num(0).max())
     rows = [best]
     print(json.dumps(best), file=sys.stderr, flush=True)
     for bq, bn, key_major, warps in GRID:
