@@ -14,8 +14,8 @@
 # OUT/eval-long-LENGTH-P.json.partial (the samples it scored), and running the same line again continues it
 # (--resume); a pattern whose JSON is already there is refused at once, not run again. TASKS=a,b replaces
 # the task list. FP32_DOT=tf32x3 multiplies fp32 on the tensor cores (indexcache eval --fp32-dot: about
-# 2^-21 relative error a product instead of exact fp32, on the tensor cores). DRY_RUN=1 prints
-# each eval's command and runs nothing (the tests parse them).
+# 2^-21 relative error a product instead of exact fp32). DRY_RUN=1 prints each eval's command and runs
+# nothing (the tests parse them).
 set -euo pipefail
 length=${1:?usage: OUT=dir bash scripts/long_study.sh LENGTH "PATTERN ..."}
 patterns=${2:?usage: give the patterns, space-separated}

@@ -231,22 +231,27 @@ def test_model_moe_folds_its_shared_mlp_while_the_pairs_fit_one_tile_each():
     torch.testing.assert_close(long, want_long, rtol=1e-5, atol=1e-6)
 
 
-def _gpu_check(N, k, E, D, inter, skew, blocks=0):
+def _gpu_check(N, k, E, D, inter, skew, blocks=0, dtype=torch.bfloat16, mode="ieee"):
     from indexcache.ops.moe.kernel import moe_experts as kernel
+    from indexcache.ops.triton_support import fp32_dot_mode
 
-    g = torch.Generator().manual_seed(N + E)
-    ops = _operands(g, N, k, E, D, inter, dtype=torch.bfloat16, device="cuda", skew=skew)
-    if blocks:  # the shared MLP folded in as slots: checked as the routed experts it is written as
-        shared, as_routed = _shared_operands(g, ops, blocks)
-        got = kernel(*ops, shared=shared)
-        ops = as_routed
-    else:
-        got = kernel(*ops)
-    # bf16 operands on tensor cores accumulate in fp32; h and the output are rounded to bf16 once each.
-    # The float64 pair loop is long at these sizes, so a sample of tokens is checked.
+    g = torch.Generator().manual_seed(N + E + (len(mode) if dtype == torch.float32 else 0))
+    ops = _operands(g, N, k, E, D, inter, dtype=dtype, device="cuda", skew=skew)
+    with fp32_dot_mode(mode):  # the fp32 products; bf16 ignores it
+        if blocks:  # the shared MLP folded in as slots: checked as the routed experts it is written as
+            shared, as_routed = _shared_operands(g, ops, blocks)
+            got = kernel(*ops, shared=shared)
+            ops = as_routed
+        else:
+            got = kernel(*ops)
+    # products accumulate in fp32 (bf16 on tensor cores; fp32 exact under ieee, off by up to U_TF32X3 of
+    # their magnitude under tf32x3: gamma(n, u) >= n u covers that too); h and the output are rounded to the
+    # operands' dtype once each. The float64 pair loop is long at these sizes, so a sample of tokens is checked.
+    u_acc = U_FP32 + (U_TF32X3 if dtype == torch.float32 and mode == "tf32x3" else 0.0)
+    u_out = U_FP32 if dtype == torch.float32 else U_BF16
     pick = torch.randperm(N, generator=g)[: min(N, 48)].cuda()
     x, wg, wu, wd, idx, w = ops
-    exact, bound = _exact_and_bound(x[pick], wg, wu, wd, idx[pick], w[pick], U_FP32, U_BF16)
+    exact, bound = _exact_and_bound(x[pick], wg, wu, wd, idx[pick], w[pick], u_acc, u_out)
     _check(got[pick], exact, bound)
 
 
@@ -273,19 +278,7 @@ def test_fp32_kernel_against_float64_on_gpu_in_each_fp32_dot(shape, mode):
     """fp32 operands (the first shape is the bundled model's experts): the products are exact under ieee
     and off by at most U_TF32X3 of their magnitude under tf32x3, on top of fp32 accumulation; h and the
     output are rounded to fp32."""
-    from indexcache.ops.moe.kernel import moe_experts as kernel
-    from indexcache.ops.triton_support import fp32_dot_mode
-
-    N = shape[0]
-    g = torch.Generator().manual_seed(sum(shape) + len(mode))
-    ops = _operands(g, *shape, dtype=torch.float32, device="cuda")
-    with fp32_dot_mode(mode):
-        got = kernel(*ops)
-    pick = torch.randperm(N, generator=g)[: min(N, 48)].cuda()
-    x, wg, wu, wd, idx, w = ops
-    u_acc = U_FP32 + (U_TF32X3 if mode == "tf32x3" else 0.0)  # gamma(n, u) >= n u: covers the products too
-    exact, bound = _exact_and_bound(x[pick], wg, wu, wd, idx[pick], w[pick], u_acc, U_FP32)
-    _check(got[pick], exact, bound)
+    _gpu_check(*shape, skew=False, dtype=torch.float32, mode=mode)
 
 
 @gpu
